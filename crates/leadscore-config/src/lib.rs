@@ -1,0 +1,218 @@
+//! Layered configuration shared by every `leadscore` subcommand.
+//!
+//! Layers, later wins: built-in defaults, then an optional TOML file, then
+//! environment variables named `LEADSCORE__SECTION__KEY` (for example
+//! `LEADSCORE__KAFKA__BOOTSTRAP_SERVERS`). Unknown keys are rejected so a typo
+//! never silently falls back to a default.
+//!
+//! This crate only reads and validates; it opens no connection and knows
+//! nothing of process start-up.
+
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Errors raised while loading or validating configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A layer could not be read or a value has the wrong type.
+    #[error("configuration could not be loaded: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value parsed but is not acceptable.
+    #[error("configuration key `{key}` is invalid: {reason}")]
+    Invalid {
+        /// Dotted key path, e.g. `kafka.bootstrap_servers`.
+        key: &'static str,
+        /// Why the value was refused and what to set instead.
+        reason: String,
+    },
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Root of the configuration tree.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Kafka cluster connection.
+    pub kafka: KafkaConfig,
+    /// Confluent-compatible schema registry.
+    pub registry: RegistryConfig,
+}
+
+/// How to reach the Kafka cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list of brokers.
+    pub bootstrap_servers: String,
+    /// `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.
+    pub security_protocol: String,
+    /// SASL mechanism when a SASL protocol is used (e.g. `SCRAM-SHA-512`).
+    pub sasl_mechanism: Option<String>,
+    /// SASL user name.
+    pub sasl_username: Option<String>,
+    /// SASL password; set it through the environment, never in a file in git.
+    pub sasl_password: Option<String>,
+    /// Timeout for admin and metadata requests, in milliseconds.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "localhost:9092".into(),
+            security_protocol: "PLAINTEXT".into(),
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            request_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// How to reach the schema registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Base URL of the Confluent-compatible API (for Apicurio: `.../apis/ccompat/v7`).
+    pub url: String,
+    /// Basic-auth user, if the registry requires it.
+    pub username: Option<String>,
+    /// Basic-auth password; set it through the environment.
+    pub password: Option<String>,
+    /// Per-request timeout, in milliseconds.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://localhost:8081/apis/ccompat/v7".into(),
+            username: None,
+            password: None,
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+const PROTOCOLS: [&str; 4] = ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"];
+
+impl Config {
+    /// Loads defaults, then `file` if given, then `LEADSCORE__*` variables, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        Self::from_figment(Self::figment(file))
+    }
+
+    /// The layered figment, exposed so tests can add layers.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment.merge(Env::prefixed("LEADSCORE__").split("__").lowercase(true))
+    }
+
+    /// Extracts and validates a configuration from a figment.
+    pub fn from_figment(figment: Figment) -> Result<Self> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<()> {
+        if self.kafka.bootstrap_servers.trim().is_empty() {
+            return Err(Error::Invalid {
+                key: "kafka.bootstrap_servers",
+                reason: "empty; set it to host:port[,host:port...]".into(),
+            });
+        }
+        if !PROTOCOLS.contains(&self.kafka.security_protocol.as_str()) {
+            return Err(Error::Invalid {
+                key: "kafka.security_protocol",
+                reason: format!(
+                    "`{}` is not one of {}",
+                    self.kafka.security_protocol,
+                    PROTOCOLS.join(", ")
+                ),
+            });
+        }
+        if self.kafka.security_protocol.starts_with("SASL") && self.kafka.sasl_mechanism.is_none()
+        {
+            return Err(Error::Invalid {
+                key: "kafka.sasl_mechanism",
+                reason: "required when security_protocol is SASL_*".into(),
+            });
+        }
+        if self.kafka.request_timeout_ms == 0 {
+            return Err(Error::Invalid {
+                key: "kafka.request_timeout_ms",
+                reason: "must be greater than zero".into(),
+            });
+        }
+        if !(self.registry.url.starts_with("http://") || self.registry.url.starts_with("https://"))
+        {
+            return Err(Error::Invalid {
+                key: "registry.url",
+                reason: format!("`{}` is not an http(s) URL", self.registry.url),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn env_overrides_file_and_defaults() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "leadscore.toml",
+                "[kafka]\nbootstrap_servers = \"file:9092\"\nrequest_timeout_ms = 5\n",
+            )?;
+            jail.set_env("LEADSCORE__KAFKA__BOOTSTRAP_SERVERS", "env:9092");
+            let config = Config::load(Some(Path::new("leadscore.toml")))
+                .map_err(|e| e.to_string())?;
+            assert_eq!(config.kafka.bootstrap_servers, "env:9092");
+            assert_eq!(config.kafka.request_timeout_ms, 5);
+            assert_eq!(config.registry, RegistryConfig::default());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[kafka]\nbootstrap_server = \"x:1\"\n")?;
+            let err = Config::load(Some(Path::new("bad.toml"))).err().map(|e| e.to_string());
+            let err = err.unwrap_or_default();
+            assert!(err.contains("bootstrap_server"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn sasl_without_mechanism_names_the_key() {
+        let mut config = Config::default();
+        config.kafka.security_protocol = "SASL_SSL".into();
+        let err = config.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("kafka.sasl_mechanism"), "{err}");
+    }
+
+    #[test]
+    fn unknown_protocol_is_refused() {
+        let mut config = Config::default();
+        config.kafka.security_protocol = "TLS".into();
+        assert!(matches!(
+            config.validate(),
+            Err(Error::Invalid { key: "kafka.security_protocol", .. })
+        ));
+    }
+}

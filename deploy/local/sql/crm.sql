@@ -1,0 +1,46 @@
+-- The CRM schema for the local stack: idempotent, applied on every `stack up`.
+CREATE TABLE IF NOT EXISTS public.leads (
+    lead_id              text PRIMARY KEY CHECK (lead_id <> ''),
+    company_size         text CHECK (company_size IN ('Small', 'Medium', 'Large', 'Enterprise')),
+    industry             text,
+    page_views           integer,
+    time_on_site         double precision,
+    form_completion_time double precision,
+    referral_source      text,
+    country              text,
+    created_at           timestamptz NOT NULL DEFAULT now(),
+    updated_at           timestamptz NOT NULL DEFAULT now(),
+    status               text NOT NULL DEFAULT 'new'
+                         CHECK (status IN ('new', 'contacted', 'qualified', 'converted', 'lost')),
+    converted_at         timestamptz,
+    -- PII: never a feature, never logged, excluded from CDC at the source.
+    email                text,
+    phone                text,
+    full_name            text
+);
+
+-- Debezium needs the full old row for updates to know what changed.
+ALTER TABLE public.leads REPLICA IDENTITY FULL;
+
+CREATE INDEX IF NOT EXISTS leads_status_idx ON public.leads (status);
+CREATE INDEX IF NOT EXISTS leads_updated_at_idx ON public.leads (updated_at);
+
+-- Scores written back by the JDBC sink connector (upsert on lead_id, delete on tombstone).
+CREATE TABLE IF NOT EXISTS public.lead_scores (
+    lead_id       text PRIMARY KEY,
+    score         double precision NOT NULL CHECK (score >= 0 AND score <= 1),
+    band          text NOT NULL CHECK (band IN ('High', 'Medium', 'Low')),
+    model_name    text NOT NULL,
+    model_version text NOT NULL,
+    model_role    text NOT NULL,
+    event_time    timestamptz,
+    scored_at     timestamptz NOT NULL,
+    latency_ms    double precision
+);
+
+-- Limit logical decoding to the leads table.
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'leadscore_crm') THEN
+    CREATE PUBLICATION leadscore_crm FOR TABLE public.leads;
+  END IF;
+END $$;
