@@ -141,8 +141,7 @@ impl Config {
                 ),
             });
         }
-        if self.kafka.security_protocol.starts_with("SASL") && self.kafka.sasl_mechanism.is_none()
-        {
+        if self.kafka.security_protocol.starts_with("SASL") && self.kafka.sasl_mechanism.is_none() {
             return Err(Error::Invalid {
                 key: "kafka.sasl_mechanism",
                 reason: "required when security_protocol is SASL_*".into(),
@@ -165,7 +164,9 @@ impl Config {
     }
 }
 
+// figment::Jail fixes the closure's (large) error type.
 #[cfg(test)]
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -178,8 +179,8 @@ mod tests {
                 "[kafka]\nbootstrap_servers = \"file:9092\"\nrequest_timeout_ms = 5\n",
             )?;
             jail.set_env("LEADSCORE__KAFKA__BOOTSTRAP_SERVERS", "env:9092");
-            let config = Config::load(Some(Path::new("leadscore.toml")))
-                .map_err(|e| e.to_string())?;
+            let config =
+                Config::load(Some(Path::new("leadscore.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(config.kafka.bootstrap_servers, "env:9092");
             assert_eq!(config.kafka.request_timeout_ms, 5);
             assert_eq!(config.registry, RegistryConfig::default());
@@ -191,7 +192,9 @@ mod tests {
     fn unknown_key_is_rejected_with_its_name() {
         Jail::expect_with(|jail| {
             jail.create_file("bad.toml", "[kafka]\nbootstrap_server = \"x:1\"\n")?;
-            let err = Config::load(Some(Path::new("bad.toml"))).err().map(|e| e.to_string());
+            let err = Config::load(Some(Path::new("bad.toml")))
+                .err()
+                .map(|e| e.to_string());
             let err = err.unwrap_or_default();
             assert!(err.contains("bootstrap_server"), "{err}");
             Ok(())
@@ -202,7 +205,11 @@ mod tests {
     fn sasl_without_mechanism_names_the_key() {
         let mut config = Config::default();
         config.kafka.security_protocol = "SASL_SSL".into();
-        let err = config.validate().err().map(|e| e.to_string()).unwrap_or_default();
+        let err = config
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("kafka.sasl_mechanism"), "{err}");
     }
 
@@ -212,7 +219,10 @@ mod tests {
         config.kafka.security_protocol = "TLS".into();
         assert!(matches!(
             config.validate(),
-            Err(Error::Invalid { key: "kafka.security_protocol", .. })
+            Err(Error::Invalid {
+                key: "kafka.security_protocol",
+                ..
+            })
         ));
     }
 }

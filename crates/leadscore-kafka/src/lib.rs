@@ -1,1 +1,392 @@
-//! placeholder
+//! Kafka adapter: client configuration from [`KafkaConfig`] and topic administration.
+//!
+//! Owns: turning configuration into librdkafka settings, describing the
+//! declared topics as they exist on a cluster, and executing a
+//! [`leadscore_topics::Plan`]. The decision of what to change is made by the
+//! pure `leadscore-topics` crate; this crate only talks to the brokers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use leadscore_config::KafkaConfig;
+use leadscore_topics::{ConfigOrigin, Creation, Declarations, ObservedTopic, Plan, TopicDrift};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, ConfigSource, NewPartitions, NewTopic,
+    ResourceSpecifier, TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+/// Errors raised by the Kafka adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A client could not be created from the configuration.
+    #[error("cannot create a Kafka client for {bootstrap}: {source}")]
+    Client {
+        /// Bootstrap servers used.
+        bootstrap: String,
+        /// librdkafka error.
+        source: KafkaError,
+    },
+    /// Cluster metadata could not be fetched.
+    #[error(
+        "cannot read cluster metadata from {bootstrap} (is Kafka up? try deploy/local/stack status): {source}"
+    )]
+    Metadata {
+        /// Bootstrap servers used.
+        bootstrap: String,
+        /// librdkafka error.
+        source: KafkaError,
+    },
+    /// An admin request failed as a whole.
+    #[error("{action} failed: {source}")]
+    Admin {
+        /// What was attempted.
+        action: String,
+        /// librdkafka error.
+        source: KafkaError,
+    },
+    /// An admin request failed for one topic.
+    #[error("{action} failed for topic {topic}: {code}")]
+    Topic {
+        /// What was attempted.
+        action: &'static str,
+        /// Topic concerned.
+        topic: String,
+        /// Broker error code.
+        code: RDKafkaErrorCode,
+    },
+    /// A blocking metadata task panicked or was cancelled.
+    #[error("metadata task did not complete: {0}")]
+    Join(String),
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// librdkafka settings common to every client built from `config`.
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.bootstrap_servers)
+        .set("security.protocol", config.security_protocol.to_lowercase())
+        .set("socket.timeout.ms", config.request_timeout_ms.to_string());
+    if let Some(m) = &config.sasl_mechanism {
+        c.set("sasl.mechanism", m);
+    }
+    if let Some(u) = &config.sasl_username {
+        c.set("sasl.username", u);
+    }
+    if let Some(p) = &config.sasl_password {
+        c.set("sasl.password", p);
+    }
+    c
+}
+
+/// Topic administration against one cluster.
+pub struct TopicAdmin {
+    admin: Arc<AdminClient<DefaultClientContext>>,
+    bootstrap: String,
+    timeout: Duration,
+}
+
+/// What executing a plan did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Topics created.
+    pub created: Vec<String>,
+    /// Topics whose drift was repaired.
+    pub fixed: Vec<String>,
+    /// Topics found already there when creating (another apply raced us).
+    pub already_existed: Vec<String>,
+}
+
+impl TopicAdmin {
+    /// Builds an admin client; connects lazily.
+    pub fn new(config: &KafkaConfig) -> Result<Self> {
+        let admin = client_config(config)
+            .create()
+            .map_err(|source| Error::Client {
+                bootstrap: config.bootstrap_servers.clone(),
+                source,
+            })?;
+        Ok(Self {
+            admin: Arc::new(admin),
+            bootstrap: config.bootstrap_servers.clone(),
+            timeout: Duration::from_millis(config.request_timeout_ms),
+        })
+    }
+
+    fn opts(&self) -> AdminOptions {
+        AdminOptions::new().request_timeout(Some(self.timeout))
+    }
+
+    /// Number of brokers and the partition/replica layout of every topic.
+    pub async fn cluster(&self) -> Result<(i32, BTreeMap<String, (i32, i32)>)> {
+        let admin = Arc::clone(&self.admin);
+        let timeout = self.timeout;
+        // fetch_metadata blocks; keep it off the async worker threads.
+        let metadata =
+            tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
+                .await
+                .map_err(|e| Error::Join(e.to_string()))?
+                .map_err(|source| Error::Metadata {
+                    bootstrap: self.bootstrap.clone(),
+                    source,
+                })?;
+        let brokers = i32::try_from(metadata.brokers().len()).unwrap_or(i32::MAX);
+        let topics = metadata
+            .topics()
+            .iter()
+            .map(|t| {
+                let partitions = i32::try_from(t.partitions().len()).unwrap_or(i32::MAX);
+                let rf = t
+                    .partitions()
+                    .first()
+                    .map(|p| i32::try_from(p.replicas().len()).unwrap_or(i32::MAX))
+                    .unwrap_or(0);
+                (t.name().to_string(), (partitions, rf))
+            })
+            .collect();
+        Ok((brokers, topics))
+    }
+
+    /// Describes the declared topics that exist, and the broker count.
+    pub async fn observe(&self, declared: &Declarations) -> Result<(i32, Vec<ObservedTopic>)> {
+        let (brokers, layout) = self.cluster().await?;
+        let present: Vec<&str> = declared
+            .topics
+            .iter()
+            .map(|t| t.name.as_str())
+            .filter(|n| layout.contains_key(*n))
+            .collect();
+        if present.is_empty() {
+            return Ok((brokers, Vec::new()));
+        }
+        let specs: Vec<ResourceSpecifier<'_>> = present
+            .iter()
+            .map(|n| ResourceSpecifier::Topic(n))
+            .collect();
+        let results = self
+            .admin
+            .describe_configs(specs.iter(), &self.opts())
+            .await
+            .map_err(|source| Error::Admin {
+                action: "describe topic configs".into(),
+                source,
+            })?;
+        let mut observed = Vec::with_capacity(present.len());
+        for (name, result) in present.iter().zip(results) {
+            let resource = result.map_err(|code| Error::Topic {
+                action: "describe configs",
+                topic: (*name).to_string(),
+                code,
+            })?;
+            let configs = resource
+                .entries
+                .into_iter()
+                .filter_map(|e| {
+                    let origin = if e.source == ConfigSource::DynamicTopic {
+                        ConfigOrigin::Topic
+                    } else {
+                        ConfigOrigin::Inherited
+                    };
+                    e.value.map(|v| (e.name, (v, origin)))
+                })
+                .collect();
+            let (partitions, replication_factor) = layout.get(*name).copied().unwrap_or((0, 0));
+            observed.push(ObservedTopic {
+                name: (*name).to_string(),
+                partitions,
+                replication_factor,
+                configs,
+            });
+        }
+        Ok((brokers, observed))
+    }
+
+    /// Creates the plan's missing topics and, if `fix`, repairs fixable drift.
+    pub async fn apply(&self, plan: &Plan, fix: bool) -> Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        if !plan.create.is_empty() {
+            let new: Vec<NewTopic<'_>> = plan.create.iter().map(new_topic).collect();
+            let results = self
+                .admin
+                .create_topics(new.iter(), &self.opts())
+                .await
+                .map_err(|source| Error::Admin {
+                    action: "create topics".into(),
+                    source,
+                })?;
+            for r in results {
+                match r {
+                    Ok(name) => report.created.push(name),
+                    Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                        report.already_existed.push(name)
+                    }
+                    Err((topic, code)) => {
+                        return Err(Error::Topic {
+                            action: "create",
+                            topic,
+                            code,
+                        });
+                    }
+                }
+            }
+        }
+        if fix {
+            for drift in &plan.drifted {
+                if self.fix(drift).await? {
+                    report.fixed.push(drift.name.clone());
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    async fn fix(&self, drift: &TopicDrift) -> Result<bool> {
+        use leadscore_topics::Drift;
+        let mut changed = false;
+        if drift
+            .drifts
+            .iter()
+            .any(|d| matches!(d, Drift::Config { .. } | Drift::Undeclared { .. }))
+        {
+            // AlterConfigs replaces the topic's whole dynamic config: exactly the
+            // declared set, which also removes undeclared overrides.
+            let mut alter = AlterConfig::new(ResourceSpecifier::Topic(&drift.name));
+            for (k, v) in &drift.desired.configs {
+                alter = alter.set(k, v);
+            }
+            let results = self
+                .admin
+                .alter_configs([&alter], &self.opts())
+                .await
+                .map_err(|source| Error::Admin {
+                    action: format!("alter configs of {}", drift.name),
+                    source,
+                })?;
+            for r in results {
+                r.map_err(|(_, code)| Error::Topic {
+                    action: "alter configs",
+                    topic: drift.name.clone(),
+                    code,
+                })?;
+            }
+            changed = true;
+        }
+        if drift
+            .drifts
+            .iter()
+            .any(|d| matches!(d, Drift::TooFewPartitions { .. }))
+        {
+            let count = usize::try_from(drift.desired.partitions).unwrap_or(1);
+            let np = NewPartitions::new(&drift.name, count);
+            let results = self
+                .admin
+                .create_partitions([&np], &self.opts())
+                .await
+                .map_err(|source| Error::Admin {
+                    action: format!("add partitions to {}", drift.name),
+                    source,
+                })?;
+            for r in results {
+                r.map_err(|(topic, code)| Error::Topic {
+                    action: "add partitions",
+                    topic,
+                    code,
+                })?;
+            }
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// Sets one config on a topic, leaving the others (used by tests and operators' scripts).
+    pub async fn set_topic_configs(
+        &self,
+        topic: &str,
+        configs: &BTreeMap<String, String>,
+    ) -> Result<()> {
+        let mut alter = AlterConfig::new(ResourceSpecifier::Topic(topic));
+        for (k, v) in configs {
+            alter = alter.set(k, v);
+        }
+        let results = self
+            .admin
+            .alter_configs([&alter], &self.opts())
+            .await
+            .map_err(|source| Error::Admin {
+                action: format!("alter configs of {topic}"),
+                source,
+            })?;
+        for r in results {
+            r.map_err(|(_, code)| Error::Topic {
+                action: "alter configs",
+                topic: topic.to_string(),
+                code,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Deletes topics (tests and teardown only).
+    pub async fn delete_topics(&self, names: &[&str]) -> Result<()> {
+        let results = self
+            .admin
+            .delete_topics(names, &self.opts())
+            .await
+            .map_err(|source| Error::Admin {
+                action: "delete topics".into(),
+                source,
+            })?;
+        for r in results {
+            match r {
+                Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                Err((topic, code)) => {
+                    return Err(Error::Topic {
+                        action: "delete",
+                        topic,
+                        code,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn new_topic(c: &Creation) -> NewTopic<'_> {
+    let mut t = NewTopic::new(
+        &c.name,
+        c.partitions,
+        TopicReplication::Fixed(c.replication_factor),
+    );
+    for (k, v) in &c.configs {
+        t = t.set(k, v);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sasl_settings_reach_librdkafka() {
+        let config = KafkaConfig {
+            security_protocol: "SASL_SSL".into(),
+            sasl_mechanism: Some("SCRAM-SHA-512".into()),
+            sasl_username: Some("svc".into()),
+            sasl_password: Some("secret".into()),
+            ..KafkaConfig::default()
+        };
+        let c = client_config(&config);
+        assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(c.get("sasl.username"), Some("svc"));
+        assert_eq!(c.get("bootstrap.servers"), Some("localhost:9092"));
+    }
+}

@@ -131,7 +131,9 @@ fn check_name(name: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!("character `{bad}` is not allowed (use a-z, 0-9, `.`, `_`, `-`)"));
+        return Err(format!(
+            "character `{bad}` is not allowed (use a-z, 0-9, `.`, `_`, `-`)"
+        ));
     }
     Ok(())
 }
@@ -171,7 +173,9 @@ impl Declarations {
             }
             let partitions = raw.partitions.unwrap_or(file.defaults.partitions);
             if partitions < 1 {
-                return Err(invalid(format!("partitions must be >= 1, got {partitions}")));
+                return Err(invalid(format!(
+                    "partitions must be >= 1, got {partitions}"
+                )));
             }
             let replication_factor = raw
                 .replication_factor
@@ -291,9 +295,15 @@ impl fmt::Display for Drift {
                 key,
                 declared,
                 actual: None,
-            } => write!(f, "config {key}: declared {declared}, cluster does not report it"),
+            } => write!(
+                f,
+                "config {key}: declared {declared}, cluster does not report it"
+            ),
             Drift::Undeclared { key, actual } => {
-                write!(f, "config {key}={actual} is set on the topic but not declared")
+                write!(
+                    f,
+                    "config {key}={actual} is set on the topic but not declared"
+                )
             }
             Drift::TooFewPartitions { declared, actual } => write!(
                 f,
@@ -407,7 +417,24 @@ pub fn plan(declared: &Declarations, observed: &[ObservedTopic], brokers: i32) -
             });
         }
     }
+    summarise_caps(&mut out.notes, brokers);
     out
+}
+
+/// One line instead of two per topic when the whole set is capped (a dev cluster).
+fn summarise_caps(notes: &mut Vec<String>, brokers: i32) {
+    if notes.len() <= 2 {
+        return;
+    }
+    let capped = notes
+        .iter()
+        .filter(|n| n.contains("replication factor"))
+        .count();
+    let brokers = brokers.max(1);
+    *notes = vec![format!(
+        "replication factor capped at {brokers} on {capped} topic(s), min.insync.replicas lowered to match (the cluster has {brokers} broker{})",
+        if brokers == 1 { "" } else { "s" }
+    )];
 }
 
 fn diff(desired: &Creation, actual: &ObservedTopic) -> Vec<Drift> {
@@ -502,8 +529,14 @@ topics:
         let b = d.get("b.metrics").unwrap_or_else(|| panic!("declared"));
         assert_eq!(b.partitions, 3);
         assert_eq!(b.replication_factor, 3);
-        assert_eq!(b.configs.get("min.insync.replicas").map(String::as_str), Some("2"));
-        assert_eq!(b.configs.get("retention.ms").map(String::as_str), Some("1000"));
+        assert_eq!(
+            b.configs.get("min.insync.replicas").map(String::as_str),
+            Some("2")
+        );
+        assert_eq!(
+            b.configs.get("retention.ms").map(String::as_str),
+            Some("1000")
+        );
     }
 
     #[test]
@@ -512,9 +545,16 @@ topics:
         assert_eq!(p.create.len(), 2);
         for c in &p.create {
             assert_eq!(c.replication_factor, 1);
-            assert_eq!(c.configs.get("min.insync.replicas").map(String::as_str), Some("1"));
+            assert_eq!(
+                c.configs.get("min.insync.replicas").map(String::as_str),
+                Some("1")
+            );
         }
-        assert!(p.notes.iter().any(|n| n.contains("capped at 1")), "{:?}", p.notes);
+        assert!(
+            p.notes.iter().any(|n| n.contains("capped at 1")),
+            "{:?}",
+            p.notes
+        );
     }
 
     #[test]
@@ -534,12 +574,17 @@ topics:
         cluster[1]
             .configs
             .insert("retention.ms".into(), ("5".into(), ConfigOrigin::Topic));
-        cluster[0]
-            .configs
-            .insert("max.message.bytes".into(), ("10".into(), ConfigOrigin::Topic));
+        cluster[0].configs.insert(
+            "max.message.bytes".into(),
+            ("10".into(), ConfigOrigin::Topic),
+        );
         let p = plan(&d, &cluster, 1);
         assert_eq!(p.drifted.len(), 2);
-        let b = &p.drifted.iter().find(|t| t.name == "b.metrics").unwrap_or_else(|| panic!());
+        let b = &p
+            .drifted
+            .iter()
+            .find(|t| t.name == "b.metrics")
+            .unwrap_or_else(|| panic!());
         assert_eq!(
             b.drifts,
             vec![Drift::Config {
@@ -548,8 +593,14 @@ topics:
                 actual: Some("5".into())
             }]
         );
-        let a = &p.drifted.iter().find(|t| t.name == "a.scores").unwrap_or_else(|| panic!());
-        assert!(matches!(&a.drifts[..], [Drift::Undeclared { key, .. }] if key == "max.message.bytes"));
+        let a = &p
+            .drifted
+            .iter()
+            .find(|t| t.name == "a.scores")
+            .unwrap_or_else(|| panic!());
+        assert!(
+            matches!(&a.drifts[..], [Drift::Undeclared { key, .. }] if key == "max.message.bytes")
+        );
     }
 
     #[test]
@@ -566,14 +617,25 @@ topics:
     #[test]
     fn bad_declarations_name_the_topic() {
         let dup = "topics:\n  - name: x\n  - name: x\n";
-        assert!(matches!(Declarations::parse(dup), Err(Error::Invalid { topic, .. }) if topic == "x"));
+        assert!(
+            matches!(Declarations::parse(dup), Err(Error::Invalid { topic, .. }) if topic == "x")
+        );
         let bad = "topics:\n  - name: \"a b\"\n";
-        let err = Declarations::parse(bad).err().map(|e| e.to_string()).unwrap_or_default();
+        let err = Declarations::parse(bad)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(err.contains("`a b`") && err.contains("` `"), "{err}");
         let zero = "topics:\n  - name: z\n    partitions: 0\n";
-        assert!(matches!(Declarations::parse(zero), Err(Error::Invalid { .. })));
+        assert!(matches!(
+            Declarations::parse(zero),
+            Err(Error::Invalid { .. })
+        ));
         let typo = "topics:\n  - name: z\n    partition: 3\n";
-        assert!(matches!(Declarations::parse(typo), Err(Error::Parse { .. })));
+        assert!(matches!(
+            Declarations::parse(typo),
+            Err(Error::Parse { .. })
+        ));
     }
 
     #[test]
@@ -593,7 +655,10 @@ topics:
             assert!(d.get(name).is_some(), "{name} is not declared");
         }
         let scores = d.get("leads.scores.v1").unwrap_or_else(|| panic!());
-        assert_eq!(scores.configs.get("cleanup.policy").map(String::as_str), Some("compact"));
+        assert_eq!(
+            scores.configs.get("cleanup.policy").map(String::as_str),
+            Some("compact")
+        );
     }
 
     proptest::proptest! {
