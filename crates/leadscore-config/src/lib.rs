@@ -174,6 +174,7 @@ mod tests {
     #[test]
     fn env_overrides_file_and_defaults() {
         Jail::expect_with(|jail| {
+            jail.clear_env();
             jail.create_file(
                 "leadscore.toml",
                 "[kafka]\nbootstrap_servers = \"file:9092\"\nrequest_timeout_ms = 5\n",
@@ -191,6 +192,7 @@ mod tests {
     #[test]
     fn unknown_key_is_rejected_with_its_name() {
         Jail::expect_with(|jail| {
+            jail.clear_env();
             jail.create_file("bad.toml", "[kafka]\nbootstrap_server = \"x:1\"\n")?;
             let err = Config::load(Some(Path::new("bad.toml")))
                 .err()

@@ -1,0 +1,8 @@
+# The two commands of the quick start. Everything else: deploy/local/stack help.
+.PHONY: demo test stack-down
+demo: ## bring the stack up, create topics, register schemas, show their state
+	scripts/demo.sh
+test: ## run every test against the real local stack
+	scripts/test.sh
+stack-down: ## stop every local service
+	deploy/local/stack down
