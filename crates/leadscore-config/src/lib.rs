@@ -41,6 +41,24 @@ pub struct Config {
     pub kafka: KafkaConfig,
     /// Confluent-compatible schema registry.
     pub registry: RegistryConfig,
+    /// The CRM's PostgreSQL database.
+    pub postgres: PostgresConfig,
+}
+
+/// How to reach the CRM database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/db`; give the password through the environment in production.
+    pub url: String,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://leadscore:leadscore@127.0.0.1:5432/crm".into(),
+        }
+    }
 }
 
 /// How to reach the Kafka cluster.
@@ -151,6 +169,14 @@ impl Config {
             return Err(Error::Invalid {
                 key: "kafka.request_timeout_ms",
                 reason: "must be greater than zero".into(),
+            });
+        }
+        if !(self.postgres.url.starts_with("postgres://")
+            || self.postgres.url.starts_with("postgresql://"))
+        {
+            return Err(Error::Invalid {
+                key: "postgres.url",
+                reason: "must start with postgres:// or postgresql://".into(),
             });
         }
         if !(self.registry.url.starts_with("http://") || self.registry.url.starts_with("https://"))

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use leadscore_config::Config;
 
+mod crm;
 mod schemas;
 mod topics;
 
@@ -32,6 +33,9 @@ enum Command {
     /// Kafka topics declared in topics/.
     #[command(subcommand)]
     Topics(topics::TopicsCommand),
+    /// The CRM: synthetic leads.
+    #[command(subcommand)]
+    Crm(crm::CrmCommand),
     /// Avro schemas in schemas/ and the schema registry.
     #[command(subcommand)]
     Schemas(schemas::SchemasCommand),
@@ -77,5 +81,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Topics(cmd) => topics::run(cmd, &config).await,
         Command::Schemas(cmd) => schemas::run(cmd, &config).await,
+        Command::Crm(cmd) => crm::run(cmd, &config).await,
     }
 }

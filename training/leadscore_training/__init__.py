@@ -1,0 +1,1 @@
+"""The leadscore training job: features, tuning, ONNX export, MLflow registry."""

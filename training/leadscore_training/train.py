@@ -1,0 +1,186 @@
+"""Train, export and register a lead-scoring model.
+
+    python -m leadscore_training.train --data leads.csv --out models/default
+    python -m leadscore_training.train --data postgres://... --mlflow http://127.0.0.1:5000
+
+Tunes LightGBM with Optuna over time-series cross-validation, evaluates on a
+time-ordered holdout (the newest 20%), exports ONNX with the probability as a
+plain tensor plus a metadata file, and (with --mlflow) logs the run, registers
+a new model version and applies the evaluation gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import onnxruntime as ort
+import optuna
+from onnxmltools.convert.lightgbm.operator_converters.LightGbm import convert_lightgbm
+from skl2onnx import convert_sklearn, update_registered_converter
+from skl2onnx.common.data_types import FloatTensorType
+from skl2onnx.common.shape_calculator import calculate_linear_classifier_output_shapes
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import TimeSeriesSplit
+
+from . import data, registry
+from .features import FEATURES, FeatureSpec, reference
+
+log = logging.getLogger("leadscore.training")
+
+INPUT_NAME = "features"
+OUTPUT_NAME = "probabilities"
+
+
+class TrainingError(Exception):
+    """Training refused or failed; the message says why."""
+
+
+def export_onnx(model: lgb.LGBMClassifier) -> bytes:
+    update_registered_converter(
+        lgb.LGBMClassifier, "LightGbmLGBMClassifier",
+        calculate_linear_classifier_output_shapes, convert_lightgbm,
+        options={"nocl": [True, False], "zipmap": [True, False, "columns"]},
+    )
+    onx = convert_sklearn(
+        model, initial_types=[(INPUT_NAME, FloatTensorType([None, len(FEATURES)]))],
+        options={id(model): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    return onx.SerializeToString()
+
+
+def onnx_scores(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    return sess.run([OUTPUT_NAME], {INPUT_NAME: X})[0][:, 1]
+
+
+def tune(X: np.ndarray, y: np.ndarray, trials: int, splits: int, seed: int) -> tuple[dict, float]:
+    cv = TimeSeriesSplit(n_splits=splits)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {
+            "n_estimators": trial.suggest_int("n_estimators", 50, 300, step=25),
+            "num_leaves": trial.suggest_int("num_leaves", 7, 63),
+            "learning_rate": trial.suggest_float("learning_rate", 0.02, 0.2, log=True),
+            "min_child_samples": trial.suggest_int("min_child_samples", 10, 200, log=True),
+            "colsample_bytree": trial.suggest_float("colsample_bytree", 0.6, 1.0),
+            "reg_lambda": trial.suggest_float("reg_lambda", 1e-3, 10.0, log=True),
+        }
+        aucs = []
+        for tr, va in cv.split(X):
+            m = lgb.LGBMClassifier(**params, **fixed(seed)).fit(X[tr], y[tr])
+            aucs.append(roc_auc_score(y[va], m.predict_proba(X[va])[:, 1]))
+        return float(np.mean(aucs))
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.optimize(objective, n_trials=trials)
+    return study.best_params, float(study.best_value)
+
+
+def fixed(seed: int) -> dict:
+    return {"objective": "binary", "random_state": seed, "deterministic": True,
+            "force_row_wise": True, "n_jobs": 1, "verbose": -1}
+
+
+def train(args: argparse.Namespace) -> dict:
+    df = data.load(args.data)
+    window, info = data.labelled(df, months=args.months)
+    if info["rows"] < args.min_rows:
+        raise TrainingError(
+            f"refusing to train on {info['rows']} labelled leads from {info['start']} to {info['end']}: "
+            f"at least {args.min_rows} are required (--min-rows); wait for more outcomes or seed more leads"
+        )
+    if info["positives"] == 0 or info["positives"] == info["rows"]:
+        raise TrainingError("labelled leads are all one class; AUC is undefined")
+    cut = int(len(window) * (1 - args.holdout))
+    train_df, hold_df = window.iloc[:cut], window.iloc[cut:]
+    spec = FeatureSpec.fit(train_df)
+    X_train, X_hold = spec.transform(train_df), spec.transform(hold_df)
+    y_train = (train_df["status"] == "converted").to_numpy(dtype=int)
+    y_hold = (hold_df["status"] == "converted").to_numpy(dtype=int)
+
+    log.info("tuning on %d rows with %d trials", len(train_df), args.trials)
+    params, cv_auc = tune(X_train, y_train, args.trials, args.cv_splits, args.seed)
+    model = lgb.LGBMClassifier(**params, **fixed(args.seed)).fit(X_train, y_train)
+    onnx_bytes = export_onnx(model)
+    train_auc = roc_auc_score(y_train, model.predict_proba(X_train)[:, 1])
+    hold_scores = onnx_scores(onnx_bytes, X_hold)
+    holdout_auc = roc_auc_score(y_hold, hold_scores)
+    max_diff = float(np.abs(hold_scores - model.predict_proba(X_hold)[:, 1]).max())
+    if max_diff > 1e-5:
+        raise TrainingError(f"ONNX export differs from LightGBM by {max_diff}; refusing to publish")
+
+    metadata = {
+        "model_name": args.model_name,
+        "version": args.version,
+        "created_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if not args.reproducible else info["end"],
+        "framework": {"lightgbm": lgb.__version__, "onnx_opset": 17},
+        "input": {"name": INPUT_NAME, "shape": [None, len(FEATURES)], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": [None, 2], "positive_index": 1},
+        "feature_spec": spec.to_json(),
+        "reference": reference(train_df, X_train, model.predict_proba(X_train)[:, 1], spec),
+        "metrics": {"train_auc": train_auc, "cv_auc": cv_auc, "validation_auc": holdout_auc,
+                    "onnx_max_abs_diff": max_diff},
+        "params": params,
+        "data_window": {**info, "train_rows": len(train_df), "holdout_rows": len(hold_df)},
+        "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.onnx").write_bytes(onnx_bytes)
+    (out / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    log.info("validation AUC %.4f (cv %.4f), model in %s", holdout_auc, cv_auc, out)
+
+    result = {"out": str(out), "validation_auc": holdout_auc, "cv_auc": cv_auc}
+    if args.mlflow:
+        result.update(registry.publish(args.mlflow, args.model_name, out, metadata,
+                                       hold_df, y_hold, args.gate_margin))
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m leadscore_training.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="CSV file from `leadscore crm seed --out` or a postgres:// URL")
+    p.add_argument("--out", required=True, help="directory for model.onnx and metadata.json")
+    p.add_argument("--model-name", default="lead-scoring")
+    p.add_argument("--version", default="local", help="version recorded in metadata when not registered")
+    p.add_argument("--trials", type=int, default=30, help="Optuna trials")
+    p.add_argument("--cv-splits", type=int, default=4, help="time-series CV folds")
+    p.add_argument("--holdout", type=float, default=0.2, help="newest share of rows held out")
+    p.add_argument("--months", type=int, default=6, help="data window: labelled leads of the last N months")
+    p.add_argument("--min-rows", type=int, default=10_000, help="refuse to train on fewer labelled rows")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--mlflow", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI; registers the version and applies the gate (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--no-mlflow", dest="mlflow", action="store_const", const=None)
+    p.add_argument("--gate-margin", type=float, default=0.02,
+                   help="AUC points a new version must beat the champion by to become challenger")
+    p.add_argument("--reproducible", action="store_true",
+                   help="record the data window end instead of the wall clock, for committed models")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        result = train(args)
+    except (TrainingError, data.DataError, registry.RegistryError) as e:
+        log.error("%s", e)
+        return 2
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
