@@ -1,8 +1,10 @@
 # The two commands of the quick start. Everything else: deploy/local/stack help.
-.PHONY: demo test stack-down
+.PHONY: demo test model stack-down
 demo: ## bring the stack up, create topics, register schemas, show their state
 	scripts/demo.sh
 test: ## run every test against the real local stack
 	scripts/test.sh
 stack-down: ## stop every local service
 	deploy/local/stack down
+model: ## rebuild models/default reproducibly (generator -> training -> parity vectors)
+	scripts/model.sh

@@ -4,7 +4,8 @@
 #   2. applies topics and registers schemas,
 #   3. cargo fmt --check, cargo clippy -D warnings,
 #   4. cargo test --workspace (unit, property and integration tests),
-# and ends with one "N passed, N failed" line.
+#   5. pytest for the training job (training/tests, against the real MLflow),
+# and ends with one "N passed, N failed" line counting both.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -37,7 +38,19 @@ set -e
 read -r passed failed < <(awk '/^test result:/ {
     for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) }
   } END { print p + 0, f + 0 }' "$log")
+
+step "pytest (training/)"
+export LEADSCORE_BIN
+LEADSCORE_BIN="$(leadscore_bin)"
+set +e
+(cd training && "$LEADSCORE_PYTHON" -m pytest -q -p no:cacheprovider tests) 2>&1 | tee "$log"
+py_status=${PIPESTATUS[0]}
+set -e
+read -r py_passed py_failed < <(tail -n 3 "$log" | awk '{
+    for (i = 2; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^(failed|errors?)/) f += $(i-1) }
+  } END { print p + 0, f + 0 }')
 rm -f "$log"
+if [[ $py_status -ne 0 && $py_failed -eq 0 ]]; then py_failed=1; fi
 echo
-echo "${passed:-0} passed, ${failed:-0} failed"
-exit "$status"
+echo "$((passed + py_passed)) passed, $((failed + py_failed)) failed"
+if [[ $status -ne 0 || $py_status -ne 0 ]]; then exit 1; fi

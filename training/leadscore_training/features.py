@@ -81,7 +81,7 @@ class FeatureSpec:
             out[:, len(CATEGORICAL) + k] = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float32)
         created = pd.to_datetime(df["created_at"], utc=True)
         out[:, len(CATEGORICAL) + len(NUMERIC)] = created.dt.hour.to_numpy(dtype=np.float32)
-        out[:, len(CATEGORICAL) + len(NUMERIC) + 1] = created.dt.dayofweek.to_numpy(dtype=np.float32)
+        out[:, len(CATEGORICAL) + len(NUMERIC) + 1] = created.dt.day_of_week.to_numpy(dtype=np.float32)
         return out
 
 

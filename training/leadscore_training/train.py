@@ -54,7 +54,57 @@ def export_onnx(model: lgb.LGBMClassifier) -> bytes:
         model, initial_types=[(INPUT_NAME, FloatTensorType([None, len(FEATURES)]))],
         options={id(model): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3},
     )
+    # skl2onnx names the graph with a random UUID; a fixed name makes the bytes reproducible.
+    onx.graph.name = "leadscore_lead_model"
+    exact_thresholds(onx, model)
     return onx.SerializeToString()
+
+
+def exact_thresholds(onx, model: lgb.LGBMClassifier) -> None:
+    """Makes float32 split thresholds decide exactly like LightGBM's float64 ones.
+
+    ONNX stores thresholds as float32, rounded to nearest. When LightGBM's
+    threshold t lies just below a float32 value x, float32(t) == x and
+    `x <= t` flips for inputs equal to x. Every input here is float32, so
+    the largest float32 not above t decides identically for all of them.
+    """
+    per_tree: dict[int, dict[float, set[float]]] = {}
+
+    def walk(tree: int, node: dict) -> None:
+        if "split_feature" not in node:
+            return
+        t = float(node["threshold"])
+        with np.errstate(over="ignore"):  # LightGBM's +max-double thresholds become +inf, as in ONNX
+            key = float(np.float32(t))
+        per_tree.setdefault(tree, {}).setdefault(key, set()).add(t)
+        walk(tree, node["left_child"])
+        walk(tree, node["right_child"])
+
+    for info in model.booster_.dump_model()["tree_info"]:
+        walk(info["tree_index"], info["tree_structure"])
+    ensembles = [n for n in onx.graph.node if n.op_type.startswith("TreeEnsemble")]
+    if len(ensembles) != 1:
+        raise TrainingError(f"expected one tree ensemble in the ONNX graph, found {len(ensembles)}")
+    attrs = {a.name: a for a in ensembles[0].attribute}
+    trees = list(attrs["nodes_treeids"].ints)
+    modes = [m.decode() if isinstance(m, bytes) else m for m in attrs["nodes_modes"].strings]
+    values = list(attrs["nodes_values"].floats)
+    for i, (tree, mode) in enumerate(zip(trees, modes, strict=True)):
+        if mode == "LEAF":
+            continue
+        if mode != "BRANCH_LEQ":
+            raise TrainingError(f"unexpected split mode {mode} in the ONNX graph")
+        f32 = float(np.float32(values[i]))
+        originals = per_tree.get(tree, {}).get(f32)
+        if not originals:
+            raise TrainingError(f"ONNX threshold {values[i]} of tree {tree} has no LightGBM counterpart")
+        below = {t < f32 for t in originals}
+        if below == {True}:
+            values[i] = float(np.nextafter(np.float32(f32), np.float32(-np.inf)))
+        elif len(below) > 1:
+            raise TrainingError(f"tree {tree}: thresholds {sorted(originals)} share float32 {f32}; cannot export exactly")
+    del attrs["nodes_values"].floats[:]
+    attrs["nodes_values"].floats.extend(values)
 
 
 def onnx_scores(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:

@@ -1,0 +1,63 @@
+//! Scoring latency and throughput of the bundled model, features included.
+//!
+//! `cargo bench -p leadscore-model --bench scoring` (needs ORT_DYLIB_PATH;
+//! `eval "$(deploy/local/stack env)"`). Figures go to BENCHMARKS.md.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)] // a bench binary, not a library
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use leadscore_crm::{Generator, GeneratorConfig, Lead};
+use leadscore_model::{Model, bundled_dir};
+use std::hint::black_box;
+
+fn leads(n: usize) -> Vec<Lead> {
+    Generator::new(GeneratorConfig {
+        seed: 11,
+        ..Default::default()
+    })
+    .take(n)
+    .map(|g| g.lead)
+    .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let model = Model::load_dir(&bundled_dir()).expect("bundled model loads");
+    let pool = leads(4096);
+
+    let mut g = c.benchmark_group("single_lead");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0usize;
+    g.bench_function("features_only", |b| {
+        b.iter(|| {
+            i = (i + 1) % pool.len();
+            black_box(model.features().build(&pool[i]).unwrap())
+        })
+    });
+    g.bench_function("features_and_score", |b| {
+        b.iter(|| {
+            i = (i + 1) % pool.len();
+            black_box(model.score(&pool[i]).unwrap().unwrap())
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("batch");
+    for size in [256usize, 1024] {
+        g.throughput(Throughput::Elements(size as u64));
+        g.bench_function(format!("features_and_score_{size}"), |b| {
+            let mut start = 0usize;
+            b.iter_batched(
+                || {
+                    start = (start + size) % (pool.len() - size);
+                    &pool[start..start + size]
+                },
+                |batch| black_box(model.score_batch(batch).unwrap()),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

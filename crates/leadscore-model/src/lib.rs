@@ -1,0 +1,487 @@
+//! The lead model: ONNX Runtime inference, model metadata, and where models come from.
+//!
+//! Owns: loading the ONNX Runtime shared library (`load-dynamic`, the
+//! library from the `onnxruntime` wheel, nothing downloaded), a [`Model`]
+//! (session + metadata + feature builder) that scores one lead or a batch,
+//! [`source`]s that fetch a model version from a local directory or the
+//! MLflow registry, and a [`ModelHandle`] that swaps models atomically while
+//! scoring continues. It knows nothing of Kafka.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use leadscore_crm::Lead;
+use leadscore_features::{FeatureBuilder, FeatureSpec, InvalidInput};
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::Tensor;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+pub mod source;
+
+/// Errors raised while loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The ONNX Runtime library could not be loaded.
+    #[error(
+        "cannot load ONNX Runtime from {path}: {reason} (set ORT_DYLIB_PATH to libonnxruntime.so from the onnxruntime wheel; `deploy/local/stack env` prints it)"
+    )]
+    Runtime {
+        /// Library path tried.
+        path: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A model file is missing or unreadable.
+    #[error("model {model}: cannot read {path}: {source}")]
+    Read {
+        /// Model name and version, or the directory.
+        model: String,
+        /// File path.
+        path: PathBuf,
+        /// I/O error.
+        source: std::io::Error,
+    },
+    /// The metadata is not valid JSON of the expected shape.
+    #[error("model {model}: metadata is invalid: {reason}")]
+    Metadata {
+        /// Model name and version, or the directory.
+        model: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The ONNX file is corrupt or does not match its metadata.
+    #[error("model {model}: {reason}")]
+    Mismatch {
+        /// Model name and version.
+        model: String,
+        /// What does not match.
+        reason: String,
+    },
+    /// ONNX Runtime refused to load or run the model.
+    #[error("model {model}: ONNX Runtime error: {reason}")]
+    Onnx {
+        /// Model name and version.
+        model: String,
+        /// Runtime message.
+        reason: String,
+    },
+    /// A model registry could not be reached or answered nonsense.
+    #[error("model registry {registry}: {reason}")]
+    Registry {
+        /// Registry URL (no credentials).
+        registry: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+static RUNTIME: OnceLock<std::result::Result<ort::environment::Environment, String>> =
+    OnceLock::new();
+
+/// Loads ONNX Runtime once per process from `path`, or `ORT_DYLIB_PATH` when `None`.
+pub fn init_runtime(path: Option<&Path>) -> Result<&'static ort::environment::Environment> {
+    let path = path
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+        .ok_or_else(|| Error::Runtime {
+            path: "<unset>".into(),
+            reason: "no library path given and ORT_DYLIB_PATH is not set".into(),
+        })?;
+    let shown = path.display().to_string();
+    let result = RUNTIME.get_or_init(|| {
+        if !path.is_file() {
+            return Err(format!("{shown} does not exist"));
+        }
+        ort::init_from(&path)
+            .map_err(|e| e.to_string())?
+            .with_name("leadscore")
+            .build()
+            .map_err(|e| e.to_string())
+    });
+    result.as_ref().map_err(|reason| Error::Runtime {
+        path: shown,
+        reason: reason.clone(),
+    })
+}
+
+/// Where the model's input and output tensors are.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TensorDesc {
+    /// Tensor name in the graph.
+    pub name: String,
+    /// Index of the positive class in the output (outputs only).
+    #[serde(default)]
+    pub positive_index: Option<usize>,
+}
+
+/// The metadata file written by training next to `model.onnx`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Metadata {
+    /// Registered model name.
+    pub model_name: String,
+    /// Version (registry version, or a label for bundled models).
+    pub version: String,
+    /// Input tensor.
+    pub input: TensorDesc,
+    /// Output tensor.
+    pub output: TensorDesc,
+    /// How to build the input from a lead.
+    pub feature_spec: FeatureSpec,
+    /// Reference distributions for drift (used by the drift service).
+    pub reference: serde_json::Value,
+    /// Training metrics (AUC, ...).
+    pub metrics: serde_json::Value,
+    /// SHA-256 of `model.onnx`, hex.
+    pub onnx_sha256: String,
+}
+
+impl Metadata {
+    /// Parses metadata JSON, naming `model` in errors.
+    pub fn parse(model: &str, text: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| Error::Metadata {
+            model: model.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// `name vversion`, for messages and logs.
+    pub fn label(&self) -> String {
+        format!("{} v{}", self.model_name, self.version)
+    }
+}
+
+/// A scored lead.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Score {
+    /// Conversion probability in [0, 1].
+    pub probability: f64,
+}
+
+/// A loaded model, ready to score. Cheap to share behind an `Arc`.
+pub struct Model {
+    meta: Metadata,
+    features: FeatureBuilder,
+    session: Mutex<Session>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("model", &self.meta.label())
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(model: &str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| Error::Read {
+        model: model.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Model {
+    /// Loads `model.onnx` and `metadata.json` from a directory.
+    pub fn load_dir(dir: &Path) -> Result<Self> {
+        let shown = dir.display().to_string();
+        let text = read(&shown, &dir.join("metadata.json"))?;
+        let meta = Metadata::parse(&shown, &String::from_utf8_lossy(&text))?;
+        let onnx = read(&meta.label(), &dir.join("model.onnx"))?;
+        Self::from_parts(&onnx, meta)
+    }
+
+    /// Builds a model from ONNX bytes and metadata, checking they belong together.
+    pub fn from_parts(onnx: &[u8], meta: Metadata) -> Result<Self> {
+        let label = meta.label();
+        let digest = sha256_hex(onnx);
+        if digest != meta.onnx_sha256 {
+            return Err(Error::Mismatch {
+                model: label,
+                reason: format!(
+                    "model.onnx has SHA-256 {digest} but the metadata says {}: the file is corrupt or from another version",
+                    meta.onnx_sha256
+                ),
+            });
+        }
+        let features =
+            FeatureBuilder::new(meta.feature_spec.clone()).map_err(|e| Error::Metadata {
+                model: label.clone(),
+                reason: e.to_string(),
+            })?;
+        let env = init_runtime(None)?;
+        let onnx_err = |e: ort::Error| Error::Onnx {
+            model: label.clone(),
+            reason: e.to_string(),
+        };
+        let session = Session::builder(env)
+            .map_err(onnx_err)?
+            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .map_err(|e| onnx_err(e.into()))?
+            .with_intra_threads(1)
+            .map_err(|e| onnx_err(e.into()))?
+            .commit_from_memory(onnx)
+            .map_err(onnx_err)?;
+        let has_input = session.inputs().iter().any(|i| i.name() == meta.input.name);
+        let has_output = session
+            .outputs()
+            .iter()
+            .any(|o| o.name() == meta.output.name);
+        if !has_input || !has_output {
+            return Err(Error::Mismatch {
+                model: label,
+                reason: format!(
+                    "metadata names input `{}` and output `{}`, the graph has inputs {:?} and outputs {:?}",
+                    meta.input.name,
+                    meta.output.name,
+                    session
+                        .inputs()
+                        .iter()
+                        .map(|i| i.name())
+                        .collect::<Vec<_>>(),
+                    session
+                        .outputs()
+                        .iter()
+                        .map(|o| o.name())
+                        .collect::<Vec<_>>()
+                ),
+            });
+        }
+        let model = Self {
+            meta,
+            features,
+            session: Mutex::new(session),
+        };
+        // A graph whose width differs from the feature spec fails here, not on the first lead.
+        let probe = vec![f32::NAN; model.features.width()];
+        model
+            .score_features(&probe, 1)
+            .map_err(|e| Error::Mismatch {
+                model: model.meta.label(),
+                reason: format!(
+                    "the graph does not accept {} features as the spec says: {e}",
+                    model.features.width()
+                ),
+            })?;
+        Ok(model)
+    }
+
+    /// The model's metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.meta
+    }
+
+    /// The feature builder for this model's spec.
+    pub fn features(&self) -> &FeatureBuilder {
+        &self.features
+    }
+
+    /// Scores `n` rows of already-built features (row-major, `n * width` values).
+    pub fn score_features(&self, rows: &[f32], n: usize) -> Result<Vec<f64>> {
+        let width = self.features.width();
+        let label = || self.meta.label();
+        if rows.len() != n * width {
+            return Err(Error::Mismatch {
+                model: label(),
+                reason: format!("{} values for {n} rows of {width}", rows.len()),
+            });
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let onnx_err = |e: ort::Error| Error::Onnx {
+            model: label(),
+            reason: e.to_string(),
+        };
+        let input = Tensor::from_array(([n, width], rows.to_vec())).map_err(onnx_err)?;
+        let mut session = self.session.lock().map_err(|_| Error::Onnx {
+            model: label(),
+            reason: "a previous inference panicked; reload the model".into(),
+        })?;
+        let outputs = session
+            .run(ort::inputs![self.meta.input.name.as_str() => input])
+            .map_err(onnx_err)?;
+        let (shape, data) = outputs[self.meta.output.name.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(onnx_err)?;
+        let classes = shape.get(1).copied().unwrap_or(1).max(1) as usize;
+        let positive = self.meta.output.positive_index.unwrap_or(classes - 1);
+        if data.len() != n * classes || positive >= classes {
+            return Err(Error::Mismatch {
+                model: label(),
+                reason: format!("output shape {shape:?} does not hold {n} probabilities"),
+            });
+        }
+        Ok((0..n)
+            .map(|i| f64::from(data[i * classes + positive]).clamp(0.0, 1.0))
+            .collect())
+    }
+
+    /// Scores one lead.
+    pub fn score(&self, lead: &Lead) -> Result<Result<Score, InvalidInput>> {
+        let features = match self.features.build(lead) {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
+        };
+        let p = self.score_features(&features, 1)?;
+        Ok(Ok(Score {
+            probability: p.first().copied().unwrap_or(0.0),
+        }))
+    }
+
+    /// Scores a batch in one ONNX call; invalid leads get their reason, the rest a score.
+    pub fn score_batch(&self, leads: &[Lead]) -> Result<Vec<Result<Score, InvalidInput>>> {
+        let width = self.features.width();
+        let mut rows = Vec::with_capacity(leads.len() * width);
+        let mut out: Vec<Result<Score, InvalidInput>> = Vec::with_capacity(leads.len());
+        let mut valid = Vec::with_capacity(leads.len());
+        for (i, lead) in leads.iter().enumerate() {
+            match self.features.build_into(lead, &mut rows) {
+                Ok(()) => {
+                    valid.push(i);
+                    out.push(Ok(Score { probability: 0.0 }));
+                }
+                Err(e) => {
+                    rows.truncate(valid.len() * width);
+                    out.push(Err(e));
+                }
+            }
+        }
+        let scores = self.score_features(&rows, valid.len())?;
+        for (i, p) in valid.into_iter().zip(scores) {
+            out[i] = Ok(Score { probability: p });
+        }
+        Ok(out)
+    }
+}
+
+/// Score bands by thresholds: High at or above `high`, Medium at or above `medium`.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize)]
+pub struct BandThresholds {
+    /// Lower bound of High.
+    pub high: f64,
+    /// Lower bound of Medium.
+    pub medium: f64,
+}
+
+impl Default for BandThresholds {
+    fn default() -> Self {
+        Self {
+            high: 0.5,
+            medium: 0.25,
+        }
+    }
+}
+
+/// A score band.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Band {
+    /// Likely to convert.
+    High,
+    /// Maybe.
+    Medium,
+    /// Unlikely.
+    Low,
+}
+
+impl Band {
+    /// Name as in the schemas and the REST contract.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Band::High => "High",
+            Band::Medium => "Medium",
+            Band::Low => "Low",
+        }
+    }
+}
+
+impl BandThresholds {
+    /// The band of `score`.
+    pub fn band(&self, score: f64) -> Band {
+        if score >= self.high {
+            Band::High
+        } else if score >= self.medium {
+            Band::Medium
+        } else {
+            Band::Low
+        }
+    }
+}
+
+/// The model in service; swapped atomically while scoring continues.
+#[derive(Debug)]
+pub struct ModelHandle {
+    current: RwLock<Arc<Model>>,
+}
+
+impl ModelHandle {
+    /// A handle serving `model`.
+    pub fn new(model: Model) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(model)),
+        }
+    }
+
+    /// The model in service now. A batch scored with it stays on it even if a swap happens meanwhile.
+    pub fn get(&self) -> Arc<Model> {
+        match self.current.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Serves `model` from now on; returns the previous one.
+    pub fn swap(&self, model: Model) -> Arc<Model> {
+        let new = Arc::new(model);
+        match self.current.write() {
+            Ok(mut g) => std::mem::replace(&mut *g, new),
+            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), new),
+        }
+    }
+
+    /// Fetches from `source` and swaps; on any error the last good model stays in service.
+    pub async fn reload(&self, source: &source::ModelSource) -> Result<Arc<Model>> {
+        let model = source.fetch().await?;
+        tracing::info!(model = %model.metadata().label(), "model swapped in");
+        Ok(self.swap(model))
+    }
+}
+
+/// The model bundled in the repository (`models/default`), for tests and the default config.
+pub fn bundled_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bands_follow_thresholds_at_their_bounds() {
+        let t = BandThresholds::default();
+        assert_eq!(t.band(0.5), Band::High);
+        assert_eq!(t.band(0.4999), Band::Medium);
+        assert_eq!(t.band(0.25), Band::Medium);
+        assert_eq!(t.band(0.0), Band::Low);
+    }
+
+    #[test]
+    fn checksum_is_hex_sha256() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

@@ -1,0 +1,114 @@
+//! Shared test vectors: Rust features and scores equal the Python ones
+//! (`models/default/parity.json`, written by `training/leadscore_training/parity.py`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
+
+use chrono::{DateTime, Utc};
+use leadscore_crm::{Lead, Status};
+use leadscore_model::{Model, bundled_dir};
+use serde_json::Value;
+
+fn lead(v: &Value) -> Lead {
+    let s = |k: &str| v[k].as_str().map(str::to_string);
+    let created_at: DateTime<Utc> = DateTime::parse_from_rfc3339(v["created_at"].as_str().unwrap())
+        .unwrap()
+        .with_timezone(&Utc);
+    Lead {
+        lead_id: s("lead_id").unwrap(),
+        company_size: s("company_size"),
+        industry: s("industry"),
+        page_views: v["page_views"].as_f64().map(|x| x as i32),
+        time_on_site: v["time_on_site"].as_f64(),
+        form_completion_time: v["form_completion_time"].as_f64(),
+        referral_source: s("referral_source"),
+        country: s("country"),
+        created_at,
+        updated_at: created_at,
+        status: Status::New,
+        converted_at: None,
+    }
+}
+
+#[test]
+fn rust_features_and_scores_equal_python_on_shared_vectors() {
+    let dir = bundled_dir();
+    let fixture: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("parity.json")).unwrap()).unwrap();
+    let model = Model::load_dir(&dir).unwrap();
+    assert_eq!(fixture["model_version"], model.metadata().version.as_str());
+    let names: Vec<&str> = model.features().names().collect();
+    let expected_names: Vec<&str> = fixture["feature_names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert_eq!(names, expected_names);
+
+    let leads: Vec<Lead> = fixture["leads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(lead)
+        .collect();
+    assert!(
+        leads.len() > 200,
+        "the fixture holds sampled and edge-case leads"
+    );
+    let batch = model.score_batch(&leads).unwrap();
+    for (i, l) in leads.iter().enumerate() {
+        let features = model.features().build(l).unwrap();
+        let expected = fixture["features"][i].as_array().unwrap();
+        for (j, (got, want)) in features.iter().zip(expected).enumerate() {
+            match want.as_f64() {
+                None => assert!(
+                    got.is_nan(),
+                    "lead {} feature {}: want missing, got {got}",
+                    l.lead_id,
+                    names[j]
+                ),
+                Some(w) => assert!(
+                    (f64::from(*got) - w).abs() <= 1e-5,
+                    "lead {} feature {}: rust {got} python {w}",
+                    l.lead_id,
+                    names[j]
+                ),
+            }
+        }
+        let want = fixture["probabilities"][i].as_f64().unwrap();
+        let single = model.score(l).unwrap().unwrap().probability;
+        assert!(
+            (single - want).abs() <= 1e-5,
+            "lead {}: rust {single} python {want}",
+            l.lead_id
+        );
+        let batched = batch[i].as_ref().unwrap().probability;
+        assert!(
+            (batched - single).abs() <= 1e-6,
+            "batch and single agree for {}",
+            l.lead_id
+        );
+    }
+}
+
+#[test]
+fn a_batch_with_an_invalid_lead_scores_the_rest() {
+    let model = Model::load_dir(&bundled_dir()).unwrap();
+    let fixture: Value =
+        serde_json::from_str(&std::fs::read_to_string(bundled_dir().join("parity.json")).unwrap())
+            .unwrap();
+    let mut leads: Vec<Lead> = fixture["leads"].as_array().unwrap()[..5]
+        .iter()
+        .map(lead)
+        .collect();
+    let expected: Vec<f64> = leads
+        .iter()
+        .map(|l| model.score(l).unwrap().unwrap().probability)
+        .collect();
+    leads[2].time_on_site = Some(f64::NAN);
+    let out = model.score_batch(&leads).unwrap();
+    assert_eq!(out[2].as_ref().unwrap_err().field, "time_on_site");
+    for i in [0, 1, 3, 4] {
+        assert!((out[i].as_ref().unwrap().probability - expected[i]).abs() < 1e-9);
+    }
+}
