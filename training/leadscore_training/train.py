@@ -56,6 +56,11 @@ def export_onnx(model: lgb.LGBMClassifier) -> bytes:
     )
     # skl2onnx names the graph with a random UUID; a fixed name makes the bytes reproducible.
     onx.graph.name = "leadscore_lead_model"
+    # The converter collects opsets in a set: sort them so the bytes do not depend on hashing.
+    imports = sorted((o.domain, o.version) for o in onx.opset_import)
+    del onx.opset_import[:]
+    for domain, version in imports:
+        onx.opset_import.add(domain=domain, version=version)
     exact_thresholds(onx, model)
     return onx.SerializeToString()
 

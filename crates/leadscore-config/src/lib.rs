@@ -43,6 +43,75 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// The CRM's PostgreSQL database.
     pub postgres: PostgresConfig,
+    /// The scorer service.
+    pub scorer: ScorerConfig,
+}
+
+/// The scorer: CDC in, scores, shadow scores and dead letters out, exactly once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScorerConfig {
+    /// Debezium change events of public.leads.
+    pub input_topic: String,
+    /// Live scores (compacted, key lead_id).
+    pub scores_topic: String,
+    /// Challenger and canary-champion scores.
+    pub shadow_topic: String,
+    /// Inputs that cannot be scored, with the reason in headers.
+    pub dlq_topic: String,
+    /// Consumer group shared by all scorer replicas.
+    pub group_id: String,
+    /// This replica's id; with the prefix it forms the transactional id. Unique per replica.
+    pub instance_id: String,
+    /// Prefix of the transactional id (`<prefix>-<instance_id>`).
+    pub transactional_id_prefix: String,
+    /// Most input records per transaction (and per ONNX call).
+    pub max_batch: usize,
+    /// How long to wait for more records before scoring a partial batch, in milliseconds.
+    pub batch_linger_ms: u64,
+    /// Kafka transaction timeout, in milliseconds.
+    pub transaction_timeout_ms: u64,
+    /// Champion model URL: a directory, `file://dir` or `mlflow+http://host:port/NAME@champion`.
+    pub champion_model: String,
+    /// Challenger (shadow) model URL; unset for none.
+    pub challenger_model: Option<String>,
+    /// Canary candidate model URL; unset for none.
+    pub canary_model: Option<String>,
+    /// Share of leads (0-100) whose live score comes from the canary, by a stable hash of lead_id.
+    pub canary_percent: f64,
+    /// Scores at or above this are High.
+    pub band_high: f64,
+    /// Scores at or above this (and below band_high) are Medium.
+    pub band_medium: f64,
+    /// On SIGTERM: time to finish the in-flight batch and commit, in milliseconds.
+    pub shutdown_grace_ms: u64,
+    /// Address of /healthz, /readyz and /metrics.
+    pub http_listen: String,
+}
+
+impl Default for ScorerConfig {
+    fn default() -> Self {
+        Self {
+            input_topic: "crm.public.leads".into(),
+            scores_topic: "leads.scores.v1".into(),
+            shadow_topic: "leads.scores.shadow.v1".into(),
+            dlq_topic: "leads.scores.dlq.v1".into(),
+            group_id: "leadscore-scorer".into(),
+            instance_id: "scorer-0".into(),
+            transactional_id_prefix: "leadscore-scorer".into(),
+            max_batch: 1000,
+            batch_linger_ms: 20,
+            transaction_timeout_ms: 60_000,
+            champion_model: "models/default".into(),
+            challenger_model: None,
+            canary_model: None,
+            canary_percent: 0.0,
+            band_high: 0.5,
+            band_medium: 0.25,
+            shutdown_grace_ms: 20_000,
+            http_listen: "127.0.0.1:9464".into(),
+        }
+    }
 }
 
 /// How to reach the CRM database.
@@ -169,6 +238,47 @@ impl Config {
             return Err(Error::Invalid {
                 key: "kafka.request_timeout_ms",
                 reason: "must be greater than zero".into(),
+            });
+        }
+        let s = &self.scorer;
+        if s.max_batch == 0 || s.max_batch > 100_000 {
+            return Err(Error::Invalid {
+                key: "scorer.max_batch",
+                reason: format!("{} is not in 1..=100000", s.max_batch),
+            });
+        }
+        if !(0.0..=100.0).contains(&s.canary_percent) {
+            return Err(Error::Invalid {
+                key: "scorer.canary_percent",
+                reason: format!("{} is not in 0..=100", s.canary_percent),
+            });
+        }
+        if s.canary_percent > 0.0 && s.canary_model.is_none() {
+            return Err(Error::Invalid {
+                key: "scorer.canary_model",
+                reason: "canary_percent > 0 needs a canary_model".into(),
+            });
+        }
+        if !(0.0 < s.band_medium && s.band_medium < s.band_high && s.band_high < 1.0) {
+            return Err(Error::Invalid {
+                key: "scorer.band_high",
+                reason: format!(
+                    "bands need 0 < band_medium ({}) < band_high ({}) < 1",
+                    s.band_medium, s.band_high
+                ),
+            });
+        }
+        if s.instance_id.is_empty() || s.instance_id.contains(char::is_whitespace) {
+            return Err(Error::Invalid {
+                key: "scorer.instance_id",
+                reason: "must be non-empty without spaces (it is part of the transactional id)"
+                    .into(),
+            });
+        }
+        if s.http_listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Error::Invalid {
+                key: "scorer.http_listen",
+                reason: format!("`{}` is not host:port", s.http_listen),
             });
         }
         if !(self.postgres.url.starts_with("postgres://")

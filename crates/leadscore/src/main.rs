@@ -12,6 +12,7 @@ use leadscore_config::Config;
 
 mod crm;
 mod schemas;
+mod scorer;
 mod topics;
 
 /// Real-time lead scoring on Kafka.
@@ -36,6 +37,8 @@ enum Command {
     /// The CRM: synthetic leads.
     #[command(subcommand)]
     Crm(crm::CrmCommand),
+    /// Run the scorer service (CDC in, scores out, exactly once).
+    Scorer,
     /// Avro schemas in schemas/ and the schema registry.
     #[command(subcommand)]
     Schemas(schemas::SchemasCommand),
@@ -82,5 +85,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topics(cmd) => topics::run(cmd, &config).await,
         Command::Schemas(cmd) => schemas::run(cmd, &config).await,
         Command::Crm(cmd) => crm::run(cmd, &config).await,
+        Command::Scorer => scorer::run(config).await,
     }
 }

@@ -1,0 +1,506 @@
+//! The scorer service: CRM change events in; scores, shadow scores, tombstones
+//! and dead letters out; exactly once.
+//!
+//! Each batch is one Kafka transaction: consume up to `max_batch` records,
+//! decode them (Confluent Avro through the registry, or Debezium JSON),
+//! decide what each means ([`leadscore_cdc::decide`]), score every lead of
+//! the batch in one ONNX call per model, produce the outputs and send the
+//! consumer offsets in the same transaction, commit. A failed commit aborts
+//! and rewinds to the batch's first offsets, so a crash or a rebalance never
+//! loses or duplicates a committed score; zombies are fenced by the group
+//! generation (KIP-447) and the transactional id.
+//!
+//! `run` takes its config, clients, models and a shutdown token; it reads no
+//! environment. Bad input never stops it: it goes to the dead-letter topic
+//! with the reason in headers.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use leadscore_cdc::{CdcError, ErrorKind};
+use leadscore_config::ScorerConfig;
+use leadscore_model::{BandThresholds, ModelHandle};
+use leadscore_registry::{Decoder, Encoder, Registry};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+pub mod http;
+pub mod metrics;
+pub mod process;
+
+pub use metrics::Metrics;
+use process::{BatchModels, Decoded, Output, Position};
+
+/// Errors that stop the scorer (everything else is retried or dead-lettered).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kafka client could not be built or a fatal Kafka error happened.
+    #[error("kafka: {context}: {source}")]
+    Kafka {
+        /// What was being done.
+        context: &'static str,
+        /// The error.
+        source: KafkaError,
+    },
+    /// The producer was fenced: another instance with the same transactional id took over.
+    #[error("fenced: another scorer uses transactional id {0}; this instance stops")]
+    Fenced(String),
+    /// Output schemas could not be registered.
+    #[error("schema registry: {0}")]
+    Registry(#[from] leadscore_registry::Error),
+    /// A model failed to score (not an input problem).
+    #[error(transparent)]
+    Model(#[from] leadscore_model::Error),
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The models the scorer serves; each can be swapped while it runs.
+pub struct Models {
+    /// Live model.
+    pub champion: Arc<ModelHandle>,
+    /// Shadow model.
+    pub challenger: Option<Arc<ModelHandle>>,
+    /// Canary candidate.
+    pub canary: Option<Arc<ModelHandle>>,
+}
+
+/// Consumer settings the scorer needs on top of the common client config.
+pub fn consumer_config(
+    kafka: &leadscore_config::KafkaConfig,
+    cfg: &ScorerConfig,
+) -> rdkafka::ClientConfig {
+    let mut c = leadscore_kafka::client_config(kafka);
+    c.set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", "10000")
+        .set("max.poll.interval.ms", "120000")
+        .set("client.id", format!("leadscore-scorer-{}", cfg.instance_id));
+    c
+}
+
+/// Transactional producer settings.
+pub fn producer_config(
+    kafka: &leadscore_config::KafkaConfig,
+    cfg: &ScorerConfig,
+) -> rdkafka::ClientConfig {
+    let mut c = leadscore_kafka::client_config(kafka);
+    c.set(
+        "transactional.id",
+        format!("{}-{}", cfg.transactional_id_prefix, cfg.instance_id),
+    )
+    .set("enable.idempotence", "true")
+    .set(
+        "transaction.timeout.ms",
+        cfg.transaction_timeout_ms.to_string(),
+    )
+    .set("linger.ms", "5")
+    .set("compression.type", "lz4")
+    .set("queue.buffering.max.messages", "200000")
+    .set("client.id", format!("leadscore-scorer-{}", cfg.instance_id));
+    c
+}
+
+struct Codecs {
+    decoder: Decoder,
+    scores: Encoder,
+    shadow: Encoder,
+}
+
+fn map_decode_error(
+    e: leadscore_registry::Error,
+) -> std::result::Result<CdcError, leadscore_registry::Error> {
+    use leadscore_registry::Error as R;
+    use leadscore_schemas::Error as S;
+    match e {
+        R::Schema(S::TooShort(n)) => Ok(CdcError::new(
+            ErrorKind::Undecodable,
+            format!("{n} bytes is too short for Confluent Avro"),
+        )),
+        R::Schema(S::BadMagic(b)) => Ok(CdcError::new(
+            ErrorKind::BadMagic,
+            format!("magic byte {b:#04x}"),
+        )),
+        R::Schema(other) => Ok(CdcError::new(ErrorKind::AvroDecode, other.to_string())),
+        R::NotFound(m) => Ok(CdcError::new(ErrorKind::UnknownSchema, m)),
+        R::Avro {
+            source, schema_id, ..
+        } => Ok(CdcError::new(
+            ErrorKind::AvroDecode,
+            format!("does not decode with writer schema {schema_id}: {source}"),
+        )),
+        e if e.is_retryable() => Err(e),
+        other => Ok(CdcError::new(ErrorKind::UnknownSchema, other.to_string())),
+    }
+}
+
+async fn decode(
+    codecs: &Codecs,
+    m: &BorrowedMessage<'_>,
+) -> Result<Decoded, leadscore_registry::Error> {
+    let payload = m.payload().map(<[u8]>::to_vec);
+    let kafka_ts = m
+        .timestamp()
+        .to_millis()
+        .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+    let mut event_time_ms = kafka_ts;
+    let action = match payload.as_deref() {
+        // Debezium follows a delete with a Kafka tombstone for compaction: nothing to do.
+        None => Ok(leadscore_cdc::Action::Ignore("kafka tombstone")),
+        Some([]) => Err(CdcError::new(ErrorKind::Undecodable, "empty value")),
+        Some(bytes) if matches!(bytes[0], b'{' | b'[') => {
+            leadscore_cdc::from_json(bytes).and_then(|e| {
+                event_time_ms = e.source_ts_ms.unwrap_or(kafka_ts);
+                leadscore_cdc::decide(e)
+            })
+        }
+        Some(bytes) if bytes[0] == 0 => match codecs.decoder.decode(bytes).await {
+            Ok(value) => leadscore_cdc::from_avro(&value).and_then(|e| {
+                event_time_ms = e.source_ts_ms.unwrap_or(kafka_ts);
+                leadscore_cdc::decide(e)
+            }),
+            Err(e) => Err(map_decode_error(e)?),
+        },
+        Some(bytes) => Err(CdcError::new(
+            ErrorKind::BadMagic,
+            format!(
+                "first byte {:#04x} is neither Confluent Avro (0x00) nor JSON",
+                bytes[0]
+            ),
+        )),
+    };
+    Ok(Decoded {
+        position: Position {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+        },
+        key: m.key().map(<[u8]>::to_vec),
+        payload,
+        event_time_ms,
+        action,
+    })
+}
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// Runs the scorer until `shutdown` is cancelled, then finishes the in-flight batch and returns.
+pub async fn run(
+    cfg: ScorerConfig,
+    consumer: StreamConsumer,
+    producer: FutureProducer,
+    registry: Registry,
+    models: Models,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let schema = |f: &str| {
+        leadscore_schemas::find(f)
+            .map(|s| s.text)
+            .map_err(leadscore_registry::Error::from)
+    };
+    let codecs = Codecs {
+        decoder: Decoder::new(registry.clone()),
+        scores: Encoder::for_subject(
+            &registry,
+            &leadscore_schemas::value_subject(&cfg.scores_topic),
+            schema("LeadScore.avsc")?,
+        )
+        .await?,
+        shadow: Encoder::for_subject(
+            &registry,
+            &leadscore_schemas::value_subject(&cfg.shadow_topic),
+            schema("ShadowScore.avsc")?,
+        )
+        .await?,
+    };
+    let timeout = Duration::from_millis(cfg.transaction_timeout_ms);
+    blocking(|| producer.init_transactions(timeout)).map_err(|source| Error::Kafka {
+        context: "init transactions",
+        source,
+    })?;
+    consumer
+        .subscribe(&[&cfg.input_topic])
+        .map_err(|source| Error::Kafka {
+            context: "subscribe",
+            source,
+        })?;
+    let bands = BandThresholds {
+        high: cfg.band_high,
+        medium: cfg.band_medium,
+    };
+    metrics.set_model(models.champion.get().metadata().label());
+    metrics.set_ready(true);
+    tracing::info!(
+        input = %cfg.input_topic,
+        instance = %cfg.instance_id,
+        model = %models.champion.get().metadata().label(),
+        "scorer started"
+    );
+    let linger = Duration::from_millis(cfg.batch_linger_ms);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        // Wait for the first record of a batch, or shutdown.
+        let first = tokio::select! {
+            () = shutdown.cancelled() => break,
+            m = consumer.recv() => m,
+        };
+        let first = match first {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < cfg.max_batch {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "consumer error");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        // First and next offset per partition of this batch.
+        let mut ranges: BTreeMap<(String, i32), (i64, i64)> = BTreeMap::new();
+        for m in &batch {
+            let e = ranges
+                .entry((m.topic().to_string(), m.partition()))
+                .or_insert((m.offset(), m.offset() + 1));
+            e.0 = e.0.min(m.offset());
+            e.1 = e.1.max(m.offset() + 1);
+        }
+        let outcome = transact(
+            &cfg, &consumer, &producer, &codecs, &models, &bands, &batch, &ranges,
+        )
+        .await;
+        drop(batch);
+        match outcome {
+            Ok((inputs, outputs)) => {
+                metrics.batch_committed(inputs, &outputs);
+                backoff = Duration::from_millis(100);
+            }
+            Err(TxError::Fatal(e)) => {
+                metrics.set_ready(false);
+                return Err(e);
+            }
+            Err(TxError::Retry(why)) => {
+                metrics.batch_aborted();
+                tracing::warn!(reason = %why, "transaction aborted; re-reading the batch");
+                blocking(|| producer.abort_transaction(timeout)).ok();
+                for ((topic, partition), (start, _)) in &ranges {
+                    // Partitions revoked meanwhile fail to seek: their new owner re-reads them.
+                    if let Err(e) = consumer.seek(
+                        topic,
+                        *partition,
+                        Offset::Offset(*start),
+                        Duration::from_secs(5),
+                    ) {
+                        tracing::debug!(topic, partition, error = %e, "seek after abort");
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    metrics.set_ready(false);
+    tracing::info!(
+        scored = metrics.scored(),
+        "scorer stopped: in-flight batch committed"
+    );
+    Ok(())
+}
+
+enum TxError {
+    Retry(String),
+    Fatal(Error),
+}
+
+fn classify(context: &'static str, e: KafkaError, cfg: &ScorerConfig) -> TxError {
+    if let KafkaError::Transaction(ref t) = e
+        && t.is_fatal()
+    {
+        if t.code() == RDKafkaErrorCode::Fenced || t.code() == RDKafkaErrorCode::ProducerFenced {
+            return TxError::Fatal(Error::Fenced(format!(
+                "{}-{}",
+                cfg.transactional_id_prefix, cfg.instance_id
+            )));
+        }
+        return TxError::Fatal(Error::Kafka { context, source: e });
+    }
+    TxError::Retry(format!("{context}: {e}"))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn transact(
+    cfg: &ScorerConfig,
+    consumer: &StreamConsumer,
+    producer: &FutureProducer,
+    codecs: &Codecs,
+    models: &Models,
+    bands: &BandThresholds,
+    batch: &[BorrowedMessage<'_>],
+    ranges: &BTreeMap<(String, i32), (i64, i64)>,
+) -> Result<(usize, Vec<Output>), TxError> {
+    let timeout = Duration::from_millis(cfg.transaction_timeout_ms);
+    let mut decoded = Vec::with_capacity(batch.len());
+    for m in batch {
+        match decode(codecs, m).await {
+            Ok(d) => decoded.push(d),
+            Err(e) => return Err(TxError::Retry(format!("schema registry unavailable: {e}"))),
+        }
+    }
+    // One model of each role for the whole batch: a swap lands between batches.
+    let champion = models.champion.get();
+    let challenger = models.challenger.as_ref().map(|h| h.get());
+    let canary = models.canary.as_ref().map(|h| h.get());
+    let batch_models = BatchModels {
+        champion: &champion,
+        challenger: challenger.as_deref(),
+        canary: canary.as_deref().map(|m| (m, cfg.canary_percent)),
+    };
+    let outputs = tokio::task::block_in_place(|| {
+        process::process(decoded, &batch_models, bands, || {
+            chrono::Utc::now().timestamp_millis()
+        })
+    })
+    .map_err(|e| TxError::Fatal(Error::Model(e)))?;
+
+    blocking(|| producer.begin_transaction()).map_err(|e| classify("begin transaction", e, cfg))?;
+    for out in &outputs {
+        let sent = match out {
+            Output::Score { key, value, .. } => {
+                let bytes = codecs
+                    .scores
+                    .encode(value.clone())
+                    .map_err(|e| TxError::Fatal(Error::Registry(e)))?;
+                send(
+                    producer,
+                    FutureRecord::to(&cfg.scores_topic)
+                        .key(key.as_str())
+                        .payload(&bytes),
+                )
+                .await
+            }
+            Output::Shadow { key, value } => {
+                let bytes = codecs
+                    .shadow
+                    .encode(value.clone())
+                    .map_err(|e| TxError::Fatal(Error::Registry(e)))?;
+                send(
+                    producer,
+                    FutureRecord::to(&cfg.shadow_topic)
+                        .key(key.as_str())
+                        .payload(&bytes),
+                )
+                .await
+            }
+            Output::Tombstone { key } => {
+                send(
+                    producer,
+                    FutureRecord::<str, [u8]>::to(&cfg.scores_topic).key(key.as_str()),
+                )
+                .await
+            }
+            Output::Dead {
+                key,
+                payload,
+                kind,
+                message,
+                position,
+            } => {
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: "leadscore.error.kind",
+                        value: Some(*kind),
+                    })
+                    .insert(Header {
+                        key: "leadscore.error.message",
+                        value: Some(message.as_str()),
+                    })
+                    .insert(Header {
+                        key: "leadscore.source.topic",
+                        value: Some(position.topic.as_str()),
+                    })
+                    .insert(Header {
+                        key: "leadscore.source.partition",
+                        value: Some(&position.partition.to_string()),
+                    })
+                    .insert(Header {
+                        key: "leadscore.source.offset",
+                        value: Some(&position.offset.to_string()),
+                    });
+                let mut rec = FutureRecord::<[u8], [u8]>::to(&cfg.dlq_topic).headers(headers);
+                if let Some(k) = key {
+                    rec = rec.key(k.as_slice());
+                }
+                if let Some(p) = payload {
+                    rec = rec.payload(p.as_slice());
+                }
+                send(producer, rec).await
+            }
+            Output::Outcome | Output::Ignored => Ok(()),
+        };
+        sent.map_err(|e| classify("produce", e, cfg))?;
+    }
+    let mut offsets = TopicPartitionList::new();
+    for ((topic, partition), (_, next)) in ranges {
+        offsets
+            .add_partition_offset(topic, *partition, Offset::Offset(*next))
+            .map_err(|e| TxError::Retry(e.to_string()))?;
+    }
+    let group = consumer
+        .group_metadata()
+        .ok_or_else(|| TxError::Retry("no consumer group metadata yet".into()))?;
+    blocking(|| producer.send_offsets_to_transaction(&offsets, &group, timeout))
+        .map_err(|e| classify("send offsets", e, cfg))?;
+    blocking(|| producer.commit_transaction(timeout)).map_err(|e| classify("commit", e, cfg))?;
+    Ok((batch.len(), outputs))
+}
+
+async fn send<K, P>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, K, P>,
+) -> Result<(), KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send_result(record) {
+            // Delivery is confirmed by the commit: a failed delivery fails the commit.
+            Ok(_delivery) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Reads the dead-letter headers of a message (tests and operators' tools).
+pub fn dead_letter_kind(headers: Option<&rdkafka::message::BorrowedHeaders>) -> Option<String> {
+    headers?
+        .iter()
+        .find(|h| h.key == "leadscore.error.kind")
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}

@@ -1,0 +1,342 @@
+//! One batch: decoded events in, output records out. No Kafka here.
+
+use std::collections::HashMap;
+
+use apache_avro::types::Value;
+use leadscore_cdc::{Action, CdcError, ErrorKind};
+use leadscore_crm::Lead;
+use leadscore_features::RawValue;
+use leadscore_model::{BandThresholds, Model};
+
+/// Where an input record came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+/// An input record after decoding.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// Source position.
+    pub position: Position,
+    /// Original key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Original value bytes (kept for the dead-letter topic).
+    pub payload: Option<Vec<u8>>,
+    /// Event time in ms: the source change time, else the Kafka timestamp.
+    pub event_time_ms: i64,
+    /// What to do, or why not.
+    pub action: Result<Action, CdcError>,
+}
+
+/// An output record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// A live score for leads.scores.v1.
+    Score {
+        /// lead_id.
+        key: String,
+        /// LeadScore Avro value.
+        value: Value,
+        /// Score (for the cache and metrics).
+        score: f64,
+        /// Event-to-score latency in ms.
+        latency_ms: f64,
+    },
+    /// A shadow score for leads.scores.shadow.v1.
+    Shadow {
+        /// lead_id.
+        key: String,
+        /// ShadowScore Avro value.
+        value: Value,
+    },
+    /// A tombstone for leads.scores.v1.
+    Tombstone {
+        /// lead_id.
+        key: String,
+    },
+    /// An input for the dead-letter topic.
+    Dead {
+        /// Original key.
+        key: Option<Vec<u8>>,
+        /// Original bytes.
+        payload: Option<Vec<u8>>,
+        /// Error kind.
+        kind: &'static str,
+        /// Error message.
+        message: String,
+        /// Where it came from.
+        position: Position,
+    },
+    /// An outcome was seen (counted; drift reads outcomes from the input topic).
+    Outcome,
+    /// Nothing to publish.
+    Ignored,
+}
+
+/// The models a batch is scored with, fixed for the whole batch.
+pub struct BatchModels<'a> {
+    /// Live model for most leads.
+    pub champion: &'a Model,
+    /// Shadow model, if any.
+    pub challenger: Option<&'a Model>,
+    /// Canary candidate and the share of leads (0-100) it serves.
+    pub canary: Option<(&'a Model, f64)>,
+}
+
+/// Stable share in [0, 100) for `lead_id` (FNV-1a 64): the same lead is always in or out of the canary.
+pub fn canary_bucket(lead_id: &str) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in lead_id.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % 10_000) as f64 / 100.0
+}
+
+fn band_value(bands: &BandThresholds, score: f64) -> Value {
+    let band = bands.band(score);
+    let index = match band {
+        leadscore_model::Band::High => 0,
+        leadscore_model::Band::Medium => 1,
+        leadscore_model::Band::Low => 2,
+    };
+    Value::Enum(index, band.as_str().to_string())
+}
+
+fn raw_to_avro(v: RawValue) -> Value {
+    match v {
+        RawValue::Null => Value::Union(0, Box::new(Value::Null)),
+        RawValue::Long(l) => Value::Union(1, Box::new(Value::Long(l))),
+        RawValue::Double(d) => Value::Union(2, Box::new(Value::Double(d))),
+        RawValue::String(s) => Value::Union(3, Box::new(Value::String(s))),
+    }
+}
+
+fn model_score(model: &Model, score: f64, bands: &BandThresholds) -> Value {
+    Value::Record(vec![
+        (
+            "model_name".into(),
+            Value::String(model.metadata().model_name.clone()),
+        ),
+        (
+            "model_version".into(),
+            Value::String(model.metadata().version.clone()),
+        ),
+        ("score".into(), Value::Double(score)),
+        ("band".into(), band_value(bands, score)),
+    ])
+}
+
+/// Scores one batch. Leads are scored with one ONNX call per model.
+pub fn process(
+    inputs: Vec<Decoded>,
+    models: &BatchModels<'_>,
+    bands: &BandThresholds,
+    now_ms: impl Fn() -> i64,
+) -> Result<Vec<Output>, leadscore_model::Error> {
+    let mut outputs: Vec<Output> = Vec::with_capacity(inputs.len());
+    let mut to_score: Vec<(usize, Lead)> = Vec::new();
+    // Per input: where it came from, its event time, its original key and bytes.
+    type Meta = (Position, i64, Option<Vec<u8>>, Option<Vec<u8>>);
+    let mut meta: Vec<Meta> = Vec::new();
+    for (i, d) in inputs.into_iter().enumerate() {
+        let dead = |e: CdcError, d: &Decoded| Output::Dead {
+            key: d.key.clone(),
+            payload: d.payload.clone(),
+            kind: e.kind.as_str(),
+            message: e.message,
+            position: d.position.clone(),
+        };
+        let out = match &d.action {
+            Err(e) => dead(e.clone(), &d),
+            Ok(Action::Score(lead)) => {
+                to_score.push((i, lead.clone()));
+                Output::Ignored
+            }
+            Ok(Action::Delete { lead_id }) => Output::Tombstone {
+                key: lead_id.clone(),
+            },
+            Ok(Action::Outcome { .. }) => Output::Outcome,
+            Ok(Action::Ignore(_)) => Output::Ignored,
+        };
+        meta.push((
+            d.position.clone(),
+            d.event_time_ms,
+            d.key.clone(),
+            d.payload.clone(),
+        ));
+        outputs.push(out);
+    }
+    if to_score.is_empty() {
+        return Ok(outputs);
+    }
+    let leads: Vec<Lead> = to_score.iter().map(|(_, l)| l.clone()).collect();
+    let champion = models.champion.score_batch(&leads)?;
+    let challenger = models
+        .challenger
+        .map(|m| m.score_batch(&leads))
+        .transpose()?;
+    let canary_members: Vec<bool> = leads
+        .iter()
+        .map(|l| {
+            models
+                .canary
+                .is_some_and(|(_, pct)| canary_bucket(&l.lead_id) < pct)
+        })
+        .collect();
+    let canary_scores: HashMap<usize, f64> = match models.canary {
+        Some((model, _)) if canary_members.iter().any(|m| *m) => {
+            let subset: Vec<Lead> = leads
+                .iter()
+                .zip(&canary_members)
+                .filter(|(_, m)| **m)
+                .map(|(l, _)| l.clone())
+                .collect();
+            let scored = model.score_batch(&subset)?;
+            canary_members
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| **m)
+                .map(|(j, _)| j)
+                .zip(scored)
+                .filter_map(|(j, s)| s.ok().map(|s| (j, s.probability)))
+                .collect()
+        }
+        _ => HashMap::new(),
+    };
+    let mut extra: Vec<(usize, Output)> = Vec::new();
+    for (j, ((i, lead), result)) in to_score.into_iter().zip(champion).enumerate() {
+        let (position, event_time_ms, key, payload) = &meta[i];
+        let score = match result {
+            Ok(s) => s.probability,
+            Err(invalid) => {
+                outputs[i] = Output::Dead {
+                    key: key.clone(),
+                    payload: payload.clone(),
+                    kind: ErrorKind::InvalidValue.as_str(),
+                    message: invalid.to_string(),
+                    position: position.clone(),
+                };
+                continue;
+            }
+        };
+        let scored_at = now_ms();
+        let latency_ms = (scored_at - event_time_ms).max(0) as f64;
+        let (live_model, live_score, role) = match (canary_scores.get(&j), models.canary) {
+            (Some(c), Some((m, _))) => (m, *c, Value::Enum(1, "canary".into())),
+            _ => (models.champion, score, Value::Enum(0, "champion".into())),
+        };
+        let features: HashMap<String, Value> = live_model
+            .features()
+            .raw_values(&lead)
+            .into_iter()
+            .map(|(k, v)| (k, raw_to_avro(v)))
+            .collect();
+        let value = Value::Record(vec![
+            ("lead_id".into(), Value::String(lead.lead_id.clone())),
+            ("score".into(), Value::Double(live_score)),
+            ("band".into(), band_value(bands, live_score)),
+            (
+                "model_name".into(),
+                Value::String(live_model.metadata().model_name.clone()),
+            ),
+            (
+                "model_version".into(),
+                Value::String(live_model.metadata().version.clone()),
+            ),
+            ("model_role".into(), role.clone()),
+            ("features".into(), Value::Map(features)),
+            ("event_time".into(), Value::TimestampMillis(*event_time_ms)),
+            ("scored_at".into(), Value::TimestampMillis(scored_at)),
+            ("latency_ms".into(), Value::Double(latency_ms)),
+            (
+                "source".into(),
+                Value::Union(
+                    1,
+                    Box::new(Value::Record(vec![
+                        ("topic".into(), Value::String(position.topic.clone())),
+                        ("partition".into(), Value::Int(position.partition)),
+                        ("offset".into(), Value::Long(position.offset)),
+                    ])),
+                ),
+            ),
+        ]);
+        outputs[i] = Output::Score {
+            key: lead.lead_id.clone(),
+            value,
+            score: live_score,
+            latency_ms,
+        };
+        let shadow = |reason: Value, shadow_model: &Model, shadow_score: f64| Output::Shadow {
+            key: lead.lead_id.clone(),
+            value: Value::Record(vec![
+                ("lead_id".into(), Value::String(lead.lead_id.clone())),
+                ("reason".into(), reason),
+                (
+                    "shadow".into(),
+                    model_score(shadow_model, shadow_score, bands),
+                ),
+                ("live".into(), model_score(live_model, live_score, bands)),
+                ("live_role".into(), role.clone()),
+                ("event_time".into(), Value::TimestampMillis(*event_time_ms)),
+                ("scored_at".into(), Value::TimestampMillis(scored_at)),
+                ("latency_ms".into(), Value::Double(latency_ms)),
+            ]),
+        };
+        if canary_scores.contains_key(&j) {
+            extra.push((
+                i,
+                shadow(
+                    Value::Enum(1, "canary_champion".into()),
+                    models.champion,
+                    score,
+                ),
+            ));
+        }
+        if let (Some(m), Some(results)) = (models.challenger, challenger.as_ref())
+            && let Some(Ok(s)) = results.get(j)
+        {
+            extra.push((
+                i,
+                shadow(Value::Enum(0, "challenger".into()), m, s.probability),
+            ));
+        }
+    }
+    // Shadow records follow their live score; order within a key is preserved.
+    let mut merged = Vec::with_capacity(outputs.len() + extra.len());
+    let mut extra = extra.into_iter().peekable();
+    for (i, out) in outputs.into_iter().enumerate() {
+        merged.push(out);
+        while let Some((_, o)) = extra.next_if(|(k, _)| *k == i) {
+            merged.push(o);
+        }
+    }
+    Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canary_bucket_is_stable_and_spread() {
+        assert_eq!(canary_bucket("lead_1"), canary_bucket("lead_1"));
+        let inside = (0..10_000)
+            .filter(|i| canary_bucket(&format!("lead_{i}")) < 10.0)
+            .count();
+        assert!(
+            (800..1200).contains(&inside),
+            "about 10% in a 10% canary: {inside}"
+        );
+        for i in 0..1000 {
+            let b = canary_bucket(&format!("x{i}"));
+            assert!((0.0..100.0).contains(&b));
+        }
+    }
+}

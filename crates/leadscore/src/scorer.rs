@@ -1,0 +1,108 @@
+//! `leadscore scorer`: wires config, clients, models, health endpoints and signals around the scorer library.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use leadscore_config::Config;
+use leadscore_model::ModelHandle;
+use leadscore_model::source::ModelSource;
+use leadscore_scorer::{Metrics, Models};
+use tokio_util::sync::CancellationToken;
+
+async fn load(url: &str, role: &str) -> anyhow::Result<Arc<ModelHandle>> {
+    let source = ModelSource::parse(url).with_context(|| format!("scorer.{role}_model"))?;
+    let model = source
+        .fetch()
+        .await
+        .with_context(|| format!("loading the {role} model from {source}"))?;
+    tracing::info!(role, model = %model.metadata().label(), %source, "model loaded");
+    Ok(Arc::new(ModelHandle::new(model)))
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+pub(crate) fn on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: finishing the in-flight batch"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: finishing the in-flight batch"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        token.cancel();
+    });
+}
+
+pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
+    let cfg = config.scorer.clone();
+    leadscore_model::init_runtime(None).context("ONNX Runtime")?;
+    let models = Models {
+        champion: load(&cfg.champion_model, "champion").await?,
+        challenger: match &cfg.challenger_model {
+            Some(u) => Some(load(u, "challenger").await?),
+            None => None,
+        },
+        canary: match &cfg.canary_model {
+            Some(u) => Some(load(u, "canary").await?),
+            None => None,
+        },
+    };
+    let registry = leadscore_registry::Registry::new(&config.registry)?;
+    let consumer: rdkafka::consumer::StreamConsumer =
+        leadscore_scorer::consumer_config(&config.kafka, &cfg)
+            .create()
+            .context("creating the Kafka consumer")?;
+    let producer: rdkafka::producer::FutureProducer =
+        leadscore_scorer::producer_config(&config.kafka, &cfg)
+            .create()
+            .context("creating the Kafka producer")?;
+    let metrics = Arc::new(Metrics::default());
+    let shutdown = CancellationToken::new();
+    on_signal(shutdown.clone());
+
+    let http_stop = CancellationToken::new();
+    let addr = cfg.http_listen.parse().context("scorer.http_listen")?;
+    let http = tokio::spawn(leadscore_scorer::http::serve(
+        addr,
+        metrics.clone(),
+        http_stop.clone(),
+    ));
+
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    let scorer = leadscore_scorer::run(
+        cfg,
+        consumer,
+        producer,
+        registry,
+        models,
+        metrics,
+        shutdown.clone(),
+    );
+    tokio::pin!(scorer);
+    let result = tokio::select! {
+        r = &mut scorer => r,
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::error!(grace_ms = grace.as_millis() as u64, "in-flight batch did not finish within the shutdown grace; exiting (uncommitted work is re-read)");
+            http_stop.cancel();
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    http_stop.cancel();
+    let _ = http.await;
+    result.context("scorer")?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,520 @@
+//! The scorer process against the real broker and registry: exactly once
+//! across SIGKILL and a second instance, poison inputs dead-lettered with
+//! their kind, and an evolved Avro writer schema scored unchanged.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use apache_avro::types::Value;
+use leadscore_crm::{Generator, GeneratorConfig, Lead};
+use leadscore_e2e::{client, consumer, create_topic, delete_topics, unique};
+use leadscore_registry::{Decoder, Registry};
+use rdkafka::Message;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::Headers;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+struct Topics {
+    input: String,
+    scores: String,
+    shadow: String,
+    dlq: String,
+}
+
+impl Topics {
+    async fn create(partitions: i32) -> Self {
+        let base = unique("it.scorer");
+        let t = Topics {
+            input: format!("{base}.in"),
+            scores: format!("{base}.scores"),
+            shadow: format!("{base}.shadow"),
+            dlq: format!("{base}.dlq"),
+        };
+        for name in [&t.input, &t.scores, &t.shadow, &t.dlq] {
+            create_topic(name, partitions).await;
+        }
+        t
+    }
+
+    async fn delete(&self) {
+        delete_topics(&[&self.input, &self.scores, &self.shadow, &self.dlq]).await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_scorer(t: &Topics, group: &str, instance: &str, challenger: bool) -> Child {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
+    cmd.arg("scorer")
+        .env("LEADSCORE__SCORER__INPUT_TOPIC", &t.input)
+        .env("LEADSCORE__SCORER__SCORES_TOPIC", &t.scores)
+        .env("LEADSCORE__SCORER__SHADOW_TOPIC", &t.shadow)
+        .env("LEADSCORE__SCORER__DLQ_TOPIC", &t.dlq)
+        .env("LEADSCORE__SCORER__GROUP_ID", group)
+        .env("LEADSCORE__SCORER__INSTANCE_ID", instance)
+        .env("LEADSCORE__SCORER__MAX_BATCH", "200")
+        .env("LEADSCORE__SCORER__CHAMPION_MODEL", &models)
+        .env(
+            "LEADSCORE__SCORER__HTTP_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("LEADSCORE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if challenger {
+        cmd.env("LEADSCORE__SCORER__CHALLENGER_MODEL", &models);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn lead_json(l: &Lead) -> serde_json::Value {
+    json!({
+        "lead_id": l.lead_id, "company_size": l.company_size, "industry": l.industry,
+        "page_views": l.page_views, "time_on_site": l.time_on_site,
+        "form_completion_time": l.form_completion_time, "referral_source": l.referral_source,
+        "country": l.country, "created_at": l.created_at.to_rfc3339(), "updated_at": l.updated_at.to_rfc3339(),
+        "status": l.status.as_str(), "converted_at": null, "email": "pii@example.com", "phone": "+971500000000"
+    })
+}
+
+fn create_event(l: &Lead) -> Vec<u8> {
+    serde_json::to_vec(&json!({"op": "c", "before": null, "after": lead_json(l),
+                               "source": {"ts_ms": chrono::Utc::now().timestamp_millis()}}))
+    .unwrap()
+}
+
+async fn produce(topic: &str, records: Vec<(Option<String>, Vec<u8>)>) {
+    let producer: FutureProducer = client(&[("message.timeout.ms", "30000"), ("linger.ms", "5")])
+        .create()
+        .unwrap();
+    let futures: Vec<_> = records
+        .iter()
+        .map(|(k, v)| {
+            let mut r = FutureRecord::<str, [u8]>::to(topic).payload(v.as_slice());
+            if let Some(k) = k {
+                r = r.key(k.as_str());
+            }
+            producer.send(r, Duration::from_secs(30))
+        })
+        .collect();
+    for f in futures {
+        f.await.map_err(|(e, _)| e).unwrap();
+    }
+}
+
+fn leads(prefix: &str, n: usize, seed: u64) -> Vec<Lead> {
+    Generator::new(GeneratorConfig {
+        seed,
+        id_prefix: prefix.into(),
+        ..Default::default()
+    })
+    .take(n)
+    .map(|g| g.lead)
+    .collect()
+}
+
+/// Reads the scores topic (read_committed) until `want` distinct keys are seen or time runs out,
+/// then keeps reading briefly to catch duplicates. Returns records per key.
+async fn read_scores(c: &StreamConsumer, want: usize, within: Duration) -> HashMap<String, usize> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut settle: Option<tokio::time::Instant> = None;
+    loop {
+        let until = settle.unwrap_or(deadline);
+        match tokio::time::timeout_at(until, c.recv()).await {
+            Ok(Ok(m)) => {
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                *seen.entry(key).or_default() += 1;
+                if seen.len() >= want && settle.is_none() {
+                    settle = Some(tokio::time::Instant::now() + Duration::from_secs(3));
+                }
+            }
+            Ok(Err(e)) => panic!("consumer error: {e}"),
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_across_sigkill_and_a_second_instance() {
+    let t = Topics::create(6).await;
+    let group = unique("it-scorer-group");
+    let first = leads("eo_a", 3000, 1);
+    produce(
+        &t.input,
+        first
+            .iter()
+            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
+            .collect(),
+    )
+    .await;
+
+    let mut a = start_scorer(&t, &group, "a", false);
+    let mut b = start_scorer(&t, &group, "b", false);
+    let reader = consumer(&t.scores, "read_committed");
+    // Let both make progress, then kill one without warning.
+    let partial = read_scores(&reader, 500, Duration::from_secs(60)).await;
+    assert!(!partial.is_empty(), "scorers made no progress");
+    a.kill().unwrap();
+    a.wait().unwrap();
+
+    let second = leads("eo_b", 2000, 2);
+    produce(
+        &t.input,
+        second
+            .iter()
+            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
+            .collect(),
+    )
+    .await;
+    // The survivor takes over the dead instance's partitions; a restarted "a" fences any zombie.
+    let mut a2 = start_scorer(&t, &group, "a", false);
+
+    let rest = read_scores(&reader, 5000 - partial.len(), Duration::from_secs(120)).await;
+    let mut all = partial;
+    for (k, n) in rest {
+        *all.entry(k).or_default() += n;
+    }
+    let expected: HashSet<String> = first
+        .iter()
+        .chain(&second)
+        .map(|l| l.lead_id.clone())
+        .collect();
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|k| !all.contains_key(*k))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "leads without a committed score, e.g. {missing:?}"
+    );
+    let duplicated: Vec<_> = all.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(
+        duplicated.is_empty(),
+        "leads scored more than once: {duplicated:?}"
+    );
+    assert_eq!(all.len(), expected.len());
+
+    // SIGTERM: graceful stop within the grace period.
+    for child in [&mut b, &mut a2] {
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+    for child in [&mut b, &mut a2] {
+        let status = child.wait().unwrap();
+        assert!(status.success(), "graceful shutdown exits 0, got {status}");
+    }
+    t.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_inputs_go_to_the_dlq_with_their_kind_and_the_rest_is_scored() {
+    let t = Topics::create(1).await;
+    let good = leads("poison_ok", 30, 3);
+    let base = lead_json(&good[0]);
+    let with = |field: &str, v: serde_json::Value| {
+        let mut row = base.clone();
+        row["lead_id"] = json!(format!("poison_{field}"));
+        if v.is_null() {
+            row.as_object_mut().unwrap().remove(field);
+        } else {
+            row[field] = v;
+        }
+        serde_json::to_vec(&json!({"op": "c", "after": row})).unwrap()
+    };
+    let poison: Vec<(Vec<u8>, &str)> = vec![
+        (b"\x07\x08\x09".to_vec(), "bad_magic"),
+        (b"\x00\x01".to_vec(), "undecodable"),
+        (vec![0, 0x7f, 0xff, 0xff, 0xf0, 1, 2], "unknown_schema"),
+        (b"{not json".to_vec(), "undecodable"),
+        (b"[1,2,3]".to_vec(), "not_an_envelope"),
+        (
+            br#"{"after": {"lead_id": "x"}}"#.to_vec(),
+            "not_an_envelope",
+        ),
+        (br#"{"op": "c", "after": null}"#.to_vec(), "not_an_envelope"),
+        (br#"{"op": "z", "after": {}}"#.to_vec(), "unknown_op"),
+        (br#"{"op": 5, "after": {}}"#.to_vec(), "wrong_type"),
+        (
+            br#"{"op": "u", "before": null, "after": 7}"#.to_vec(),
+            "wrong_type",
+        ),
+        (
+            br#"{"op": "d", "before": null}"#.to_vec(),
+            "not_an_envelope",
+        ),
+        (with("lead_id", serde_json::Value::Null), "missing_field"),
+        (with("created_at", serde_json::Value::Null), "missing_field"),
+        (with("page_views", json!("lots")), "wrong_type"),
+        (with("page_views", json!(2.5)), "wrong_type"),
+        (with("industry", json!(17)), "wrong_type"),
+        (with("company_size", json!({"a": 1})), "wrong_type"),
+        (with("time_on_site", json!("NaN")), "invalid_value"),
+        (with("time_on_site", json!("Infinity")), "invalid_value"),
+        (with("time_on_site", json!(-4.0)), "invalid_value"),
+        (with("form_completion_time", json!(1e12)), "invalid_value"),
+        (with("page_views", json!(5_000_000_000i64)), "invalid_value"),
+        (with("created_at", json!("not a time")), "invalid_value"),
+        (with("status", json!("won")), "invalid_value"),
+        (with("country", json!("X".repeat(5000))), "invalid_value"),
+        (
+            serde_json::to_vec(
+                &json!({"op": "c", "after": {"lead_id": "", "created_at": "2026-01-01T00:00:00Z"}}),
+            )
+            .unwrap(),
+            "invalid_value",
+        ),
+        (Vec::new(), "undecodable"),
+    ];
+    let mut records = Vec::new();
+    for (i, l) in good.iter().enumerate() {
+        records.push((Some(l.lead_id.clone()), create_event(l)));
+        if let Some((bytes, _)) = poison.get(i) {
+            records.push((Some(format!("poison-{i}")), bytes.clone()));
+        }
+    }
+    for (i, (bytes, _)) in poison.iter().enumerate().skip(good.len()) {
+        records.push((Some(format!("poison-{i}")), bytes.clone()));
+    }
+    produce(&t.input, records).await;
+
+    let mut scorer = start_scorer(&t, &unique("it-poison"), "p", false);
+    let scores = read_scores(
+        &consumer(&t.scores, "read_committed"),
+        good.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let dlq_reader = consumer(&t.dlq, "read_committed");
+    let mut kinds: HashMap<String, String> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while kinds.len() < poison.len() {
+        let Ok(Ok(m)) = tokio::time::timeout_at(deadline, dlq_reader.recv()).await else {
+            break;
+        };
+        let headers = m.headers().unwrap();
+        let get = |k: &str| {
+            headers
+                .iter()
+                .find(|h| h.key == k)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        assert_eq!(get("leadscore.source.topic"), t.input);
+        assert!(!get("leadscore.error.message").is_empty());
+        assert!(!get("leadscore.error.message").contains("pii@example.com"));
+        kinds.insert(
+            String::from_utf8_lossy(m.key().unwrap()).into_owned(),
+            get("leadscore.error.kind"),
+        );
+    }
+    scorer.kill().unwrap();
+    scorer.wait().unwrap();
+
+    assert!(poison.len() >= 20);
+    for (i, (_, kind)) in poison.iter().enumerate() {
+        assert_eq!(
+            kinds.get(&format!("poison-{i}")).map(String::as_str),
+            Some(*kind),
+            "poison input {i}"
+        );
+    }
+    for l in &good {
+        assert_eq!(
+            scores.get(&l.lead_id),
+            Some(&1),
+            "{} scored once",
+            l.lead_id
+        );
+    }
+    assert_eq!(scores.len(), good.len(), "nothing else was scored");
+    t.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evolved_avro_writer_schema_scores_like_json_and_shadow_is_published() {
+    let t = Topics::create(1).await;
+    let config = leadscore_config::Config::load(None).unwrap();
+    let registry = Registry::new(&config.registry).unwrap();
+    // The CRM added a nullable column: the writer schema has one field more than ours.
+    let envelope = leadscore_schemas::find("crm.public.leads.Envelope.avsc")
+        .unwrap()
+        .text;
+    let mut doc: serde_json::Value = serde_json::from_str(envelope).unwrap();
+    let row = &mut doc["fields"][0]["type"][1]["fields"];
+    row.as_array_mut().unwrap().insert(
+        1,
+        json!({"name": "campaign", "type": ["null", "string"], "default": null}),
+    );
+    let evolved_text = serde_json::to_string(&doc).unwrap();
+    let subject = leadscore_schemas::value_subject(&t.input);
+    let encoder = leadscore_registry::Encoder::for_subject(&registry, &subject, &evolved_text)
+        .await
+        .unwrap();
+
+    let ls = leads("evo", 20, 4);
+    let mut records = Vec::new();
+    for l in &ls {
+        // Same lead twice: JSON (id suffix _json) and Avro with the extra column (suffix _avro).
+        let mut json_lead = l.clone();
+        json_lead.lead_id = format!("{}_json", l.lead_id);
+        records.push((Some(json_lead.lead_id.clone()), create_event(&json_lead)));
+        let opt = |v: &Option<String>| match v {
+            Some(s) => Value::Union(1, Box::new(Value::String(s.clone()))),
+            None => Value::Union(0, Box::new(Value::Null)),
+        };
+        let row = Value::Record(vec![
+            (
+                "lead_id".into(),
+                Value::String(format!("{}_avro", l.lead_id)),
+            ),
+            (
+                "campaign".into(),
+                Value::Union(1, Box::new(Value::String("spring".into()))),
+            ),
+            ("company_size".into(), opt(&l.company_size)),
+            ("industry".into(), opt(&l.industry)),
+            (
+                "page_views".into(),
+                l.page_views
+                    .map_or(Value::Union(0, Box::new(Value::Null)), |v| {
+                        Value::Union(1, Box::new(Value::Int(v)))
+                    }),
+            ),
+            (
+                "time_on_site".into(),
+                l.time_on_site
+                    .map_or(Value::Union(0, Box::new(Value::Null)), |v| {
+                        Value::Union(1, Box::new(Value::Double(v)))
+                    }),
+            ),
+            (
+                "form_completion_time".into(),
+                l.form_completion_time
+                    .map_or(Value::Union(0, Box::new(Value::Null)), |v| {
+                        Value::Union(1, Box::new(Value::Double(v)))
+                    }),
+            ),
+            ("referral_source".into(), opt(&l.referral_source)),
+            ("country".into(), opt(&l.country)),
+            (
+                "created_at".into(),
+                Value::String(l.created_at.to_rfc3339()),
+            ),
+            (
+                "updated_at".into(),
+                Value::String(l.updated_at.to_rfc3339()),
+            ),
+            ("status".into(), Value::String("new".into())),
+            (
+                "converted_at".into(),
+                Value::Union(0, Box::new(Value::Null)),
+            ),
+        ]);
+        let source = Value::Record(vec![
+            ("version".into(), Value::String("3.6.1.Final".into())),
+            ("connector".into(), Value::String("postgresql".into())),
+            ("name".into(), Value::String("crm".into())),
+            (
+                "ts_ms".into(),
+                Value::Long(chrono::Utc::now().timestamp_millis()),
+            ),
+            (
+                "snapshot".into(),
+                Value::Union(0, Box::new(Value::String("false".into()))),
+            ),
+            ("db".into(), Value::String("crm".into())),
+            ("sequence".into(), Value::Union(0, Box::new(Value::Null))),
+            ("ts_us".into(), Value::Union(0, Box::new(Value::Null))),
+            ("ts_ns".into(), Value::Union(0, Box::new(Value::Null))),
+            ("schema".into(), Value::String("public".into())),
+            ("table".into(), Value::String("leads".into())),
+            ("txId".into(), Value::Union(0, Box::new(Value::Null))),
+            ("lsn".into(), Value::Union(0, Box::new(Value::Null))),
+            ("xmin".into(), Value::Union(0, Box::new(Value::Null))),
+        ]);
+        let env = Value::Record(vec![
+            ("before".into(), Value::Union(0, Box::new(Value::Null))),
+            ("after".into(), Value::Union(1, Box::new(row))),
+            ("source".into(), source),
+            ("transaction".into(), Value::Union(0, Box::new(Value::Null))),
+            ("op".into(), Value::String("c".into())),
+            ("ts_ms".into(), Value::Union(0, Box::new(Value::Null))),
+            ("ts_us".into(), Value::Union(0, Box::new(Value::Null))),
+            ("ts_ns".into(), Value::Union(0, Box::new(Value::Null))),
+        ]);
+        records.push((
+            Some(format!("{}_avro", l.lead_id)),
+            encoder.encode(env).unwrap(),
+        ));
+    }
+    produce(&t.input, records).await;
+
+    let mut scorer = start_scorer(&t, &unique("it-evo"), "e", true);
+    let reader = consumer(&t.scores, "read_committed");
+    let decoder = Decoder::new(registry.clone());
+    let mut by_key: HashMap<String, f64> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while by_key.len() < ls.len() * 2 {
+        let Ok(Ok(m)) = tokio::time::timeout_at(deadline, reader.recv()).await else {
+            break;
+        };
+        let Value::Record(fields) = decoder.decode(m.payload().unwrap()).await.unwrap() else {
+            panic!()
+        };
+        let score = match &fields[1].1 {
+            Value::Double(d) => *d,
+            other => panic!("score is {other:?}"),
+        };
+        let features = format!("{:?}", fields[6].1);
+        assert!(
+            !features.contains("pii@example.com"),
+            "no PII among features"
+        );
+        by_key.insert(
+            String::from_utf8_lossy(m.key().unwrap()).into_owned(),
+            score,
+        );
+    }
+    let shadow = leadscore_e2e::receive(
+        &consumer(&t.shadow, "read_committed"),
+        ls.len() * 2,
+        Duration::from_secs(30),
+    )
+    .await;
+    scorer.kill().unwrap();
+    scorer.wait().unwrap();
+    for l in &ls {
+        let j = by_key.get(&format!("{}_json", l.lead_id)).copied();
+        let a = by_key.get(&format!("{}_avro", l.lead_id)).copied();
+        assert!(
+            j.is_some() && j == a,
+            "{}: json {j:?} avro {a:?}",
+            l.lead_id
+        );
+    }
+    assert_eq!(
+        shadow.len(),
+        ls.len() * 2,
+        "one shadow score per lead with a challenger configured"
+    );
+    registry.delete_subject(&subject).await.unwrap();
+    t.delete().await;
+}
