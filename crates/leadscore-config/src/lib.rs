@@ -87,6 +87,10 @@ pub struct ScorerConfig {
     pub shutdown_grace_ms: u64,
     /// Address of /healthz, /readyz and /metrics.
     pub http_listen: String,
+    /// Redis for the score cache (`redis://host:port[/db]`); unset disables the cache.
+    pub redis_url: Option<String>,
+    /// How long a cached score lives, in seconds.
+    pub cache_ttl_secs: u64,
 }
 
 impl Default for ScorerConfig {
@@ -110,6 +114,8 @@ impl Default for ScorerConfig {
             band_medium: 0.25,
             shutdown_grace_ms: 20_000,
             http_listen: "127.0.0.1:9464".into(),
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            cache_ttl_secs: 7 * 86_400,
         }
     }
 }

@@ -54,6 +54,9 @@ pub enum Error {
     /// Output schemas could not be registered.
     #[error("schema registry: {0}")]
     Registry(#[from] leadscore_registry::Error),
+    /// The cache is misconfigured (an outage is not an error).
+    #[error("score cache: {0}")]
+    Cache(String),
     /// A model failed to score (not an input problem).
     #[error(transparent)]
     Model(#[from] leadscore_model::Error),
@@ -249,6 +252,21 @@ pub async fn run(
         model = %models.champion.get().metadata().label(),
         "scorer started"
     );
+    let cache_tx = match &cfg.redis_url {
+        Some(url) => {
+            let cache = leadscore_cache::Cache::new(
+                url,
+                Duration::from_secs(cfg.cache_ttl_secs),
+                Duration::from_millis(500),
+            )
+            .map_err(|e| Error::Cache(e.to_string()))?;
+            // Bounded: when Redis is slow the cache falls behind and drops, scoring never waits.
+            let (tx, rx) = tokio::sync::mpsc::channel::<CacheUpdate>(32);
+            tokio::spawn(cache_writer(cache, rx, metrics.clone()));
+            Some(tx)
+        }
+        None => None,
+    };
     let linger = Duration::from_millis(cfg.batch_linger_ms);
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -294,6 +312,21 @@ pub async fn run(
         match outcome {
             Ok((inputs, outputs)) => {
                 metrics.batch_committed(inputs, &outputs);
+                if let Some(tx) = &cache_tx {
+                    let mut update = CacheUpdate::default();
+                    for o in outputs {
+                        match o {
+                            Output::Score { cached, .. } => update.scores.push(cached),
+                            Output::Tombstone { key } => update.deleted.push(key),
+                            _ => {}
+                        }
+                    }
+                    if (!update.scores.is_empty() || !update.deleted.is_empty())
+                        && tx.try_send(update).is_err()
+                    {
+                        metrics.cache_dropped();
+                    }
+                }
                 backoff = Duration::from_millis(100);
             }
             Err(TxError::Fatal(e)) => {
@@ -326,6 +359,38 @@ pub async fn run(
         "scorer stopped: in-flight batch committed"
     );
     Ok(())
+}
+
+#[derive(Default)]
+struct CacheUpdate {
+    scores: Vec<leadscore_cache::CachedScore>,
+    deleted: Vec<String>,
+}
+
+async fn cache_writer(
+    cache: leadscore_cache::Cache,
+    mut rx: tokio::sync::mpsc::Receiver<CacheUpdate>,
+    metrics: Arc<Metrics>,
+) {
+    let mut warned = false;
+    while let Some(update) = rx.recv().await {
+        match cache.write(&update.scores, &update.deleted).await {
+            Ok(()) => {
+                metrics.cache_written(update.scores.len() + update.deleted.len());
+                if warned {
+                    tracing::info!("score cache writes succeed again");
+                    warned = false;
+                }
+            }
+            Err(e) => {
+                metrics.cache_failed();
+                if !warned {
+                    tracing::warn!(error = %e, "score cache unavailable; scoring continues, lookups fall back to Postgres");
+                    warned = true;
+                }
+            }
+        }
+    }
 }
 
 enum TxError {

@@ -23,6 +23,9 @@ pub struct Metrics {
     ignored: AtomicU64,
     batches: AtomicU64,
     aborted: AtomicU64,
+    cache_writes: AtomicU64,
+    cache_errors: AtomicU64,
+    cache_dropped: AtomicU64,
     dead: Mutex<BTreeMap<&'static str, u64>>,
     latency_buckets: [AtomicU64; BUCKETS_MS.len()],
     latency_count: AtomicU64,
@@ -78,6 +81,26 @@ impl Metrics {
         self.latency_count.fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us
             .fetch_add((ms * 1000.0) as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a cache write of `n` entries that succeeded.
+    pub fn cache_written(&self, n: usize) {
+        self.cache_writes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a failed cache write (Redis down or slow); scoring goes on.
+    pub fn cache_failed(&self) {
+        self.cache_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a batch whose cache update was dropped because the writer was behind.
+    pub fn cache_dropped(&self) {
+        self.cache_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed cache writes so far.
+    pub fn cache_errors(&self) -> u64 {
+        self.cache_errors.load(Ordering::Relaxed)
     }
 
     /// Marks the scorer ready (models loaded, consuming) or not.
@@ -158,6 +181,24 @@ impl Metrics {
             "leadscore_scorer_aborted_total",
             "Aborted transactions (batch re-read).",
             self.aborted.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "leadscore_scorer_cache_writes_total",
+            "Scores and deletions written to Redis.",
+            self.cache_writes.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "leadscore_scorer_cache_errors_total",
+            "Failed Redis writes (cache degraded, scoring continues).",
+            self.cache_errors.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "leadscore_scorer_cache_dropped_total",
+            "Batches not cached because the cache writer was behind.",
+            self.cache_dropped.load(Ordering::Relaxed),
         );
         let _ = writeln!(
             out,

@@ -47,6 +47,8 @@ pub enum Output {
         score: f64,
         /// Event-to-score latency in ms.
         latency_ms: f64,
+        /// What the cache keeps of it.
+        cached: leadscore_cache::CachedScore,
     },
     /// A shadow score for leads.scores.shadow.v1.
     Shadow {
@@ -267,11 +269,26 @@ pub fn process(
                 ),
             ),
         ]);
+        let cached = leadscore_cache::CachedScore {
+            lead_id: lead.lead_id.clone(),
+            score: live_score,
+            band: bands.band(live_score).as_str().to_string(),
+            model_name: live_model.metadata().model_name.clone(),
+            model_version: live_model.metadata().version.clone(),
+            model_role: if canary_scores.contains_key(&j) {
+                "canary"
+            } else {
+                "champion"
+            }
+            .to_string(),
+            scored_at_ms: scored_at,
+        };
         outputs[i] = Output::Score {
             key: lead.lead_id.clone(),
             value,
             score: live_score,
             latency_ms,
+            cached,
         };
         let shadow = |reason: Value, shadow_model: &Model, shadow_score: f64| Output::Shadow {
             key: lead.lead_id.clone(),

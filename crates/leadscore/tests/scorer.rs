@@ -55,6 +55,17 @@ fn free_port() -> u16 {
 }
 
 fn start_scorer(t: &Topics, group: &str, instance: &str, challenger: bool) -> Child {
+    start_scorer_with(t, group, instance, challenger, &[]).0
+}
+
+fn start_scorer_with(
+    t: &Topics,
+    group: &str,
+    instance: &str,
+    challenger: bool,
+    extra: &[(&str, &str)],
+) -> (Child, u16) {
+    let port = free_port();
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
     cmd.arg("scorer")
@@ -68,7 +79,7 @@ fn start_scorer(t: &Topics, group: &str, instance: &str, challenger: bool) -> Ch
         .env("LEADSCORE__SCORER__CHAMPION_MODEL", &models)
         .env(
             "LEADSCORE__SCORER__HTTP_LISTEN",
-            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{port}"),
         )
         .env("LEADSCORE_LOG", "warn")
         .stdout(Stdio::null())
@@ -76,7 +87,117 @@ fn start_scorer(t: &Topics, group: &str, instance: &str, challenger: bool) -> Ch
     if challenger {
         cmd.env("LEADSCORE__SCORER__CHALLENGER_MODEL", &models);
     }
-    cmd.spawn().unwrap()
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    (cmd.spawn().unwrap(), port)
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scores_reach_redis_and_a_redis_outage_only_degrades_the_cache() {
+    let t = Topics::create(1).await;
+    let ls = leads("cache", 50, 6);
+    produce(
+        &t.input,
+        ls.iter()
+            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
+            .collect(),
+    )
+    .await;
+
+    // Healthy Redis: every committed score is cached.
+    let (mut scorer, _) = start_scorer_with(&t, &unique("it-cache"), "c1", false, &[]);
+    let scores = read_scores(
+        &consumer(&t.scores, "read_committed"),
+        ls.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(scores.len(), ls.len());
+    let cache = leadscore_cache::Cache::new(
+        "redis://127.0.0.1:6379",
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let mut cached = 0;
+    for _ in 0..50 {
+        cached = 0;
+        for l in &ls {
+            if let Some(c) = cache.get(&l.lead_id).await.unwrap() {
+                assert_eq!(c.model_version, "bundled-1");
+                assert!((0.0..=1.0).contains(&c.score));
+                cached += 1;
+            }
+        }
+        if cached == ls.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cached, ls.len(), "every committed score is in Redis");
+    scorer.kill().unwrap();
+    scorer.wait().unwrap();
+
+    // Redis unreachable: scoring goes on, the cache error is counted.
+    let t2 = Topics::create(1).await;
+    produce(
+        &t2.input,
+        ls.iter()
+            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
+            .collect(),
+    )
+    .await;
+    let dead_redis = format!("redis://127.0.0.1:{}", free_port());
+    let (mut scorer, port) = start_scorer_with(
+        &t2,
+        &unique("it-cache-down"),
+        "c2",
+        false,
+        &[("LEADSCORE__SCORER__REDIS_URL", dead_redis.as_str())],
+    );
+    let scores = read_scores(
+        &consumer(&t2.scores, "read_committed"),
+        ls.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(scores.len(), ls.len(), "scoring does not depend on Redis");
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = http_get(port, "/metrics").await;
+        if !metrics.contains("leadscore_scorer_cache_errors_total 0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        metrics.contains("leadscore_scorer_cache_errors_total "),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("leadscore_scorer_cache_errors_total 0\n"),
+        "cache errors counted: {metrics}"
+    );
+    assert!(http_get(port, "/readyz").await.contains("200 OK"));
+    assert!(http_get(port, "/healthz").await.contains("200 OK"));
+    scorer.kill().unwrap();
+    scorer.wait().unwrap();
+    t.delete().await;
+    t2.delete().await;
 }
 
 fn lead_json(l: &Lead) -> serde_json::Value {
