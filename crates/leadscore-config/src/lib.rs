@@ -91,6 +91,10 @@ pub struct ScorerConfig {
     pub redis_url: Option<String>,
     /// How long a cached score lives, in seconds.
     pub cache_ttl_secs: u64,
+    /// Lifecycle events that make the scorer re-resolve its models at once; empty disables.
+    pub lifecycle_topic: String,
+    /// Fallback: re-resolve MLflow aliases this often, in seconds (0 disables). Directory models never change.
+    pub model_poll_secs: u64,
 }
 
 impl Default for ScorerConfig {
@@ -116,6 +120,8 @@ impl Default for ScorerConfig {
             http_listen: "127.0.0.1:9464".into(),
             redis_url: Some("redis://127.0.0.1:6379".into()),
             cache_ttl_secs: 7 * 86_400,
+            lifecycle_topic: "leadscore.model.lifecycle.v1".into(),
+            model_poll_secs: 30,
         }
     }
 }

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 pub mod http;
 pub mod metrics;
 pub mod process;
+pub mod watch;
 
 pub use metrics::Metrics;
 use process::{BatchModels, Decoded, Output, Position};
@@ -89,6 +90,22 @@ pub fn consumer_config(
         .set("session.timeout.ms", "10000")
         .set("max.poll.interval.ms", "120000")
         .set("client.id", format!("leadscore-scorer-{}", cfg.instance_id));
+    c
+}
+
+/// Settings of the lifecycle-topic consumer: its own group per replica, new events only.
+pub fn lifecycle_consumer_config(
+    kafka: &leadscore_config::KafkaConfig,
+    cfg: &ScorerConfig,
+) -> rdkafka::ClientConfig {
+    let mut c = leadscore_kafka::client_config(kafka);
+    c.set(
+        "group.id",
+        format!("{}-lifecycle-{}", cfg.group_id, cfg.instance_id),
+    )
+    .set("enable.auto.commit", "true")
+    .set("auto.offset.reset", "latest")
+    .set("isolation.level", "read_committed");
     c
 }
 

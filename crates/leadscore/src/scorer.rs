@@ -82,6 +82,46 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         http_stop.clone(),
     ));
 
+    // Follow MLflow aliases: on lifecycle events, and on a timer as a fallback.
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let mut followed = vec![leadscore_scorer::watch::Followed {
+        role: "champion",
+        handle: models.champion.clone(),
+        source: ModelSource::parse(&cfg.champion_model)?,
+    }];
+    for (role, handle, url) in [
+        ("challenger", &models.challenger, &cfg.challenger_model),
+        ("canary", &models.canary, &cfg.canary_model),
+    ] {
+        if let (Some(h), Some(u)) = (handle, url) {
+            followed.push(leadscore_scorer::watch::Followed {
+                role,
+                handle: h.clone(),
+                source: ModelSource::parse(u)?,
+            });
+        }
+    }
+    let every = (cfg.model_poll_secs > 0).then(|| Duration::from_secs(cfg.model_poll_secs));
+    tokio::spawn(leadscore_scorer::watch::follow(
+        followed,
+        every,
+        wake.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    if !cfg.lifecycle_topic.is_empty() {
+        let lc: rdkafka::consumer::StreamConsumer =
+            leadscore_scorer::lifecycle_consumer_config(&config.kafka, &cfg)
+                .create()
+                .context("creating the lifecycle consumer")?;
+        tokio::spawn(leadscore_scorer::watch::lifecycle(
+            lc,
+            cfg.lifecycle_topic.clone(),
+            wake,
+            shutdown.clone(),
+        ));
+    }
+
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);
     let scorer = leadscore_scorer::run(
         cfg,

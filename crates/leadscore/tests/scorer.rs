@@ -639,3 +639,169 @@ async fn evolved_avro_writer_schema_scores_like_json_and_shadow_is_published() {
     registry.delete_subject(&subject).await.unwrap();
     t.delete().await;
 }
+
+fn train(csv: &Path, out: &Path, name: &str, mlflow: &str, margin: &str) {
+    let python =
+        std::env::var("LEADSCORE_PYTHON").expect("LEADSCORE_PYTHON from `deploy/local/stack env`");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let status = Command::new(python)
+        .current_dir(root.join("training"))
+        .args(["-m", "leadscore_training.train", "--data"])
+        .arg(csv)
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--model-name",
+            name,
+            "--mlflow",
+            mlflow,
+            "--trials",
+            "2",
+            "--cv-splits",
+            "2",
+        ])
+        .args(["--min-rows", "1000", "--gate-margin", margin])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "training job failed");
+}
+
+async fn scored_versions(
+    c: &StreamConsumer,
+    decoder: &Decoder,
+    want: usize,
+) -> HashMap<String, Vec<String>> {
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    let mut total = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while total < want {
+        let Ok(Ok(m)) = tokio::time::timeout_at(deadline, c.recv()).await else {
+            break;
+        };
+        let Value::Record(fields) = decoder.decode(m.payload().unwrap()).await.unwrap() else {
+            panic!()
+        };
+        let Value::String(version) = &fields[4].1 else {
+            panic!("model_version")
+        };
+        out.entry(String::from_utf8_lossy(m.key().unwrap()).into_owned())
+            .or_default()
+            .push(version.clone());
+        total += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lifecycle_event_swaps_the_champion_between_batches() {
+    let mlflow =
+        std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("leads.csv");
+    {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&csv).unwrap());
+        leadscore_crm::csv::write_header(&mut out).unwrap();
+        for g in Generator::new(GeneratorConfig {
+            seed: 8,
+            ..Default::default()
+        })
+        .take(8000)
+        {
+            leadscore_crm::csv::write_row(&mut out, &g).unwrap();
+        }
+    }
+    let name = format!(
+        "it-swap-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    );
+    train(&csv, &dir.path().join("v1"), &name, &mlflow, "0.02");
+
+    let t = Topics::create(3).await;
+    let lifecycle = format!("{}.lifecycle", t.input);
+    create_topic(&lifecycle, 1).await;
+    let champion = format!("mlflow+{mlflow}/{name}@champion");
+    let (mut scorer, port) = start_scorer_with(
+        &t,
+        &unique("it-swap"),
+        "s",
+        false,
+        &[
+            ("LEADSCORE__SCORER__CHAMPION_MODEL", champion.as_str()),
+            ("LEADSCORE__SCORER__LIFECYCLE_TOPIC", lifecycle.as_str()),
+            ("LEADSCORE__SCORER__MODEL_POLL_SECS", "0"),
+        ],
+    );
+    let before = leads("swap_a", 300, 9);
+    produce(
+        &t.input,
+        before
+            .iter()
+            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
+            .collect(),
+    )
+    .await;
+    let config = leadscore_config::Config::load(None).unwrap();
+    let decoder = Decoder::new(Registry::new(&config.registry).unwrap());
+    let reader = consumer(&t.scores, "read_committed");
+    let first = scored_versions(&reader, &decoder, before.len()).await;
+    assert_eq!(first.len(), before.len());
+    assert!(
+        first.values().all(|v| v == &vec!["1".to_string()]),
+        "all scored by v1"
+    );
+
+    // Version 2 becomes champion in the registry; the lifecycle event tells the scorer.
+    train(&csv, &dir.path().join("v2"), &name, &mlflow, "-1");
+    let resp = reqwest::Client::new()
+        .post(format!("{mlflow}/api/2.0/mlflow/registered-models/alias"))
+        .json(&json!({"name": name, "alias": "champion", "version": "2"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        resp.status().is_success(),
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
+    produce(
+        &lifecycle,
+        vec![(
+            Some(name.clone()),
+            br#"{"stage":"promoted","version":"2"}"#.to_vec(),
+        )],
+    )
+    .await;
+    let mut swapped = false;
+    for _ in 0..100 {
+        if http_get(port, "/metrics")
+            .await
+            .contains(&format!("model=\"{name} v2\""))
+        {
+            swapped = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(swapped, "the scorer did not pick up v2");
+
+    let after = leads("swap_b", 300, 10);
+    produce(
+        &t.input,
+        after
+            .iter()
+            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
+            .collect(),
+    )
+    .await;
+    let second = scored_versions(&reader, &decoder, after.len()).await;
+    scorer.kill().unwrap();
+    scorer.wait().unwrap();
+    assert_eq!(second.len(), after.len(), "every lead scored");
+    assert!(
+        second.values().all(|v| v == &vec!["2".to_string()]),
+        "each exactly once, by v2"
+    );
+    delete_topics(&[&lifecycle]).await;
+    t.delete().await;
+}
