@@ -24,6 +24,28 @@ fn bench(c: &mut Criterion) {
     let model = Model::load_dir(&bundled_dir()).expect("bundled model loads");
     let pool = leads(4096);
 
+    // Latency percentiles of single-lead scoring (criterion reports means).
+    let mut samples: Vec<u128> = Vec::with_capacity(20_000);
+    for round in 0..22_000usize {
+        let lead = &pool[round % pool.len()];
+        let start = std::time::Instant::now();
+        black_box(model.score(lead).unwrap().unwrap());
+        if round >= 2_000 {
+            samples.push(start.elapsed().as_nanos());
+        }
+    }
+    samples.sort_unstable();
+    let pct = |p: f64| {
+        samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)] as f64 / 1000.0
+    };
+    println!(
+        "single_lead/features_and_score percentiles over {} calls: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us",
+        samples.len(),
+        pct(0.50),
+        pct(0.99),
+        pct(0.999)
+    );
+
     let mut g = c.benchmark_group("single_lead");
     g.throughput(Throughput::Elements(1));
     let mut i = 0usize;

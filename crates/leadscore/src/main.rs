@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use leadscore_config::Config;
 
+mod bench;
 mod crm;
 mod schemas;
 mod scorer;
@@ -34,6 +35,9 @@ enum Command {
     /// Kafka topics declared in topics/.
     #[command(subcommand)]
     Topics(topics::TopicsCommand),
+    /// Benchmarks against the real stack.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// The CRM: synthetic leads.
     #[command(subcommand)]
     Crm(crm::CrmCommand),
@@ -86,5 +90,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Schemas(cmd) => schemas::run(cmd, &config).await,
         Command::Crm(cmd) => crm::run(cmd, &config).await,
         Command::Scorer => scorer::run(config).await,
+        Command::Bench(cmd) => bench::run(cmd, &config).await,
     }
 }

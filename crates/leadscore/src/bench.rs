@@ -1,0 +1,513 @@
+//! `leadscore bench scorer`: the scorer against a transactional passthrough, in one run.
+//!
+//! Pre-fills a fresh input topic with Debezium Avro create events, then
+//! measures (a) a passthrough that consumes and produces the same bytes in
+//! Kafka transactions with offsets, no decoding or scoring, and (b) the
+//! scorer process (champion + shadow challenger) on the same input. Then it
+//! feeds the scorer at a fixed rate and reports event-to-score latency
+//! (produce time to the score being readable by a read_committed consumer).
+//! Prints a Markdown table for BENCHMARKS.md. Creates and deletes its own topics.
+
+use std::collections::HashMap;
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use apache_avro::types::Value;
+use clap::{Args, Subcommand};
+use leadscore_config::Config;
+use leadscore_crm::{Generator, GeneratorConfig, Lead};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Passthrough vs scorer throughput, and scorer latency at a fixed rate.
+    Scorer(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// Leads pre-filled for the throughput runs.
+    #[arg(long, default_value_t = 200_000)]
+    leads: usize,
+    /// Fixed input rate for the latency run, leads per second.
+    #[arg(long, default_value_t = 5_000)]
+    rate: u64,
+    /// Duration of the latency run, seconds.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Partitions of the bench topics.
+    #[arg(long, default_value_t = 12)]
+    partitions: i32,
+}
+
+fn envelope(lead: &Lead, ts_ms: i64) -> Value {
+    let opt_s = |v: &Option<String>| match v {
+        Some(s) => Value::Union(1, Box::new(Value::String(s.clone()))),
+        None => Value::Union(0, Box::new(Value::Null)),
+    };
+    let null = || Value::Union(0, Box::new(Value::Null));
+    let row = Value::Record(vec![
+        ("lead_id".into(), Value::String(lead.lead_id.clone())),
+        ("company_size".into(), opt_s(&lead.company_size)),
+        ("industry".into(), opt_s(&lead.industry)),
+        (
+            "page_views".into(),
+            lead.page_views
+                .map_or_else(null, |v| Value::Union(1, Box::new(Value::Int(v)))),
+        ),
+        (
+            "time_on_site".into(),
+            lead.time_on_site
+                .map_or_else(null, |v| Value::Union(1, Box::new(Value::Double(v)))),
+        ),
+        (
+            "form_completion_time".into(),
+            lead.form_completion_time
+                .map_or_else(null, |v| Value::Union(1, Box::new(Value::Double(v)))),
+        ),
+        ("referral_source".into(), opt_s(&lead.referral_source)),
+        ("country".into(), opt_s(&lead.country)),
+        (
+            "created_at".into(),
+            Value::String(lead.created_at.to_rfc3339()),
+        ),
+        (
+            "updated_at".into(),
+            Value::String(lead.updated_at.to_rfc3339()),
+        ),
+        ("status".into(), Value::String("new".into())),
+        ("converted_at".into(), null()),
+    ]);
+    let source = Value::Record(vec![
+        ("version".into(), Value::String("3.6.1.Final".into())),
+        ("connector".into(), Value::String("postgresql".into())),
+        ("name".into(), Value::String("crm".into())),
+        ("ts_ms".into(), Value::Long(ts_ms)),
+        (
+            "snapshot".into(),
+            Value::Union(0, Box::new(Value::String("false".into()))),
+        ),
+        ("db".into(), Value::String("crm".into())),
+        ("sequence".into(), null()),
+        ("ts_us".into(), null()),
+        ("ts_ns".into(), null()),
+        ("schema".into(), Value::String("public".into())),
+        ("table".into(), Value::String("leads".into())),
+        ("txId".into(), null()),
+        ("lsn".into(), null()),
+        ("xmin".into(), null()),
+    ]);
+    Value::Record(vec![
+        ("before".into(), null()),
+        ("after".into(), Value::Union(1, Box::new(row))),
+        ("source".into(), source),
+        ("transaction".into(), null()),
+        ("op".into(), Value::String("c".into())),
+        ("ts_ms".into(), null()),
+        ("ts_us".into(), null()),
+        ("ts_ns".into(), null()),
+    ])
+}
+
+async fn create_topics(config: &Config, names: &[&str], partitions: i32) -> anyhow::Result<()> {
+    let yaml = format!(
+        "defaults:\n  partitions: {partitions}\n  replication_factor: 1\ntopics:\n{}",
+        names
+            .iter()
+            .map(|n| format!("  - name: {n}\n"))
+            .collect::<String>()
+    );
+    let declared = leadscore_topics::Declarations::parse(&yaml)?;
+    let admin = leadscore_kafka::TopicAdmin::new(&config.kafka)?;
+    let (brokers, observed) = admin.observe(&declared).await?;
+    admin
+        .apply(
+            &leadscore_topics::plan(&declared, &observed, brokers),
+            false,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Counts records readable (read_committed) on `topic` until `want` or `within`; returns the elapsed time of the last one.
+async fn drain(
+    consumer: &StreamConsumer,
+    want: usize,
+    within: Duration,
+    started: Instant,
+) -> (usize, Duration) {
+    let mut n = 0;
+    let mut last = Duration::ZERO;
+    let deadline = tokio::time::Instant::now() + within;
+    while n < want {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(_)) => {
+                n += 1;
+                last = started.elapsed();
+            }
+            _ => break,
+        }
+    }
+    (n, last)
+}
+
+fn reader(config: &Config, topic: &str) -> anyhow::Result<StreamConsumer> {
+    let c: StreamConsumer = leadscore_kafka::client_config(&config.kafka)
+        .set("group.id", format!("bench-reader-{}", std::process::id()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    c.subscribe(&[topic])?;
+    Ok(c)
+}
+
+async fn passthrough(
+    config: &Config,
+    input: &str,
+    output: &str,
+    want: usize,
+    stop_at: usize,
+) -> anyhow::Result<()> {
+    let consumer: StreamConsumer = leadscore_kafka::client_config(&config.kafka)
+        .set(
+            "group.id",
+            format!("bench-passthrough-{}", std::process::id()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    consumer.subscribe(&[input])?;
+    let producer: FutureProducer = leadscore_kafka::client_config(&config.kafka)
+        .set(
+            "transactional.id",
+            format!("bench-passthrough-{}", std::process::id()),
+        )
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "200000")
+        .create()?;
+    tokio::task::block_in_place(|| producer.init_transactions(Duration::from_secs(30)))?;
+    let mut done = 0usize;
+    while done < want.min(stop_at) {
+        let first = consumer.recv().await?;
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(20);
+        while batch.len() < 1000 {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(m)) => batch.push(m),
+                _ => break,
+            }
+        }
+        tokio::task::block_in_place(|| producer.begin_transaction())?;
+        let mut next: HashMap<i32, i64> = HashMap::new();
+        for m in &batch {
+            let mut rec = FutureRecord::<[u8], [u8]>::to(output);
+            if let Some(k) = m.key() {
+                rec = rec.key(k);
+            }
+            if let Some(p) = m.payload() {
+                rec = rec.payload(p);
+            }
+            loop {
+                match producer.send_result(rec) {
+                    Ok(_) => break,
+                    Err((_, r)) => {
+                        rec = r;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            }
+            let e = next.entry(m.partition()).or_insert(0);
+            *e = (*e).max(m.offset() + 1);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &next {
+            tpl.add_partition_offset(input, *p, Offset::Offset(*o))?;
+        }
+        let group = consumer.group_metadata().context("group metadata")?;
+        tokio::task::block_in_place(|| {
+            producer.send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))?;
+            producer.commit_transaction(Duration::from_secs(30))
+        })?;
+        done += batch.len();
+    }
+    Ok(())
+}
+
+fn start_scorer(
+    input: &str,
+    scores: &str,
+    shadow: &str,
+    dlq: &str,
+    group: &str,
+) -> anyhow::Result<std::process::Child> {
+    let exe = std::env::current_exe()?;
+    let models = std::env::var("LEADSCORE_BENCH_MODEL").unwrap_or_else(|_| "models/default".into());
+    Ok(std::process::Command::new(exe)
+        .arg("scorer")
+        .env("LEADSCORE__SCORER__INPUT_TOPIC", input)
+        .env("LEADSCORE__SCORER__SCORES_TOPIC", scores)
+        .env("LEADSCORE__SCORER__SHADOW_TOPIC", shadow)
+        .env("LEADSCORE__SCORER__DLQ_TOPIC", dlq)
+        .env("LEADSCORE__SCORER__GROUP_ID", group)
+        .env(
+            "LEADSCORE__SCORER__INSTANCE_ID",
+            format!("bench-{}", std::process::id()),
+        )
+        .env("LEADSCORE__SCORER__CHAMPION_MODEL", &models)
+        .env("LEADSCORE__SCORER__CHALLENGER_MODEL", &models)
+        .env("LEADSCORE__SCORER__HTTP_LISTEN", "127.0.0.1:0")
+        .env("LEADSCORE__SCORER__LIFECYCLE_TOPIC", "")
+        .env("LEADSCORE_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<ExitCode> {
+    let BenchCommand::Scorer(args) = cmd;
+    leadscore_model::init_runtime(None)
+        .context("ONNX Runtime (eval \"$(deploy/local/stack env)\")")?;
+    let id = std::process::id();
+    let t = |s: &str| format!("bench.{id}.{s}");
+    let (input, pass_out, scores, shadow, dlq, live_in, live_scores) = (
+        t("in"),
+        t("pass"),
+        t("scores"),
+        t("shadow"),
+        t("dlq"),
+        t("live.in"),
+        t("live.scores"),
+    );
+    let all = [
+        &input,
+        &pass_out,
+        &scores,
+        &shadow,
+        &dlq,
+        &live_in,
+        &live_scores,
+    ];
+    create_topics(
+        config,
+        &all.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        args.partitions,
+    )
+    .await?;
+
+    let registry = leadscore_registry::Registry::new(&config.registry)?;
+    let envelope_text = leadscore_schemas::find("crm.public.leads.Envelope.avsc")?.text;
+    let encoder = leadscore_registry::Encoder::for_subject(
+        &registry,
+        &leadscore_schemas::value_subject(&input),
+        envelope_text,
+    )
+    .await?;
+    let live_encoder = leadscore_registry::Encoder::for_subject(
+        &registry,
+        &leadscore_schemas::value_subject(&live_in),
+        envelope_text,
+    )
+    .await?;
+    let producer: FutureProducer = leadscore_kafka::client_config(&config.kafka)
+        .set("linger.ms", "20")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "500000")
+        .create()?;
+
+    eprintln!("pre-filling {} Avro CDC events ...", args.leads);
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut pending = Vec::with_capacity(10_000);
+    for g in Generator::new(GeneratorConfig {
+        seed: 99,
+        id_prefix: "bench".into(),
+        ..Default::default()
+    })
+    .take(args.leads)
+    {
+        let bytes = encoder.encode(envelope(&g.lead, now))?;
+        let mut rec = FutureRecord::to(&input)
+            .key(&g.lead.lead_id)
+            .payload(&bytes);
+        loop {
+            match producer.send_result(rec) {
+                Ok(delivery) => {
+                    pending.push(delivery);
+                    break;
+                }
+                Err((_, r)) => {
+                    rec = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        if pending.len() >= 10_000 {
+            for f in pending.drain(..) {
+                f.await.context("delivery cancelled")?.map_err(|(e, _)| e)?;
+            }
+        }
+    }
+    for f in pending.drain(..) {
+        f.await.context("delivery cancelled")?.map_err(|(e, _)| e)?;
+    }
+
+    eprintln!("(a) transactional passthrough ...");
+    let pass_reader = reader(config, &pass_out)?;
+    let started = Instant::now();
+    let copy = passthrough(config, &input, &pass_out, args.leads, args.leads);
+    let (copied, (seen, pass_time)) = tokio::join!(
+        copy,
+        drain(&pass_reader, args.leads, Duration::from_secs(600), started)
+    );
+    copied?;
+    anyhow::ensure!(
+        seen == args.leads,
+        "passthrough delivered {seen} of {}",
+        args.leads
+    );
+
+    eprintln!("(b) scorer, champion + shadow ...");
+    let score_reader = reader(config, &scores)?;
+    let started = Instant::now();
+    let mut child = start_scorer(
+        &input,
+        &scores,
+        &shadow,
+        &dlq,
+        &format!("bench-scorer-{id}"),
+    )?;
+    let (seen, score_time) =
+        drain(&score_reader, args.leads, Duration::from_secs(900), started).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    anyhow::ensure!(
+        seen == args.leads,
+        "scorer delivered {seen} of {}",
+        args.leads
+    );
+
+    eprintln!(
+        "(c) latency at {} leads/s for {} s ...",
+        args.rate, args.seconds
+    );
+    let live_reader = reader(config, &live_scores)?;
+    let mut child = start_scorer(
+        &live_in,
+        &live_scores,
+        &shadow,
+        &dlq,
+        &format!("bench-live-{id}"),
+    )?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let total = (args.rate * args.seconds) as usize;
+    let leads: Vec<Lead> = Generator::new(GeneratorConfig {
+        seed: 100,
+        id_prefix: "live".into(),
+        ..Default::default()
+    })
+    .take(total)
+    .map(|g| g.lead)
+    .collect();
+    let sent_at: HashMap<String, i64> = HashMap::with_capacity(total);
+    let sent_at = std::sync::Arc::new(std::sync::Mutex::new(sent_at));
+    let feeder = {
+        let sent_at = sent_at.clone();
+        let producer = producer.clone();
+        let live_in = live_in.clone();
+        async move {
+            let start = Instant::now();
+            for (i, lead) in leads.iter().enumerate() {
+                let due = Duration::from_secs_f64(i as f64 / args.rate as f64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+                let ts = chrono::Utc::now().timestamp_millis();
+                let bytes = live_encoder.encode(envelope(lead, ts))?;
+                if let Ok(mut m) = sent_at.lock() {
+                    m.insert(lead.lead_id.clone(), ts);
+                }
+                // Fire and forget: delivery is awaited by the reader seeing the score.
+                let _ = producer.send_result(
+                    FutureRecord::to(&live_in)
+                        .key(&lead.lead_id)
+                        .payload(&bytes),
+                );
+            }
+            producer.flush(Duration::from_secs(30))?;
+            anyhow::Ok(())
+        }
+    };
+    let collector = async {
+        let mut latencies = Vec::with_capacity(total);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(args.seconds + 60);
+        while latencies.len() < total {
+            match tokio::time::timeout_at(deadline, live_reader.recv()).await {
+                Ok(Ok(m)) => {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                    if let Some(ts) = sent_at.lock().ok().and_then(|s| s.get(&key).copied()) {
+                        latencies.push((now - ts) as f64);
+                    }
+                }
+                _ => break,
+            }
+        }
+        latencies
+    };
+    let (fed, mut latencies) = tokio::join!(feeder, collector);
+    fed?;
+    let _ = child.kill();
+    let _ = child.wait();
+    latencies.sort_by(f64::total_cmp);
+
+    let pass_rate = args.leads as f64 / pass_time.as_secs_f64();
+    let score_rate = args.leads as f64 / score_time.as_secs_f64();
+    println!("| run | leads | time | leads/s |");
+    println!("|---|---|---|---|");
+    println!(
+        "| (a) transactional passthrough | {} | {:.1} s | {:.0} |",
+        args.leads,
+        pass_time.as_secs_f64(),
+        pass_rate
+    );
+    println!(
+        "| (b) scorer, champion + shadow | {} | {:.1} s | {:.0} ({:.0}% of passthrough) |",
+        args.leads,
+        score_time.as_secs_f64(),
+        score_rate,
+        100.0 * score_rate / pass_rate
+    );
+    println!();
+    println!(
+        "(c) at {} leads/s for {} s: {} of {} scored; event-to-score (produce to readable score) p50 {:.0} ms, p99 {:.0} ms, p99.9 {:.0} ms, max {:.0} ms",
+        args.rate,
+        args.seconds,
+        latencies.len(),
+        total,
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999),
+        latencies.last().copied().unwrap_or(f64::NAN)
+    );
+    let admin = leadscore_kafka::TopicAdmin::new(&config.kafka)?;
+    admin
+        .delete_topics(&all.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+        .await?;
+    for s in [&input, &live_in] {
+        let _ = registry
+            .delete_subject(&leadscore_schemas::value_subject(s))
+            .await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
