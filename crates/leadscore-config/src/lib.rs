@@ -156,6 +156,14 @@ pub struct KafkaConfig {
     pub sasl_username: Option<String>,
     /// SASL password; set it through the environment, never in a file in git.
     pub sasl_password: Option<String>,
+    /// CA bundle for `SSL` / `SASL_SSL` (PEM file path).
+    pub ssl_ca_location: Option<String>,
+    /// Client certificate for mutual TLS (PEM file path).
+    pub ssl_certificate_location: Option<String>,
+    /// Client private key for mutual TLS (PEM file path).
+    pub ssl_key_location: Option<String>,
+    /// Password of the client key; set it through the environment.
+    pub ssl_key_password: Option<String>,
     /// Timeout for admin and metadata requests, in milliseconds.
     pub request_timeout_ms: u64,
 }
@@ -168,6 +176,10 @@ impl Default for KafkaConfig {
             sasl_mechanism: None,
             sasl_username: None,
             sasl_password: None,
+            ssl_ca_location: None,
+            ssl_certificate_location: None,
+            ssl_key_location: None,
+            ssl_key_password: None,
             request_timeout_ms: 30_000,
         }
     }

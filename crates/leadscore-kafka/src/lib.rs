@@ -82,6 +82,16 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     if let Some(p) = &config.sasl_password {
         c.set("sasl.password", p);
     }
+    for (key, value) in [
+        ("ssl.ca.location", &config.ssl_ca_location),
+        ("ssl.certificate.location", &config.ssl_certificate_location),
+        ("ssl.key.location", &config.ssl_key_location),
+        ("ssl.key.password", &config.ssl_key_password),
+    ] {
+        if let Some(v) = value {
+            c.set(key, v);
+        }
+    }
     c
 }
 
@@ -381,6 +391,7 @@ mod tests {
             sasl_mechanism: Some("SCRAM-SHA-512".into()),
             sasl_username: Some("svc".into()),
             sasl_password: Some("secret".into()),
+            ssl_ca_location: Some("/etc/kafka/ca.pem".into()),
             ..KafkaConfig::default()
         };
         let c = client_config(&config);
@@ -388,5 +399,7 @@ mod tests {
         assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
         assert_eq!(c.get("sasl.username"), Some("svc"));
         assert_eq!(c.get("bootstrap.servers"), Some("localhost:9092"));
+        assert_eq!(c.get("ssl.ca.location"), Some("/etc/kafka/ca.pem"));
+        assert_eq!(c.get("ssl.key.location"), None);
     }
 }

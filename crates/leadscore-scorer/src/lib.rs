@@ -89,6 +89,9 @@ pub fn consumer_config(
         .set("isolation.level", "read_committed")
         .set("session.timeout.ms", "10000")
         .set("max.poll.interval.ms", "120000")
+        // Bound what librdkafka prefetches, whatever the backlog: 32 MiB per consumer.
+        .set("queued.max.messages.kbytes", "32768")
+        .set("fetch.max.bytes", "16777216")
         .set("client.id", format!("leadscore-scorer-{}", cfg.instance_id));
     c
 }
