@@ -805,3 +805,84 @@ async fn a_lifecycle_event_swaps_the_champion_between_batches() {
     delete_topics(&[&lifecycle]).await;
     t.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_serves_its_share_by_stable_hash_and_the_champion_goes_to_shadow() {
+    // A second model: the bundled one relabelled, so its scores are recognisable by version.
+    let dir = tempfile::tempdir().unwrap();
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+    std::fs::copy(bundled.join("model.onnx"), dir.path().join("model.onnx")).unwrap();
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundled.join("metadata.json")).unwrap())
+            .unwrap();
+    meta["version"] = json!("canary-1");
+    std::fs::write(dir.path().join("metadata.json"), meta.to_string()).unwrap();
+
+    let t = Topics::create(2).await;
+    let ls = leads("canary", 400, 12);
+    produce(
+        &t.input,
+        ls.iter()
+            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
+            .collect(),
+    )
+    .await;
+    let canary_dir = dir.path().to_str().unwrap().to_string();
+    let (mut scorer, _) = start_scorer_with(
+        &t,
+        &unique("it-canary"),
+        "k",
+        false,
+        &[
+            ("LEADSCORE__SCORER__CANARY_MODEL", canary_dir.as_str()),
+            ("LEADSCORE__SCORER__CANARY_PERCENT", "30"),
+        ],
+    );
+    let config = leadscore_config::Config::load(None).unwrap();
+    let decoder = Decoder::new(Registry::new(&config.registry).unwrap());
+    let versions =
+        scored_versions(&consumer(&t.scores, "read_committed"), &decoder, ls.len()).await;
+    let shadow = leadscore_e2e::receive(
+        &consumer(&t.shadow, "read_committed"),
+        ls.len(),
+        Duration::from_secs(20),
+    )
+    .await;
+    scorer.kill().unwrap();
+    scorer.wait().unwrap();
+
+    let mut in_canary = 0;
+    for l in &ls {
+        let expect_canary = leadscore_scorer::process::canary_bucket(&l.lead_id) < 30.0;
+        in_canary += usize::from(expect_canary);
+        let want = if expect_canary {
+            "canary-1"
+        } else {
+            "bundled-1"
+        };
+        assert_eq!(
+            versions.get(&l.lead_id),
+            Some(&vec![want.to_string()]),
+            "{}",
+            l.lead_id
+        );
+    }
+    assert!(
+        (80..160).contains(&in_canary),
+        "about 30% of 400 in the canary: {in_canary}"
+    );
+    let shadow_keys: HashSet<String> = shadow
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.key().unwrap()).into_owned())
+        .collect();
+    assert_eq!(
+        shadow.len(),
+        in_canary,
+        "one champion shadow score per canary lead"
+    );
+    for l in &ls {
+        let expect_canary = leadscore_scorer::process::canary_bucket(&l.lead_id) < 30.0;
+        assert_eq!(shadow_keys.contains(&l.lead_id), expect_canary);
+    }
+    t.delete().await;
+}
