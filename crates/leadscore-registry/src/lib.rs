@@ -420,11 +420,31 @@ fn enc(segment: &str) -> String {
         .collect()
 }
 
+type Writer = apache_avro::writer::datum::GenericDatumWriter<'static>;
+type Reader = apache_avro::reader::datum::GenericDatumReader<'static>;
+
+/// Schemas live for the whole process once a codec resolved them: one per
+/// output subject and one per writer schema id seen (bounded by the
+/// registry's contents). Leaking them lets the resolved readers and writers
+/// be built once instead of on every record.
+fn leak(schema: Schema) -> &'static Schema {
+    Box::leak(Box::new(schema))
+}
+
 /// Encodes values of one schema for one subject in the Confluent wire format.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Encoder {
-    schema: Arc<Schema>,
+    schema: &'static Schema,
+    writer: Arc<Writer>,
     id: u32,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("schema_id", &self.id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Encoder {
@@ -434,9 +454,20 @@ impl Encoder {
         subject: &str,
         schema_text: &str,
     ) -> Result<Self> {
-        let schema = Arc::new(leadscore_schemas::parse(subject, schema_text)?);
+        let schema = leak(leadscore_schemas::parse(subject, schema_text)?);
         let id = registry.register(subject, schema_text).await?;
-        Ok(Self { schema, id })
+        let writer = Writer::builder(schema)
+            .build()
+            .map_err(|source| Error::Avro {
+                action: "resolve",
+                schema_id: id,
+                source: Box::new(source),
+            })?;
+        Ok(Self {
+            schema,
+            writer: Arc::new(writer),
+            id,
+        })
     }
 
     /// Schema id written in every message.
@@ -446,14 +477,14 @@ impl Encoder {
 
     /// The writer schema.
     pub fn schema(&self) -> &Schema {
-        &self.schema
+        self.schema
     }
 
     /// Encodes `value` (validated against the schema) as a framed message.
     pub fn encode(&self, value: Value) -> Result<Vec<u8>> {
-        let datum = apache_avro::writer::datum::GenericDatumWriter::builder(&self.schema)
-            .build()
-            .and_then(|w| w.write_value_to_vec(value))
+        let datum = self
+            .writer
+            .write_value_to_vec(value)
             .map_err(|source| Error::Avro {
                 action: "encode",
                 schema_id: self.id,
@@ -465,10 +496,19 @@ impl Encoder {
 
 /// Decodes Confluent-framed messages, resolving each writer schema by id
 /// against an optional reader schema.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Decoder {
     registry: Registry,
-    reader: Option<Arc<Schema>>,
+    reader: Option<&'static Schema>,
+    readers: Arc<RwLock<HashMap<u32, Arc<Reader>>>>,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Decoder {
@@ -477,6 +517,7 @@ impl Decoder {
         Self {
             registry,
             reader: None,
+            readers: Arc::default(),
         }
     }
 
@@ -484,23 +525,39 @@ impl Decoder {
     pub fn with_reader(registry: Registry, reader: Schema) -> Self {
         Self {
             registry,
-            reader: Some(Arc::new(reader)),
+            reader: Some(leak(reader)),
+            readers: Arc::default(),
         }
     }
 
     /// Decodes one framed message.
     pub async fn decode(&self, message: &[u8]) -> Result<Value> {
         let (id, mut datum) = leadscore_schemas::unframe(message)?;
-        let writer = self.registry.schema_by_id(id).await?;
-        apache_avro::reader::datum::GenericDatumReader::builder(&writer)
-            .maybe_reader_schema(self.reader.as_deref())
-            .build()
-            .and_then(|r| r.read_value(&mut datum))
-            .map_err(|source| Error::Avro {
-                action: "decode",
-                schema_id: id,
-                source: Box::new(source),
-            })
+        let cached = self.readers.read().ok().and_then(|m| m.get(&id).cloned());
+        let reader = match cached {
+            Some(r) => r,
+            None => {
+                let writer = self.registry.schema_by_id(id).await?;
+                let built = Reader::builder(leak((*writer).clone()))
+                    .maybe_reader_schema(self.reader)
+                    .build()
+                    .map_err(|source| Error::Avro {
+                        action: "resolve",
+                        schema_id: id,
+                        source: Box::new(source),
+                    })?;
+                let built = Arc::new(built);
+                if let Ok(mut m) = self.readers.write() {
+                    m.entry(id).or_insert_with(|| built.clone());
+                }
+                built
+            }
+        };
+        reader.read_value(&mut datum).map_err(|source| Error::Avro {
+            action: "decode",
+            schema_id: id,
+            source: Box::new(source),
+        })
     }
 }
 

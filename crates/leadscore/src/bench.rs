@@ -41,6 +41,12 @@ pub(crate) struct BenchArgs {
     /// Partitions of the bench topics.
     #[arg(long, default_value_t = 12)]
     partitions: i32,
+    /// Records per transaction, for the passthrough and the scorer alike.
+    #[arg(long, default_value_t = 5000)]
+    max_batch: usize,
+    /// Batch linger in ms, for both.
+    #[arg(long, default_value_t = 50)]
+    linger_ms: u64,
 }
 
 fn envelope(lead: &Lead, ts_ms: i64) -> Value {
@@ -156,7 +162,10 @@ async fn drain(
 
 fn reader(config: &Config, topic: &str) -> anyhow::Result<StreamConsumer> {
     let c: StreamConsumer = leadscore_kafka::client_config(&config.kafka)
-        .set("group.id", format!("bench-reader-{}", std::process::id()))
+        .set(
+            "group.id",
+            format!("bench-reader-{}-{topic}", std::process::id()),
+        )
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
@@ -170,7 +179,8 @@ async fn passthrough(
     input: &str,
     output: &str,
     want: usize,
-    stop_at: usize,
+    max_batch: usize,
+    linger: Duration,
 ) -> anyhow::Result<()> {
     let consumer: StreamConsumer = leadscore_kafka::client_config(&config.kafka)
         .set(
@@ -193,11 +203,11 @@ async fn passthrough(
         .create()?;
     tokio::task::block_in_place(|| producer.init_transactions(Duration::from_secs(30)))?;
     let mut done = 0usize;
-    while done < want.min(stop_at) {
+    while done < want {
         let first = consumer.recv().await?;
         let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(20);
-        while batch.len() < 1000 {
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < max_batch {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(Ok(m)) => batch.push(m),
                 _ => break,
@@ -245,6 +255,7 @@ fn start_scorer(
     shadow: &str,
     dlq: &str,
     group: &str,
+    args: &BenchArgs,
 ) -> anyhow::Result<std::process::Child> {
     let exe = std::env::current_exe()?;
     let models = std::env::var("LEADSCORE_BENCH_MODEL").unwrap_or_else(|_| "models/default".into());
@@ -263,6 +274,11 @@ fn start_scorer(
         .env("LEADSCORE__SCORER__CHALLENGER_MODEL", &models)
         .env("LEADSCORE__SCORER__HTTP_LISTEN", "127.0.0.1:0")
         .env("LEADSCORE__SCORER__LIFECYCLE_TOPIC", "")
+        .env("LEADSCORE__SCORER__MAX_BATCH", args.max_batch.to_string())
+        .env(
+            "LEADSCORE__SCORER__BATCH_LINGER_MS",
+            args.linger_ms.to_string(),
+        )
         .env("LEADSCORE_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()?)
@@ -365,7 +381,14 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
     eprintln!("(a) transactional passthrough ...");
     let pass_reader = reader(config, &pass_out)?;
     let started = Instant::now();
-    let copy = passthrough(config, &input, &pass_out, args.leads, args.leads);
+    let copy = passthrough(
+        config,
+        &input,
+        &pass_out,
+        args.leads,
+        args.max_batch,
+        Duration::from_millis(args.linger_ms),
+    );
     let (copied, (seen, pass_time)) = tokio::join!(
         copy,
         drain(&pass_reader, args.leads, Duration::from_secs(600), started)
@@ -386,6 +409,7 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         &shadow,
         &dlq,
         &format!("bench-scorer-{id}"),
+        &args,
     )?;
     let (seen, score_time) =
         drain(&score_reader, args.leads, Duration::from_secs(900), started).await;
@@ -408,6 +432,7 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         &shadow,
         &dlq,
         &format!("bench-live-{id}"),
+        &args,
     )?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let total = (args.rate * args.seconds) as usize;
