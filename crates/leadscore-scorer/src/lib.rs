@@ -461,7 +461,7 @@ async fn transact(
         challenger: challenger.as_deref(),
         canary: canary.as_deref().map(|m| (m, cfg.canary_percent)),
     };
-    let outputs = tokio::task::block_in_place(|| {
+    let mut outputs = tokio::task::block_in_place(|| {
         process::process(decoded, &batch_models, bands, || {
             chrono::Utc::now().timestamp_millis()
         })
@@ -469,12 +469,13 @@ async fn transact(
     .map_err(|e| TxError::Fatal(Error::Model(e)))?;
 
     blocking(|| producer.begin_transaction()).map_err(|e| classify("begin transaction", e, cfg))?;
-    for out in &outputs {
+    // Values move into the encoder: after the commit only keys, scores and counts are needed.
+    for out in outputs.iter_mut() {
         let sent = match out {
             Output::Score { key, value, .. } => {
                 let bytes = codecs
                     .scores
-                    .encode(value.clone())
+                    .encode(std::mem::replace(value, apache_avro::types::Value::Null))
                     .map_err(|e| TxError::Fatal(Error::Registry(e)))?;
                 send(
                     producer,
@@ -487,7 +488,7 @@ async fn transact(
             Output::Shadow { key, value } => {
                 let bytes = codecs
                     .shadow
-                    .encode(value.clone())
+                    .encode(std::mem::replace(value, apache_avro::types::Value::Null))
                     .map_err(|e| TxError::Fatal(Error::Registry(e)))?;
                 send(
                     producer,
