@@ -264,27 +264,9 @@ impl TopicAdmin {
             .iter()
             .any(|d| matches!(d, Drift::Config { .. } | Drift::Undeclared { .. }))
         {
-            // AlterConfigs replaces the topic's whole dynamic config: exactly the
-            // declared set, which also removes undeclared overrides.
-            let mut alter = AlterConfig::new(ResourceSpecifier::Topic(&drift.name));
-            for (k, v) in &drift.desired.configs {
-                alter = alter.set(k, v);
-            }
-            let results = self
-                .admin
-                .alter_configs([&alter], &self.opts())
-                .await
-                .map_err(|source| Error::Admin {
-                    action: format!("alter configs of {}", drift.name),
-                    source,
-                })?;
-            for r in results {
-                r.map_err(|(_, code)| Error::Topic {
-                    action: "alter configs",
-                    topic: drift.name.clone(),
-                    code,
-                })?;
-            }
+            // Exactly the declared set, which also removes undeclared overrides.
+            self.replace_topic_configs(&drift.name, &drift.desired.configs)
+                .await?;
             changed = true;
         }
         if drift
@@ -314,8 +296,9 @@ impl TopicAdmin {
         Ok(changed)
     }
 
-    /// Sets one config on a topic, leaving the others (used by tests and operators' scripts).
-    pub async fn set_topic_configs(
+    /// Replaces the topic's dynamic configs with `configs` (AlterConfigs is not
+    /// incremental: overrides not named here return to the broker default).
+    pub async fn replace_topic_configs(
         &self,
         topic: &str,
         configs: &BTreeMap<String, String>,

@@ -29,7 +29,7 @@ pub(crate) enum TopicsCommand {
         #[arg(long)]
         check: bool,
     },
-    /// Set configs on one topic by hand (as an operator would), e.g. `retention.ms=60000`.
+    /// Set a topic's configs by hand (as an operator would), e.g. `retention.ms=60000`; overrides not named return to the broker default.
     SetConfig {
         /// Topic name.
         topic: String,
@@ -79,7 +79,7 @@ pub(crate) async fn run(cmd: TopicsCommand, config: &Config) -> anyhow::Result<E
                 map.insert(k.to_string(), v.to_string());
             }
             TopicAdmin::new(&config.kafka)?
-                .set_topic_configs(&topic, &map)
+                .replace_topic_configs(&topic, &map)
                 .await?;
             println!("set {} config(s) on {topic}", map.len());
             Ok(ExitCode::SUCCESS)
