@@ -143,22 +143,21 @@ pub fn process(
     now_ms: impl Fn() -> i64,
 ) -> Result<Vec<Output>, leadscore_model::Error> {
     let mut outputs: Vec<Output> = Vec::with_capacity(inputs.len());
-    let mut to_score: Vec<(usize, Lead)> = Vec::new();
-    // Per input: where it came from, its event time, its original key and bytes.
-    type Meta = (Position, i64, Option<Vec<u8>>, Option<Vec<u8>>);
-    let mut meta: Vec<Meta> = Vec::new();
-    for (i, d) in inputs.into_iter().enumerate() {
-        let dead = |e: CdcError, d: &Decoded| Output::Dead {
-            key: d.key.clone(),
-            payload: d.payload.clone(),
-            kind: e.kind.as_str(),
-            message: e.message,
-            position: d.position.clone(),
-        };
+    // Leads to score, and the index of the input each came from.
+    let mut scored: Vec<usize> = Vec::new();
+    let mut leads: Vec<Lead> = Vec::new();
+    for (i, d) in inputs.iter().enumerate() {
         let out = match &d.action {
-            Err(e) => dead(e.clone(), &d),
+            Err(e) => Output::Dead {
+                key: d.key.clone(),
+                payload: d.payload.clone(),
+                kind: e.kind.as_str(),
+                message: e.message.clone(),
+                position: d.position.clone(),
+            },
             Ok(Action::Score(lead)) => {
-                to_score.push((i, lead.clone()));
+                scored.push(i);
+                leads.push(lead.clone());
                 Output::Ignored
             }
             Ok(Action::Delete { lead_id }) => Output::Tombstone {
@@ -167,18 +166,11 @@ pub fn process(
             Ok(Action::Outcome { .. }) => Output::Outcome,
             Ok(Action::Ignore(_)) => Output::Ignored,
         };
-        meta.push((
-            d.position.clone(),
-            d.event_time_ms,
-            d.key.clone(),
-            d.payload.clone(),
-        ));
         outputs.push(out);
     }
-    if to_score.is_empty() {
+    if leads.is_empty() {
         return Ok(outputs);
     }
-    let leads: Vec<Lead> = to_score.iter().map(|(_, l)| l.clone()).collect();
     let champion = models.champion.score_batch(&leads)?;
     let challenger = models
         .challenger
@@ -213,8 +205,14 @@ pub fn process(
         _ => HashMap::new(),
     };
     let mut extra: Vec<(usize, Output)> = Vec::new();
-    for (j, ((i, lead), result)) in to_score.into_iter().zip(champion).enumerate() {
-        let (position, event_time_ms, key, payload) = &meta[i];
+    for (j, ((&i, lead), result)) in scored.iter().zip(&leads).zip(champion).enumerate() {
+        let Decoded {
+            position,
+            event_time_ms,
+            key,
+            payload,
+            ..
+        } = &inputs[i];
         let score = match result {
             Ok(s) => s.probability,
             Err(invalid) => {
@@ -236,7 +234,7 @@ pub fn process(
         };
         let features: HashMap<String, Value> = live_model
             .features()
-            .raw_values(&lead)
+            .raw_values(lead)
             .into_iter()
             .map(|(k, v)| (k, raw_to_avro(v)))
             .collect();
