@@ -89,3 +89,52 @@ pub async fn receive(
 pub fn payload(m: &OwnedMessage) -> &[u8] {
     m.payload().unwrap_or_default()
 }
+
+/// Writes `count` generated leads (generator seed `seed`) as a training CSV.
+pub fn write_leads_csv(path: &std::path::Path, seed: u64, count: usize) {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    leadscore_crm::csv::write_header(&mut out).unwrap();
+    let config = leadscore_crm::GeneratorConfig {
+        seed,
+        ..Default::default()
+    };
+    for g in leadscore_crm::Generator::new(config).take(count) {
+        leadscore_crm::csv::write_row(&mut out, &g).unwrap();
+    }
+    std::io::Write::flush(&mut out).unwrap();
+}
+
+/// Runs the training job (2 Optuna trials) on `csv` and registers the result
+/// as a new version of `name` in the MLflow at `mlflow`, with the given gate margin.
+pub fn train_and_register(
+    csv: &std::path::Path,
+    out: &std::path::Path,
+    name: &str,
+    mlflow: &str,
+    gate_margin: &str,
+) {
+    let python = std::env::var("LEADSCORE_PYTHON")
+        .expect("LEADSCORE_PYTHON (from `deploy/local/stack env`) runs the training job");
+    let training = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../training");
+    let status = std::process::Command::new(python)
+        .current_dir(training)
+        .args(["-m", "leadscore_training.train", "--data"])
+        .arg(csv)
+        .arg("--out")
+        .arg(out)
+        .args([
+            "--model-name",
+            name,
+            "--mlflow",
+            mlflow,
+            "--trials",
+            "2",
+            "--cv-splits",
+            "2",
+        ])
+        .args(["--min-rows", "1000", "--gate-margin", gate_margin])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "training job failed");
+}

@@ -4,39 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
 
-use std::io::BufWriter;
-use std::path::Path;
-use std::process::Command;
-
 use leadscore_crm::{Generator, GeneratorConfig};
 use leadscore_model::source::{Mlflow, ModelSource, Selector};
 use leadscore_model::{ModelHandle, bundled_dir};
-
-fn train(csv: &Path, out: &Path, name: &str, mlflow: &str) {
-    let python = std::env::var("LEADSCORE_PYTHON")
-        .expect("LEADSCORE_PYTHON (from `deploy/local/stack env`) runs the training job");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(python)
-        .current_dir(root.join("training"))
-        .args(["-m", "leadscore_training.train", "--data"])
-        .arg(csv)
-        .arg("--out")
-        .arg(out)
-        .args([
-            "--model-name",
-            name,
-            "--mlflow",
-            mlflow,
-            "--trials",
-            "2",
-            "--cv-splits",
-            "2",
-        ])
-        .args(["--min-rows", "1000"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "training job failed");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn champion_from_mlflow_is_verified_loaded_and_scores() {
@@ -44,23 +14,12 @@ async fn champion_from_mlflow_is_verified_loaded_and_scores() {
         std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("leads.csv");
-    {
-        let mut out = BufWriter::new(std::fs::File::create(&csv).unwrap());
-        leadscore_crm::csv::write_header(&mut out).unwrap();
-        for g in Generator::new(GeneratorConfig {
-            seed: 3,
-            ..Default::default()
-        })
-        .take(12_000)
-        {
-            leadscore_crm::csv::write_row(&mut out, &g).unwrap();
-        }
-    }
+    leadscore_e2e::write_leads_csv(&csv, 3, 12_000);
     let name = format!(
         "it-source-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     );
-    train(&csv, &dir.path().join("out"), &name, &mlflow);
+    leadscore_e2e::train_and_register(&csv, &dir.path().join("out"), &name, &mlflow, "0.02");
 
     let url = format!("mlflow+{mlflow}/{name}@champion");
     let source = ModelSource::parse(&url).unwrap();

@@ -640,33 +640,6 @@ async fn evolved_avro_writer_schema_scores_like_json_and_shadow_is_published() {
     t.delete().await;
 }
 
-fn train(csv: &Path, out: &Path, name: &str, mlflow: &str, margin: &str) {
-    let python =
-        std::env::var("LEADSCORE_PYTHON").expect("LEADSCORE_PYTHON from `deploy/local/stack env`");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let status = Command::new(python)
-        .current_dir(root.join("training"))
-        .args(["-m", "leadscore_training.train", "--data"])
-        .arg(csv)
-        .arg("--out")
-        .arg(out)
-        .args([
-            "--model-name",
-            name,
-            "--mlflow",
-            mlflow,
-            "--trials",
-            "2",
-            "--cv-splits",
-            "2",
-        ])
-        .args(["--min-rows", "1000", "--gate-margin", margin])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "training job failed");
-}
-
 async fn scored_versions(
     c: &StreamConsumer,
     decoder: &Decoder,
@@ -699,23 +672,12 @@ async fn a_lifecycle_event_swaps_the_champion_between_batches() {
         std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("leads.csv");
-    {
-        let mut out = std::io::BufWriter::new(std::fs::File::create(&csv).unwrap());
-        leadscore_crm::csv::write_header(&mut out).unwrap();
-        for g in Generator::new(GeneratorConfig {
-            seed: 8,
-            ..Default::default()
-        })
-        .take(8000)
-        {
-            leadscore_crm::csv::write_row(&mut out, &g).unwrap();
-        }
-    }
+    leadscore_e2e::write_leads_csv(&csv, 8, 8000);
     let name = format!(
         "it-swap-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     );
-    train(&csv, &dir.path().join("v1"), &name, &mlflow, "0.02");
+    leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &name, &mlflow, "0.02");
 
     let t = Topics::create(3).await;
     let lifecycle = format!("{}.lifecycle", t.input);
@@ -752,7 +714,7 @@ async fn a_lifecycle_event_swaps_the_champion_between_batches() {
     );
 
     // Version 2 becomes champion in the registry; the lifecycle event tells the scorer.
-    train(&csv, &dir.path().join("v2"), &name, &mlflow, "-1");
+    leadscore_e2e::train_and_register(&csv, &dir.path().join("v2"), &name, &mlflow, "-1");
     let resp = reqwest::Client::new()
         .post(format!("{mlflow}/api/2.0/mlflow/registered-models/alias"))
         .json(&json!({"name": name, "alias": "champion", "version": "2"}))
