@@ -45,6 +45,33 @@ pub struct Config {
     pub postgres: PostgresConfig,
     /// The scorer service.
     pub scorer: ScorerConfig,
+    /// OpenTelemetry export shared by every service.
+    pub telemetry: TelemetryConfig,
+}
+
+/// OpenTelemetry: traces and metrics exported over OTLP (gRPC).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP gRPC endpoint of a collector (e.g. `http://127.0.0.1:4317`); unset disables export.
+    pub otlp_endpoint: Option<String>,
+    /// How often metrics are pushed over OTLP, in milliseconds.
+    pub metrics_interval_ms: u64,
+    /// Share of batches traced, 0.0 to 1.0.
+    pub trace_sample_ratio: f64,
+    /// `service.instance.id` resource attribute; defaults to the host name.
+    pub instance: Option<String>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            metrics_interval_ms: 10_000,
+            trace_sample_ratio: 1.0,
+            instance: None,
+        }
+    }
 }
 
 /// The scorer: CDC in, scores, shadow scores and dead letters out, exactly once.
@@ -305,6 +332,27 @@ impl Config {
                 reason: format!("`{}` is not host:port", s.http_listen),
             });
         }
+        let t = &self.telemetry;
+        if let Some(e) = &t.otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(Error::Invalid {
+                key: "telemetry.otlp_endpoint",
+                reason: format!("`{e}` is not an http(s) URL such as http://127.0.0.1:4317"),
+            });
+        }
+        if !(0.0..=1.0).contains(&t.trace_sample_ratio) {
+            return Err(Error::Invalid {
+                key: "telemetry.trace_sample_ratio",
+                reason: format!("{} is not in 0..=1", t.trace_sample_ratio),
+            });
+        }
+        if t.metrics_interval_ms < 100 {
+            return Err(Error::Invalid {
+                key: "telemetry.metrics_interval_ms",
+                reason: format!("{} is below 100 ms", t.metrics_interval_ms),
+            });
+        }
         if !(self.postgres.url.starts_with("postgres://")
             || self.postgres.url.starts_with("postgresql://"))
         {
@@ -386,5 +434,26 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn otlp_endpoint_must_be_a_url() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("LEADSCORE__TELEMETRY__OTLP_ENDPOINT", "127.0.0.1:4317");
+            let err = Config::load(None).err().map(|e| e.to_string());
+            let err = err.unwrap_or_default();
+            assert!(err.contains("telemetry.otlp_endpoint"), "{err}");
+            jail.set_env(
+                "LEADSCORE__TELEMETRY__OTLP_ENDPOINT",
+                "http://127.0.0.1:4317",
+            );
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                config.telemetry.otlp_endpoint.as_deref(),
+                Some("http://127.0.0.1:4317")
+            );
+            Ok(())
+        });
     }
 }

@@ -29,13 +29,14 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub mod http;
 pub mod metrics;
 pub mod process;
 pub mod watch;
 
-pub use metrics::Metrics;
+pub use metrics::{Metrics, Stage};
 use process::{BatchModels, Decoded, Output, Position};
 
 /// Errors that stop the scorer (everything else is retried or dead-lettered).
@@ -76,6 +77,53 @@ pub struct Models {
     pub canary: Option<Arc<ModelHandle>>,
 }
 
+/// Client context of the scorer's consumer: turns librdkafka statistics into the consumer-lag gauge.
+pub struct ScorerContext {
+    metrics: Arc<Metrics>,
+}
+
+impl ScorerContext {
+    /// A context reporting into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl rdkafka::ClientContext for ScorerContext {
+    fn stats(&self, stats: rdkafka::Statistics) {
+        let mut assigned = Vec::new();
+        for (name, topic) in &stats.topics {
+            for p in topic.partitions.values() {
+                if p.partition < 0 || !p.desired {
+                    continue;
+                }
+                assigned.push((name.clone(), p.partition));
+                if let Some(lag) = partition_lag(p) {
+                    self.metrics.set_lag(name, p.partition, lag);
+                }
+            }
+        }
+        self.metrics
+            .retain_lag(|t, p| assigned.iter().any(|(n, q)| n == t && *q == p));
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for ScorerContext {}
+
+/// Records behind the end of a partition a read_committed consumer can read (the last stable offset).
+pub fn partition_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    let end = if p.ls_offset >= 0 {
+        p.ls_offset
+    } else {
+        p.hi_offset
+    };
+    let position = p.app_offset.max(p.committed_offset);
+    (end >= 0 && position >= 0).then(|| (end - position).max(0))
+}
+
+/// The scorer's consumer type.
+pub type ScorerConsumer = StreamConsumer<ScorerContext>;
+
 /// Consumer settings the scorer needs on top of the common client config.
 pub fn consumer_config(
     kafka: &leadscore_config::KafkaConfig,
@@ -92,7 +140,9 @@ pub fn consumer_config(
         // Bound what librdkafka prefetches, whatever the backlog: 32 MiB per consumer.
         .set("queued.max.messages.kbytes", "32768")
         .set("fetch.max.bytes", "16777216")
-        .set("client.id", format!("leadscore-scorer-{}", cfg.instance_id));
+        .set("client.id", format!("leadscore-scorer-{}", cfg.instance_id))
+        // Feeds the consumer-lag gauge (see ScorerContext).
+        .set("statistics.interval.ms", "5000");
     c
 }
 
@@ -222,7 +272,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 /// Runs the scorer until `shutdown` is cancelled, then finishes the in-flight batch and returns.
 pub async fn run(
     cfg: ScorerConfig,
-    consumer: StreamConsumer,
+    consumer: ScorerConsumer,
     producer: FutureProducer,
     registry: Registry,
     models: Models,
@@ -303,6 +353,7 @@ pub async fn run(
                 continue;
             }
         };
+        let fetch_started = std::time::Instant::now();
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + linger;
         while batch.len() < cfg.max_batch {
@@ -315,6 +366,7 @@ pub async fn run(
                 Err(_) => break,
             }
         }
+        metrics.stage(Stage::Fetch, fetch_started.elapsed());
         // First and next offset per partition of this batch.
         let mut ranges: BTreeMap<(String, i32), (i64, i64)> = BTreeMap::new();
         for m in &batch {
@@ -324,10 +376,25 @@ pub async fn run(
             e.0 = e.0.min(m.offset());
             e.1 = e.1.max(m.offset() + 1);
         }
+        let span = tracing::info_span!(
+            "scorer.batch",
+            inputs = batch.len(),
+            partitions = ranges.len(),
+            outcome = tracing::field::Empty,
+        );
         let outcome = transact(
-            &cfg, &consumer, &producer, &codecs, &models, &bands, &batch, &ranges,
+            &cfg, &consumer, &producer, &codecs, &models, &bands, &batch, &ranges, &metrics,
         )
+        .instrument(span.clone())
         .await;
+        span.record(
+            "outcome",
+            if outcome.is_ok() {
+                "committed"
+            } else {
+                "aborted"
+            },
+        );
         drop(batch);
         match outcome {
             Ok((inputs, outputs)) => {
@@ -436,15 +503,17 @@ fn classify(context: &'static str, e: KafkaError, cfg: &ScorerConfig) -> TxError
 #[allow(clippy::too_many_arguments)]
 async fn transact(
     cfg: &ScorerConfig,
-    consumer: &StreamConsumer,
+    consumer: &ScorerConsumer,
     producer: &FutureProducer,
     codecs: &Codecs,
     models: &Models,
     bands: &BandThresholds,
     batch: &[BorrowedMessage<'_>],
     ranges: &BTreeMap<(String, i32), (i64, i64)>,
+    metrics: &Metrics,
 ) -> Result<(usize, Vec<Output>), TxError> {
     let timeout = Duration::from_millis(cfg.transaction_timeout_ms);
+    let started = std::time::Instant::now();
     let mut decoded = Vec::with_capacity(batch.len());
     for m in batch {
         match decode(codecs, m).await {
@@ -461,12 +530,19 @@ async fn transact(
         challenger: challenger.as_deref(),
         canary: canary.as_deref().map(|m| (m, cfg.canary_percent)),
     };
-    let mut outputs = tokio::task::block_in_place(|| {
-        process::process(decoded, &batch_models, bands, || {
-            chrono::Utc::now().timestamp_millis()
+    metrics.stage(Stage::Decode, started.elapsed());
+    let started = std::time::Instant::now();
+    let mut outputs = tracing::info_span!("scorer.score", leads = decoded.len())
+        .in_scope(|| {
+            tokio::task::block_in_place(|| {
+                process::process(decoded, &batch_models, bands, || {
+                    chrono::Utc::now().timestamp_millis()
+                })
+            })
         })
-    })
-    .map_err(|e| TxError::Fatal(Error::Model(e)))?;
+        .map_err(|e| TxError::Fatal(Error::Model(e)))?;
+    metrics.stage(Stage::Score, started.elapsed());
+    let started = std::time::Instant::now();
 
     blocking(|| producer.begin_transaction()).map_err(|e| classify("begin transaction", e, cfg))?;
     // Values move into the encoder: after the commit only keys, scores and counts are needed.
@@ -546,6 +622,8 @@ async fn transact(
         };
         sent.map_err(|e| classify("produce", e, cfg))?;
     }
+    metrics.stage(Stage::Produce, started.elapsed());
+    let started = std::time::Instant::now();
     let mut offsets = TopicPartitionList::new();
     for ((topic, partition), (_, next)) in ranges {
         offsets
@@ -557,7 +635,10 @@ async fn transact(
         .ok_or_else(|| TxError::Retry("no consumer group metadata yet".into()))?;
     blocking(|| producer.send_offsets_to_transaction(&offsets, &group, timeout))
         .map_err(|e| classify("send offsets", e, cfg))?;
-    blocking(|| producer.commit_transaction(timeout)).map_err(|e| classify("commit", e, cfg))?;
+    tracing::info_span!("scorer.commit")
+        .in_scope(|| blocking(|| producer.commit_transaction(timeout)))
+        .map_err(|e| classify("commit", e, cfg))?;
+    metrics.stage(Stage::Commit, started.elapsed());
     Ok((batch.len(), outputs))
 }
 
@@ -589,4 +670,41 @@ pub fn dead_letter_kind(headers: Option<&rdkafka::message::BorrowedHeaders>) -> 
         .find(|h| h.key == "leadscore.error.kind")
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::statistics::Partition;
+
+    #[test]
+    fn lag_counts_from_the_consumed_position_to_the_last_stable_offset() {
+        let p = Partition {
+            hi_offset: 120,
+            ls_offset: 100,
+            app_offset: 60,
+            committed_offset: 40,
+            ..Partition::default()
+        };
+        assert_eq!(partition_lag(&p), Some(40));
+        // Nothing consumed yet: from the committed offset.
+        let p = Partition {
+            app_offset: -1001,
+            ..p
+        };
+        assert_eq!(partition_lag(&p), Some(60));
+        // No offsets known yet: no value rather than a wrong one.
+        let p = Partition {
+            committed_offset: -1001,
+            ..p
+        };
+        assert_eq!(partition_lag(&p), None);
+        // Without a stable offset (not read_committed): the high watermark.
+        let p = Partition {
+            ls_offset: -1,
+            app_offset: 100,
+            ..p
+        };
+        assert_eq!(partition_lag(&p), Some(20));
+    }
 }

@@ -6,7 +6,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use leadscore_config::Config;
 
@@ -48,22 +47,44 @@ enum Command {
     Schemas(schemas::SchemasCommand),
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LEADSCORE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+impl Command {
+    /// The OpenTelemetry service name, for the long-running services only.
+    fn service(&self) -> Option<&'static str> {
+        match self {
+            Command::Scorer => Some("leadscore-scorer"),
+            _ => None,
+        }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: loading configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let format = if cli.log_format == "json" {
+        leadscore_telemetry::LogFormat::Json
+    } else {
+        leadscore_telemetry::LogFormat::Text
+    };
+    // Before the runtime: the OTLP exporters run on their own threads.
+    let service = cli.command.service();
+    let telemetry = match leadscore_telemetry::init(
+        service.unwrap_or("leadscore"),
+        &config.telemetry,
+        format,
+        service.is_some(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: telemetry: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -74,18 +95,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let code = match runtime.block_on(run(cli.command, config)) {
         Ok(code) => code,
         Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "stopped");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    drop(runtime);
+    telemetry.shutdown();
+    code
 }
 
-async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let config = Config::load(cli.config.as_deref()).context("loading configuration")?;
-    match cli.command {
+async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    match command {
         Command::Topics(cmd) => topics::run(cmd, &config).await,
         Command::Schemas(cmd) => schemas::run(cmd, &config).await,
         Command::Crm(cmd) => crm::run(cmd, &config).await,

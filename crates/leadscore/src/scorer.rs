@@ -62,15 +62,15 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         },
     };
     let registry = leadscore_registry::Registry::new(&config.registry)?;
-    let consumer: rdkafka::consumer::StreamConsumer =
+    let metrics = Metrics::new();
+    let consumer: leadscore_scorer::ScorerConsumer =
         leadscore_scorer::consumer_config(&config.kafka, &cfg)
-            .create()
+            .create_with_context(leadscore_scorer::ScorerContext::new(metrics.clone()))
             .context("creating the Kafka consumer")?;
     let producer: rdkafka::producer::FutureProducer =
         leadscore_scorer::producer_config(&config.kafka, &cfg)
             .create()
             .context("creating the Kafka producer")?;
-    let metrics = Arc::new(Metrics::default());
     let shutdown = CancellationToken::new();
     on_signal(shutdown.clone());
 

@@ -200,6 +200,125 @@ async fn scores_reach_redis_and_a_redis_outage_only_degrades_the_cache() {
     t2.delete().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_latencies_lag_and_otlp_export_reach_prometheus_and_the_collector() {
+    let collector_log = std::env::var("LEADSCORE_OTELCOL_LOG")
+        .expect("LEADSCORE_OTELCOL_LOG: run under `eval \"$(deploy/local/stack env)\"`");
+    let endpoint = std::env::var("LEADSCORE__TELEMETRY__OTLP_ENDPOINT")
+        .expect("LEADSCORE__TELEMETRY__OTLP_ENDPOINT from the stack env");
+    let t = Topics::create(2).await;
+    let ls = leads("otel", 300, 8);
+    produce(
+        &t.input,
+        ls.iter()
+            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
+            .collect(),
+    )
+    .await;
+    let instance = unique("otel-scorer");
+    let (mut scorer, port) = start_scorer_with(
+        &t,
+        &unique("it-otel"),
+        "o1",
+        false,
+        &[
+            ("LEADSCORE__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+            ("LEADSCORE__TELEMETRY__METRICS_INTERVAL_MS", "500"),
+            ("LEADSCORE__TELEMETRY__INSTANCE", instance.as_str()),
+        ],
+    );
+    let scores = read_scores(
+        &consumer(&t.scores, "read_committed"),
+        ls.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(scores.len(), ls.len());
+
+    // Prometheus: every stage timed; lag known for both partitions and drained to 0.
+    let mut metrics = String::new();
+    for _ in 0..150 {
+        metrics = http_get(port, "/metrics").await;
+        let lag_zero = (0..2).all(|p| {
+            metrics.contains(&format!(
+                "leadscore_scorer_consumer_lag{{topic=\"{}\",partition=\"{p}\"}} 0\n",
+                t.input
+            ))
+        });
+        if lag_zero {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for stage in ["fetch", "decode", "score", "produce", "commit"] {
+        let count = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "leadscore_scorer_stage_ms_count{{stage=\"{stage}\"}} "
+                ))
+            })
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        assert!(count > 0, "stage {stage} timed: {metrics}");
+    }
+    for p in 0..2 {
+        assert!(
+            metrics.contains(&format!(
+                "leadscore_scorer_consumer_lag{{topic=\"{}\",partition=\"{p}\"}} 0\n",
+                t.input
+            )),
+            "lag of partition {p}: {metrics}"
+        );
+    }
+
+    // SIGTERM flushes the exporters; the collector has this instance's spans and metrics.
+    let pid = scorer.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = scorer.wait().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    let mut log = String::new();
+    for _ in 0..50 {
+        log = std::fs::read_to_string(&collector_log).unwrap_or_default();
+        if log.contains(&instance) && log.contains("scorer.commit") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ours: Vec<&str> = log
+        .split("ResourceMetrics #")
+        .chain(log.split("ResourceSpans #"))
+        .filter(|block| block.contains(&instance))
+        .collect();
+    assert!(
+        !ours.is_empty(),
+        "no telemetry from {instance} in {collector_log}"
+    );
+    let ours = ours.join("\n");
+    for name in [
+        "leadscore.scorer.event_to_score",
+        "leadscore.scorer.stage",
+        "leadscore.scorer.inputs",
+        "leadscore.scorer.model_info",
+        "scorer.batch",
+        "scorer.score",
+        "scorer.commit",
+    ] {
+        assert!(ours.contains(name), "{name} exported by {instance}");
+    }
+    assert!(
+        ours.contains("service.name: Str(leadscore-scorer)"),
+        "{ours}"
+    );
+    t.delete().await;
+}
+
 fn lead_json(l: &Lead) -> serde_json::Value {
     json!({
         "lead_id": l.lead_id, "company_size": l.company_size, "industry": l.industry,
