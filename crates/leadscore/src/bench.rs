@@ -256,6 +256,7 @@ fn start_scorer(
     dlq: &str,
     group: &str,
     args: &BenchArgs,
+    http_port: u16,
 ) -> anyhow::Result<std::process::Child> {
     let exe = std::env::current_exe()?;
     let models = std::env::var("LEADSCORE_BENCH_MODEL").unwrap_or_else(|_| "models/default".into());
@@ -272,7 +273,10 @@ fn start_scorer(
         )
         .env("LEADSCORE__SCORER__CHAMPION_MODEL", &models)
         .env("LEADSCORE__SCORER__CHALLENGER_MODEL", &models)
-        .env("LEADSCORE__SCORER__HTTP_LISTEN", "127.0.0.1:0")
+        .env(
+            "LEADSCORE__SCORER__HTTP_LISTEN",
+            format!("127.0.0.1:{http_port}"),
+        )
         .env("LEADSCORE__SCORER__LIFECYCLE_TOPIC", "")
         .env("LEADSCORE__SCORER__MAX_BATCH", args.max_batch.to_string())
         .env(
@@ -282,6 +286,33 @@ fn start_scorer(
         .env("LEADSCORE_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()?)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Mean time per batch stage, from the scorer's Prometheus histograms.
+async fn stage_means(port: u16) -> anyhow::Result<Vec<(String, f64, f64)>> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await?
+        .text()
+        .await?;
+    let value = |name: &str, stage: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}{{stage=\"{stage}\"}} ")))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    Ok(["fetch", "decode", "score", "produce", "commit"]
+        .iter()
+        .filter_map(|stage| {
+            let count = value("leadscore_scorer_stage_ms_count", stage)?;
+            let sum = value("leadscore_scorer_stage_ms_sum", stage)?;
+            Some((stage.to_string(), count, sum / count.max(1.0)))
+        })
+        .collect())
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -403,6 +434,7 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
     eprintln!("(b) scorer, champion + shadow ...");
     let score_reader = reader(config, &scores)?;
     let started = Instant::now();
+    let port = free_port()?;
     let mut child = start_scorer(
         &input,
         &scores,
@@ -410,9 +442,11 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         &dlq,
         &format!("bench-scorer-{id}"),
         &args,
+        port,
     )?;
     let (seen, score_time) =
         drain(&score_reader, args.leads, Duration::from_secs(900), started).await;
+    let max_rate_stages = stage_means(port).await.unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
     anyhow::ensure!(
@@ -426,6 +460,7 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         args.rate, args.seconds
     );
     let live_reader = reader(config, &live_scores)?;
+    let port = free_port()?;
     let mut child = start_scorer(
         &live_in,
         &live_scores,
@@ -433,6 +468,7 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         &dlq,
         &format!("bench-live-{id}"),
         &args,
+        port,
     )?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let total = (args.rate * args.seconds) as usize;
@@ -492,6 +528,7 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
     };
     let (fed, mut latencies) = tokio::join!(feeder, collector);
     fed?;
+    let fixed_rate_stages = stage_means(port).await.unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
     latencies.sort_by(f64::total_cmp);
@@ -525,6 +562,17 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         percentile(&latencies, 0.999),
         latencies.last().copied().unwrap_or(f64::NAN)
     );
+    println!();
+    println!("Mean time per batch stage (ms), from the scorer's histograms:");
+    println!();
+    println!("| stage | (b) max rate: batches | mean ms | (c) fixed rate: batches | mean ms |");
+    println!("|---|---|---|---|---|");
+    for (b, c) in max_rate_stages.iter().zip(&fixed_rate_stages) {
+        println!(
+            "| {} | {:.0} | {:.1} | {:.0} | {:.1} |",
+            b.0, b.1, b.2, c.1, c.2
+        );
+    }
     let admin = leadscore_kafka::TopicAdmin::new(&config.kafka)?;
     admin
         .delete_topics(&all.iter().map(|s| s.as_str()).collect::<Vec<_>>())
