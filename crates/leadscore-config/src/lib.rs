@@ -47,6 +47,30 @@ pub struct Config {
     pub scorer: ScorerConfig,
     /// OpenTelemetry export shared by every service.
     pub telemetry: TelemetryConfig,
+    /// Kafka Connect, for `leadscore connectors`.
+    pub connect: ConnectConfig,
+}
+
+/// Kafka Connect's REST API and the connector definitions applied to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectConfig {
+    /// Base URL of the Connect REST API.
+    pub url: String,
+    /// Directory of connector definitions (`<name>.json`: `{"name", "config"}`).
+    pub dir: String,
+    /// Per-request timeout, in milliseconds.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ConnectConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://localhost:8083".into(),
+            dir: "connectors".into(),
+            request_timeout_ms: 30_000,
+        }
+    }
 }
 
 /// OpenTelemetry: traces and metrics exported over OTLP (gRPC).
@@ -330,6 +354,12 @@ impl Config {
             return Err(Error::Invalid {
                 key: "scorer.http_listen",
                 reason: format!("`{}` is not host:port", s.http_listen),
+            });
+        }
+        if !(self.connect.url.starts_with("http://") || self.connect.url.starts_with("https://")) {
+            return Err(Error::Invalid {
+                key: "connect.url",
+                reason: format!("`{}` is not an http(s) URL", self.connect.url),
             });
         }
         let t = &self.telemetry;

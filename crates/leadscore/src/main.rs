@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use leadscore_config::Config;
 
 mod bench;
+mod connectors;
 mod crm;
 mod schemas;
 mod scorer;
@@ -37,6 +38,9 @@ enum Command {
     /// Benchmarks against the real stack.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Kafka Connect connectors defined in connectors/.
+    #[command(subcommand)]
+    Connectors(connectors::ConnectorsCommand),
     /// The CRM: synthetic leads.
     #[command(subcommand)]
     Crm(crm::CrmCommand),
@@ -113,6 +117,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Topics(cmd) => topics::run(cmd, &config).await,
         Command::Schemas(cmd) => schemas::run(cmd, &config).await,
         Command::Crm(cmd) => crm::run(cmd, &config).await,
+        Command::Connectors(cmd) => connectors::run(cmd, &config).await,
         Command::Scorer => scorer::run(config).await,
         Command::Bench(cmd) => bench::run(cmd, &config).await,
     }
