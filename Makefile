@@ -1,6 +1,6 @@
 # The two commands of the quick start. Everything else: deploy/local/stack help.
 .PHONY: demo test model stack-down
-demo: ## bring the stack up, create topics, register schemas, show their state
+demo: ## bring the stack up and run the CRM round trip live (leads in Postgres -> scores back in Postgres)
 	scripts/demo.sh
 test: ## run every test against the real local stack
 	scripts/test.sh

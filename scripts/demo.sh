@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The main job: brings the whole stack up on this machine, creates the
-# topics and registers the schemas, and shows the state of each.
+# topics, registers the schemas, applies the connectors, then runs the CRM
+# round trip live: synthetic leads inserted into the CRM's Postgres come
+# back as score rows in the CRM's Postgres. Extra arguments go to
+# `leadscore demo` (e.g. --leads 10000 --rate 500).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -25,13 +28,8 @@ step "schemas (schemas/*.avsc, BACKWARD compatibility)"
 
 step "stack"
 deploy/local/stack status
+
+step "the CRM round trip: Postgres -> Debezium -> Kafka -> scorer -> Kafka -> JDBC sink -> Postgres"
+"$bin" demo "$@"
 echo
-echo "Kafka Connect plugins:"
-curl -fsS "$LEADSCORE_CONNECT_URL/connector-plugins" | python3 -c '
-import json, sys
-for p in json.load(sys.stdin):
-    print("  %-7s %s %s" % (p["type"], p["class"], p["version"]))'
-echo
-echo "CRM tables: $(PGPASSWORD=leadscore psql -h 127.0.0.1 -U leadscore -d crm -Atc "select string_agg(tablename, ', ') from pg_tables where schemaname = 'public'")"
-echo
-echo "Done. Logs: .stack/logs/   Stop everything: deploy/local/stack down"
+echo "Logs: .stack/logs/   Connectors: $bin connectors status   Stop everything: deploy/local/stack down"

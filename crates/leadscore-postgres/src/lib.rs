@@ -9,7 +9,8 @@ use bytes::Bytes;
 use futures::SinkExt;
 use leadscore_crm::Generated;
 use leadscore_crm::csv::timestamp;
-use tokio_postgres::{Client, NoTls};
+pub use tokio_postgres::Client;
+use tokio_postgres::NoTls;
 
 /// Errors raised by the adapter.
 #[derive(Debug, thiserror::Error)]

@@ -12,6 +12,7 @@ use leadscore_config::Config;
 mod bench;
 mod connectors;
 mod crm;
+mod demo;
 mod schemas;
 mod scorer;
 mod topics;
@@ -41,6 +42,8 @@ enum Command {
     /// Kafka Connect connectors defined in connectors/.
     #[command(subcommand)]
     Connectors(connectors::ConnectorsCommand),
+    /// The CRM round trip, live: connectors, scorer, synthetic leads in, score rows back.
+    Demo(demo::DemoArgs),
     /// The CRM: synthetic leads.
     #[command(subcommand)]
     Crm(crm::CrmCommand),
@@ -118,6 +121,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Schemas(cmd) => schemas::run(cmd, &config).await,
         Command::Crm(cmd) => crm::run(cmd, &config).await,
         Command::Connectors(cmd) => connectors::run(cmd, &config).await,
+        Command::Demo(args) => demo::run(args, &config).await,
         Command::Scorer => scorer::run(config).await,
         Command::Bench(cmd) => bench::run(cmd, &config).await,
     }
