@@ -39,6 +39,21 @@ pub(crate) enum ConnectorsCommand {
         /// Connector names.
         names: Vec<String>,
     },
+    /// Keep connectors running: restart failed connectors and tasks with backoff until SIGTERM.
+    ///
+    /// Kafka Connect does not restart a failed task by itself (a Debezium task that
+    /// starts while its database is down stays FAILED); this is the local
+    /// equivalent of Strimzi's KafkaConnector autoRestart.
+    Supervise {
+        /// Connector names (default: all definitions).
+        names: Vec<String>,
+        /// Seconds between status checks.
+        #[arg(long, default_value_t = 5)]
+        interval_secs: u64,
+        /// Longest wait between restarts of a connector that keeps failing, seconds.
+        #[arg(long, default_value_t = 120)]
+        max_backoff_secs: u64,
+    },
 }
 
 fn selected(
@@ -158,6 +173,20 @@ pub(crate) async fn run(cmd: ConnectorsCommand, config: &Config) -> anyhow::Resu
             }
             Ok(ExitCode::SUCCESS)
         }
+        ConnectorsCommand::Supervise {
+            names,
+            interval_secs,
+            max_backoff_secs,
+        } => {
+            let defs = selected(config, &names)?;
+            supervise(
+                &client,
+                &defs,
+                Duration::from_secs(interval_secs.max(1)),
+                Duration::from_secs(max_backoff_secs.max(1)),
+            )
+            .await
+        }
         ConnectorsCommand::Restart { names } => {
             for def in selected(config, &names)? {
                 client.restart_failed(&def.name).await?;
@@ -166,4 +195,72 @@ pub(crate) async fn run(cmd: ConnectorsCommand, config: &Config) -> anyhow::Resu
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn supervise(
+    client: &Client,
+    defs: &[leadscore_connect::Definition],
+    interval: Duration,
+    max_backoff: Duration,
+) -> anyhow::Result<ExitCode> {
+    let stop = tokio_util::sync::CancellationToken::new();
+    crate::scorer::on_signal(stop.clone());
+    // Per connector: when it may be restarted next, and the wait after that.
+    let mut backoff: std::collections::HashMap<String, (tokio::time::Instant, Duration)> =
+        std::collections::HashMap::new();
+    tracing::info!(
+        connectors = defs.len(),
+        interval_s = interval.as_secs(),
+        "supervising connectors"
+    );
+    loop {
+        for def in defs {
+            let status = match client.status(&def.name).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(connector = %def.name, error = %e, "status unavailable");
+                    continue;
+                }
+            };
+            let now = tokio::time::Instant::now();
+            if !status.has_failed() {
+                if status.is_running() {
+                    backoff.remove(&def.name);
+                }
+                continue;
+            }
+            let (next, wait) = backoff.get(&def.name).copied().unwrap_or((now, interval));
+            if now < next {
+                continue;
+            }
+            let cause = status
+                .tasks
+                .iter()
+                .filter_map(|t| t.trace.as_deref())
+                .chain(status.connector.trace.as_deref())
+                .find_map(|t| {
+                    t.lines()
+                        .find(|l| l.starts_with("Caused by"))
+                        .or(t.lines().next())
+                })
+                .unwrap_or("")
+                .to_string();
+            match client.restart_failed(&def.name).await {
+                Ok(()) => tracing::warn!(
+                    connector = %def.name,
+                    cause = %cause,
+                    next_wait_s = wait.as_secs(),
+                    "restarted a failed connector or task"
+                ),
+                Err(e) => tracing::warn!(connector = %def.name, error = %e, "restart refused"),
+            }
+            backoff.insert(def.name.clone(), (now + wait, (wait * 2).min(max_backoff)));
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+    tracing::info!("connector supervision stopped");
+    Ok(ExitCode::SUCCESS)
 }

@@ -93,6 +93,38 @@ impl Drop for Scorer {
     }
 }
 
+/// `leadscore connectors supervise`; stopped with SIGTERM on drop.
+struct Supervisor(Child);
+
+impl Supervisor {
+    fn start() -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_leadscore"))
+            .args([
+                "connectors",
+                "supervise",
+                "--interval-secs",
+                "2",
+                "--max-backoff-secs",
+                "10",
+            ])
+            .current_dir(repo())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        Supervisor(child)
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
 async fn postgres() -> tokio_postgres::Client {
     leadscore_postgres::connect(&leadscore_e2e::config().postgres.url)
         .await
@@ -368,6 +400,8 @@ async fn restarting_connect_and_postgres_mid_stream_loses_and_duplicates_nothing
     let _serial = SERIAL.lock().await;
     connectors_running();
     let _scorer = Scorer::start();
+    // What restarts a task that fails while its database is down (as Strimzi's autoRestart would).
+    let _supervisor = Supervisor::start();
     let model = model();
     let prefix = unique("e2e-fault").replace('.', "-");
     let leads = generate(&prefix, 600, 12);
