@@ -86,8 +86,9 @@ impl Telemetry {
 }
 
 fn default_filter() -> EnvFilter {
-    EnvFilter::try_from_env("LEADSCORE_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,opentelemetry=warn"))
+    EnvFilter::try_from_env("LEADSCORE_LOG").unwrap_or_else(|_| {
+        EnvFilter::new("info,rdkafka=warn,opentelemetry=warn,tokio_postgres=warn")
+    })
 }
 
 fn resource(service: &'static str, cfg: &TelemetryConfig) -> Resource {

@@ -92,7 +92,7 @@ async fn snapshot(pg: &leadscore_postgres::Client, pattern: &str) -> anyhow::Res
         )
         .await?;
     let bands: BTreeMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    // Insert (the CRM row's created_at) to score written back (the row's scored_at).
+    // Insert (the CRM row's created_at, set at insert) to scored (the score row's scored_at).
     let lat = pg
         .query_one(
             "SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY d), 0), \
@@ -236,7 +236,18 @@ pub(crate) async fn run(args: DemoArgs, config: &Config) -> anyhow::Result<ExitC
         tick.tick().await;
         if inserted < args.leads {
             let n = per_tick.min(args.leads - inserted);
-            let batch: Vec<_> = (&mut generator).take(n).collect();
+            let now = chrono::Utc::now();
+            let batch: Vec<_> = (&mut generator)
+                .take(n)
+                .map(|mut g| {
+                    // Created now, as a new CRM lead is: the latency below counts from here.
+                    g.lead.created_at = now;
+                    g.lead.updated_at = now;
+                    g.lead.status = leadscore_crm::Status::New;
+                    g.lead.converted_at = None;
+                    g
+                })
+                .collect();
             leadscore_postgres::upsert_leads(&mut pg, &batch).await?;
             inserted += n;
             if inserted == args.leads {
@@ -267,6 +278,7 @@ pub(crate) async fn run(args: DemoArgs, config: &Config) -> anyhow::Result<ExitC
     }
     let elapsed = started.elapsed();
     let s = snapshot(&pg, &pattern).await?;
+    println!("   * insert into the CRM to scored by the scorer, median so far");
     println!();
     println!("4. A few rows of public.lead_scores:");
     for r in pg
@@ -319,7 +331,7 @@ pub(crate) async fn run(args: DemoArgs, config: &Config) -> anyhow::Result<ExitC
         s.rows as f64 / elapsed.as_secs_f64()
     );
     println!(
-        "   insert -> score row in Postgres: p50 {:.0} ms, p99 {:.0} ms",
+        "   insert into the CRM -> scored (Debezium + Kafka + scorer): p50 {:.0} ms, p99 {:.0} ms",
         s.p50_ms, s.p99_ms
     );
     println!("   bands: {}", band_line(&s.bands));
