@@ -34,6 +34,7 @@ use tracing::Instrument as _;
 pub mod http;
 pub mod metrics;
 pub mod process;
+pub mod records;
 pub mod watch;
 
 pub use metrics::{Metrics, Stage};
@@ -532,7 +533,7 @@ async fn transact(
     };
     metrics.stage(Stage::Decode, started.elapsed());
     let started = std::time::Instant::now();
-    let mut outputs = tracing::info_span!("scorer.score", leads = decoded.len())
+    let outputs = tracing::info_span!("scorer.score", leads = decoded.len())
         .in_scope(|| {
             tokio::task::block_in_place(|| {
                 process::process(decoded, &batch_models, bands, || {
@@ -545,14 +546,10 @@ async fn transact(
     let started = std::time::Instant::now();
 
     blocking(|| producer.begin_transaction()).map_err(|e| classify("begin transaction", e, cfg))?;
-    // Values move into the encoder: after the commit only keys, scores and counts are needed.
-    for out in outputs.iter_mut() {
+    for out in outputs.iter() {
         let sent = match out {
-            Output::Score { key, value, .. } => {
-                let bytes = codecs
-                    .scores
-                    .encode(std::mem::replace(value, apache_avro::types::Value::Null))
-                    .map_err(|e| TxError::Fatal(Error::Registry(e)))?;
+            Output::Score { key, record, .. } => {
+                let bytes = records::framed(codecs.scores.schema_id(), |out| record.encode(out));
                 send(
                     producer,
                     FutureRecord::to(&cfg.scores_topic)
@@ -561,11 +558,8 @@ async fn transact(
                 )
                 .await
             }
-            Output::Shadow { key, value } => {
-                let bytes = codecs
-                    .shadow
-                    .encode(std::mem::replace(value, apache_avro::types::Value::Null))
-                    .map_err(|e| TxError::Fatal(Error::Registry(e)))?;
+            Output::Shadow { key, record } => {
+                let bytes = records::framed(codecs.shadow.schema_id(), |out| record.encode(out));
                 send(
                     producer,
                     FutureRecord::to(&cfg.shadow_topic)

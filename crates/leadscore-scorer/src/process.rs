@@ -2,11 +2,11 @@
 
 use std::collections::HashMap;
 
-use apache_avro::types::Value;
 use leadscore_cdc::{Action, CdcError, ErrorKind};
 use leadscore_crm::Lead;
-use leadscore_features::RawValue;
 use leadscore_model::{BandThresholds, Model};
+
+use crate::records::{LeadScore, ModelScore, Reason, Role, ShadowScore, Source};
 
 /// Where an input record came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,8 +41,8 @@ pub enum Output {
     Score {
         /// lead_id.
         key: String,
-        /// LeadScore Avro value.
-        value: Value,
+        /// The LeadScore record.
+        record: LeadScore,
         /// Score (for the cache and metrics).
         score: f64,
         /// Event-to-score latency in ms.
@@ -54,8 +54,8 @@ pub enum Output {
     Shadow {
         /// lead_id.
         key: String,
-        /// ShadowScore Avro value.
-        value: Value,
+        /// The ShadowScore record.
+        record: ShadowScore,
     },
     /// A tombstone for leads.scores.v1.
     Tombstone {
@@ -99,40 +99,6 @@ pub fn canary_bucket(lead_id: &str) -> f64 {
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
     (h % 10_000) as f64 / 100.0
-}
-
-fn band_value(bands: &BandThresholds, score: f64) -> Value {
-    let band = bands.band(score);
-    let index = match band {
-        leadscore_model::Band::High => 0,
-        leadscore_model::Band::Medium => 1,
-        leadscore_model::Band::Low => 2,
-    };
-    Value::Enum(index, band.as_str().to_string())
-}
-
-fn raw_to_avro(v: RawValue) -> Value {
-    match v {
-        RawValue::Null => Value::Union(0, Box::new(Value::Null)),
-        RawValue::Long(l) => Value::Union(1, Box::new(Value::Long(l))),
-        RawValue::Double(d) => Value::Union(2, Box::new(Value::Double(d))),
-        RawValue::String(s) => Value::Union(3, Box::new(Value::String(s))),
-    }
-}
-
-fn model_score(model: &Model, score: f64, bands: &BandThresholds) -> Value {
-    Value::Record(vec![
-        (
-            "model_name".into(),
-            Value::String(model.metadata().model_name.clone()),
-        ),
-        (
-            "model_version".into(),
-            Value::String(model.metadata().version.clone()),
-        ),
-        ("score".into(), Value::Double(score)),
-        ("band".into(), band_value(bands, score)),
-    ])
 }
 
 /// Scores one batch. Leads are scored with one ONNX call per model.
@@ -229,98 +195,66 @@ pub fn process(
         let scored_at = now_ms();
         let latency_ms = (scored_at - event_time_ms).max(0) as f64;
         let (live_model, live_score, role) = match (canary_scores.get(&j), models.canary) {
-            (Some(c), Some((m, _))) => (m, *c, Value::Enum(1, "canary".into())),
-            _ => (models.champion, score, Value::Enum(0, "champion".into())),
+            (Some(c), Some((m, _))) => (m, *c, Role::Canary),
+            _ => (models.champion, score, Role::Champion),
         };
-        let features: HashMap<String, Value> = live_model
-            .features()
-            .raw_values(lead)
-            .into_iter()
-            .map(|(k, v)| (k, raw_to_avro(v)))
-            .collect();
-        let value = Value::Record(vec![
-            ("lead_id".into(), Value::String(lead.lead_id.clone())),
-            ("score".into(), Value::Double(live_score)),
-            ("band".into(), band_value(bands, live_score)),
-            (
-                "model_name".into(),
-                Value::String(live_model.metadata().model_name.clone()),
-            ),
-            (
-                "model_version".into(),
-                Value::String(live_model.metadata().version.clone()),
-            ),
-            ("model_role".into(), role.clone()),
-            ("features".into(), Value::Map(features)),
-            ("event_time".into(), Value::TimestampMillis(*event_time_ms)),
-            ("scored_at".into(), Value::TimestampMillis(scored_at)),
-            ("latency_ms".into(), Value::Double(latency_ms)),
-            (
-                "source".into(),
-                Value::Union(
-                    1,
-                    Box::new(Value::Record(vec![
-                        ("topic".into(), Value::String(position.topic.clone())),
-                        ("partition".into(), Value::Int(position.partition)),
-                        ("offset".into(), Value::Long(position.offset)),
-                    ])),
-                ),
-            ),
-        ]);
+        let model_score = |model: &Model, score: f64| ModelScore {
+            model_name: model.metadata().model_name.clone(),
+            model_version: model.metadata().version.clone(),
+            score,
+            band: bands.band(score),
+        };
+        let live = model_score(live_model, live_score);
         let cached = leadscore_cache::CachedScore {
             lead_id: lead.lead_id.clone(),
             score: live_score,
-            band: bands.band(live_score).as_str().to_string(),
-            model_name: live_model.metadata().model_name.clone(),
-            model_version: live_model.metadata().version.clone(),
-            model_role: if canary_scores.contains_key(&j) {
-                "canary"
-            } else {
-                "champion"
-            }
-            .to_string(),
+            band: live.band.as_str().to_string(),
+            model_name: live.model_name.clone(),
+            model_version: live.model_version.clone(),
+            model_role: role.as_str().to_string(),
             scored_at_ms: scored_at,
+        };
+        let record = LeadScore {
+            lead_id: lead.lead_id.clone(),
+            model: live.clone(),
+            role,
+            features: live_model.features().raw_values(lead).into_iter().collect(),
+            event_time_ms: *event_time_ms,
+            scored_at_ms: scored_at,
+            latency_ms,
+            source: Some(Source {
+                topic: position.topic.clone(),
+                partition: position.partition,
+                offset: position.offset,
+            }),
         };
         outputs[i] = Output::Score {
             key: lead.lead_id.clone(),
-            value,
+            record,
             score: live_score,
             latency_ms,
             cached,
         };
-        let shadow = |reason: Value, shadow_model: &Model, shadow_score: f64| Output::Shadow {
+        let shadow = |reason: Reason, shadow_model: &Model, shadow_score: f64| Output::Shadow {
             key: lead.lead_id.clone(),
-            value: Value::Record(vec![
-                ("lead_id".into(), Value::String(lead.lead_id.clone())),
-                ("reason".into(), reason),
-                (
-                    "shadow".into(),
-                    model_score(shadow_model, shadow_score, bands),
-                ),
-                ("live".into(), model_score(live_model, live_score, bands)),
-                ("live_role".into(), role.clone()),
-                ("event_time".into(), Value::TimestampMillis(*event_time_ms)),
-                ("scored_at".into(), Value::TimestampMillis(scored_at)),
-                ("latency_ms".into(), Value::Double(latency_ms)),
-            ]),
+            record: ShadowScore {
+                lead_id: lead.lead_id.clone(),
+                reason,
+                shadow: model_score(shadow_model, shadow_score),
+                live: live.clone(),
+                live_role: role,
+                event_time_ms: *event_time_ms,
+                scored_at_ms: scored_at,
+                latency_ms,
+            },
         };
         if canary_scores.contains_key(&j) {
-            extra.push((
-                i,
-                shadow(
-                    Value::Enum(1, "canary_champion".into()),
-                    models.champion,
-                    score,
-                ),
-            ));
+            extra.push((i, shadow(Reason::CanaryChampion, models.champion, score)));
         }
         if let (Some(m), Some(results)) = (models.challenger, challenger.as_ref())
             && let Some(Ok(s)) = results.get(j)
         {
-            extra.push((
-                i,
-                shadow(Value::Enum(0, "challenger".into()), m, s.probability),
-            ));
+            extra.push((i, shadow(Reason::Challenger, m, s.probability)));
         }
     }
     // Shadow records follow their live score; order within a key is preserved.
