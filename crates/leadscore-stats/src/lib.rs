@@ -38,14 +38,24 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Quantile bins of a numeric feature, fitted on the reference.
+///
+/// The inner bins follow the rule of the training job's model metadata
+/// (`reference.bin_rule`): with interior cut points `cuts`, inner bin `i`
+/// holds the values with exactly `i` cuts `<=` them (numpy's
+/// `searchsorted(cuts, x, side="right")`), so metadata references are used
+/// as they are. Around them sit two guard bins for values outside the
+/// reference's `[min, max]` (when known), and a missing bin for NaN.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NumericBins {
-    /// Strictly increasing edges: the reference minimum, interior quantiles, the maximum.
-    pub edges: Vec<f64>,
+    /// Strictly increasing interior cut points.
+    pub cuts: Vec<f64>,
+    /// The reference's minimum and maximum, if known: values outside go to the guard bins.
+    pub range: Option<(f64, f64)>,
 }
 
 impl NumericBins {
-    /// Fits up to `bins` quantile bins on the finite values of `reference` (NaN is "missing").
+    /// Fits `bins` quantile bins on the finite values of `reference` (NaN is "missing"):
+    /// cut points at the interior quantiles, numpy's linear interpolation, duplicates removed.
     pub fn fit(reference: &[f64], bins: usize) -> Result<Self> {
         if bins == 0 {
             return Err(Error::Fit("at least one bin is needed".into()));
@@ -60,23 +70,28 @@ impl NumericBins {
         }
         values.sort_by(f64::total_cmp);
         let n = values.len();
-        let mut edges = Vec::with_capacity(bins + 1);
-        for i in 0..=bins {
-            // Quantile i/bins with linear interpolation (numpy's default).
-            let pos = (n - 1) as f64 * i as f64 / bins as f64;
+        let quantile = |q: f64| {
+            let pos = (n - 1) as f64 * q;
             let lo = pos.floor() as usize;
             let hi = pos.ceil() as usize;
-            let q = values[lo] + (values[hi] - values[lo]) * (pos - lo as f64);
-            if edges.last().is_none_or(|last: &f64| q > *last) {
-                edges.push(q);
+            values[lo] + (values[hi] - values[lo]) * (pos - lo as f64)
+        };
+        let mut cuts: Vec<f64> = Vec::with_capacity(bins);
+        for i in 1..bins {
+            let q = quantile(i as f64 / bins as f64);
+            if cuts.last().is_none_or(|last| q > *last) {
+                cuts.push(q);
             }
         }
-        Ok(Self { edges })
+        Ok(Self {
+            cuts,
+            range: Some((values[0], values[n - 1])),
+        })
     }
 
-    /// Bins in a histogram over these edges: underflow, `edges.len() - 1` inner bins (at least one), overflow, missing.
+    /// Bins of a histogram: underflow guard, `cuts.len() + 1` inner bins, overflow guard, missing.
     pub fn len(&self) -> usize {
-        self.inner() + 3
+        self.cuts.len() + 4
     }
 
     /// Never empty (always has guard and missing bins).
@@ -84,28 +99,25 @@ impl NumericBins {
         false
     }
 
-    fn inner(&self) -> usize {
-        self.edges.len().saturating_sub(1).max(1)
+    /// Index of the missing bin.
+    pub fn missing(&self) -> usize {
+        self.cuts.len() + 3
     }
 
-    /// The bin of `x`: inner bins are `[e0, e1], (e1, e2], ...`; NaN is the last (missing) bin.
+    /// The bin of `x`.
     pub fn bin(&self, x: f64) -> usize {
-        let inner = self.inner();
         if x.is_nan() {
-            return inner + 2;
+            return self.missing();
         }
-        let (Some(first), Some(last)) = (self.edges.first(), self.edges.last()) else {
-            return inner + 2;
-        };
-        if x < *first {
-            return 0;
+        if let Some((lo, hi)) = self.range {
+            if x < lo {
+                return 0;
+            }
+            if x > hi {
+                return self.cuts.len() + 2;
+            }
         }
-        if x > *last {
-            return inner + 1;
-        }
-        // First edge >= x, among the upper edges of the inner bins.
-        let upper = &self.edges[1.min(self.edges.len() - 1)..];
-        1 + upper.partition_point(|e| *e < x).min(inner - 1)
+        1 + self.cuts.partition_point(|c| *c <= x)
     }
 
     /// A histogram of `values` over these bins.
@@ -369,21 +381,32 @@ mod tests {
     #[test]
     fn bins_put_values_where_expected() {
         let bins = NumericBins::fit(&[1.0, 2.0, 3.0, 4.0, 5.0], 4).unwrap();
-        assert_eq!(bins.edges, vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(bins.cuts, vec![2.0, 3.0, 4.0]);
+        assert_eq!(bins.range, Some((1.0, 5.0)));
         assert_eq!(bins.len(), 7);
         assert_eq!(bins.bin(0.5), 0, "underflow guard");
         assert_eq!(bins.bin(1.0), 1);
-        assert_eq!(bins.bin(2.0), 1);
-        assert_eq!(bins.bin(2.5), 2);
+        assert_eq!(bins.bin(1.9), 1);
+        assert_eq!(
+            bins.bin(2.0),
+            2,
+            "a value equal to a cut goes above it (searchsorted right)"
+        );
+        assert_eq!(bins.bin(4.5), 4);
         assert_eq!(bins.bin(5.0), 4);
         assert_eq!(bins.bin(9.0), 5, "overflow guard");
         assert_eq!(bins.bin(f64::NAN), 6, "missing");
+        // Metadata references carry cuts only: no guard, the end bins are open.
+        let meta = NumericBins {
+            cuts: vec![2.0],
+            range: None,
+        };
+        assert_eq!((meta.bin(-1e9), meta.bin(2.0), meta.bin(1e9)), (1, 2, 2));
         // A constant reference still bins.
         let flat = NumericBins::fit(&[3.0; 10], 10).unwrap();
-        assert_eq!(flat.len(), 4);
-        assert_eq!(flat.bin(3.0), 1);
+        assert!(flat.cuts.len() <= 1);
         assert_eq!(flat.bin(2.0), 0);
-        assert_eq!(flat.bin(4.0), 2);
+        assert_eq!(flat.bin(4.0), flat.len() - 2);
         assert!(NumericBins::fit(&[f64::NAN], 3).is_err());
     }
 
