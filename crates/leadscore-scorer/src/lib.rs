@@ -10,6 +10,12 @@
 //! loses or duplicates a committed score; zombies are fenced by the group
 //! generation (KIP-447) and the transactional id.
 //!
+//! Two batches overlap: while batch n's transaction is produced and
+//! committed on a blocking thread, batch n+1 is read, decoded and scored
+//! (which has no side effects). Batch n+1's transaction begins only after
+//! batch n's has settled; if n's aborts, both are re-read from n's first
+//! offsets. At most two batches are in memory.
+//!
 //! `run` takes its config, clients, models and a shutdown token; it reads no
 //! environment. Bad input never stops it: it goes to the dead-letter topic
 //! with the reason in headers.
@@ -340,10 +346,39 @@ pub async fn run(
     };
     let linger = Duration::from_millis(cfg.batch_linger_ms);
     let mut backoff = Duration::from_millis(100);
+    let target = Arc::new(PublishTarget {
+        scores_topic: cfg.scores_topic.clone(),
+        shadow_topic: cfg.shadow_topic.clone(),
+        dlq_topic: cfg.dlq_topic.clone(),
+        scores_schema: codecs.scores.schema_id(),
+        shadow_schema: codecs.shadow.schema_id(),
+        timeout,
+        transactional_id: format!("{}-{}", cfg.transactional_id_prefix, cfg.instance_id),
+    });
+    // The batch being committed on a blocking thread while the next one is read and scored.
+    let mut in_flight: Option<InFlight> = None;
     loop {
-        // Wait for the first record of a batch, or shutdown.
+        // Wait for the first record of a batch, the in-flight commit, or shutdown.
         let first = tokio::select! {
             () = shutdown.cancelled() => break,
+            done = wait_in_flight(&mut in_flight), if in_flight.is_some() =>
+            {
+                let Some(prev) = in_flight.take() else { continue };
+                let ranges = prev.ranges.clone();
+                match settle(prev, done, &metrics, cache_tx.as_ref()) {
+                    Ok(()) => backoff = Duration::from_millis(100),
+                    Err(TxError::Fatal(e)) => {
+                        metrics.set_ready(false);
+                        return Err(e);
+                    }
+                    Err(TxError::Retry(_)) => {
+                        rewind(&consumer, [&ranges]);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+                continue;
+            }
             m = consumer.recv() => m,
         };
         let first = match first {
@@ -369,7 +404,7 @@ pub async fn run(
         }
         metrics.stage(Stage::Fetch, fetch_started.elapsed());
         // First and next offset per partition of this batch.
-        let mut ranges: BTreeMap<(String, i32), (i64, i64)> = BTreeMap::new();
+        let mut ranges: Ranges = BTreeMap::new();
         for m in &batch {
             let e = ranges
                 .entry((m.topic().to_string(), m.partition()))
@@ -377,68 +412,87 @@ pub async fn run(
             e.0 = e.0.min(m.offset());
             e.1 = e.1.max(m.offset() + 1);
         }
+        let inputs = batch.len();
         let span = tracing::info_span!(
             "scorer.batch",
-            inputs = batch.len(),
+            inputs,
             partitions = ranges.len(),
             outcome = tracing::field::Empty,
         );
-        let outcome = transact(
-            &cfg, &consumer, &producer, &codecs, &models, &bands, &batch, &ranges, &metrics,
-        )
-        .instrument(span.clone())
-        .await;
-        span.record(
-            "outcome",
-            if outcome.is_ok() {
-                "committed"
-            } else {
-                "aborted"
-            },
-        );
+        let prepared = prepare(&cfg, &codecs, &models, &bands, &batch, &metrics)
+            .instrument(span.clone())
+            .await;
         drop(batch);
-        match outcome {
-            Ok((inputs, outputs)) => {
-                metrics.batch_committed(inputs, &outputs);
-                if let Some(tx) = &cache_tx {
-                    let mut update = CacheUpdate::default();
-                    for o in outputs {
-                        match o {
-                            Output::Score { cached, .. } => update.scores.push(cached),
-                            Output::Tombstone { key } => update.deleted.push(key),
-                            _ => {}
-                        }
-                    }
-                    if (!update.scores.is_empty() || !update.deleted.is_empty())
-                        && tx.try_send(update).is_err()
-                    {
-                        metrics.cache_dropped();
-                    }
+        // This batch's transaction may only begin once the previous one is settled.
+        if let Some(mut prev) = in_flight.take() {
+            let prev_ranges = prev.ranges.clone();
+            let done = prev.handle_result().await;
+            match settle(prev, done, &metrics, cache_tx.as_ref()) {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(TxError::Fatal(e)) => {
+                    metrics.set_ready(false);
+                    return Err(e);
                 }
-                backoff = Duration::from_millis(100);
+                Err(TxError::Retry(_)) => {
+                    // Both batches are re-read: the previous one's records come first.
+                    span.record("outcome", "discarded");
+                    rewind(&consumer, [&prev_ranges, &ranges]);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
             }
+        }
+        let outputs = match prepared {
+            Ok(o) => o,
             Err(TxError::Fatal(e)) => {
                 metrics.set_ready(false);
                 return Err(e);
             }
             Err(TxError::Retry(why)) => {
                 metrics.batch_aborted();
-                tracing::warn!(reason = %why, "transaction aborted; re-reading the batch");
-                blocking(|| producer.abort_transaction(timeout)).ok();
-                for ((topic, partition), (start, _)) in &ranges {
-                    // Partitions revoked meanwhile fail to seek: their new owner re-reads them.
-                    if let Err(e) = consumer.seek(
-                        topic,
-                        *partition,
-                        Offset::Offset(*start),
-                        Duration::from_secs(5),
-                    ) {
-                        tracing::debug!(topic, partition, error = %e, "seek after abort");
-                    }
-                }
+                span.record("outcome", "aborted");
+                tracing::warn!(reason = %why, "batch not scored; re-reading it");
+                rewind(&consumer, [&ranges]);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
             }
+        };
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), (_, next)) in &ranges {
+            if let Err(e) = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+                return Err(Error::Kafka {
+                    context: "building the offsets to commit",
+                    source: e,
+                });
+            }
+        }
+        let Some(group) = consumer.group_metadata() else {
+            tracing::warn!("no consumer group metadata yet; re-reading the batch");
+            rewind(&consumer, [&ranges]);
+            tokio::time::sleep(backoff).await;
+            continue;
+        };
+        let (producer, target, metrics_c) = (producer.clone(), target.clone(), metrics.clone());
+        let publish_span = span.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            publish_span
+                .in_scope(|| publish(&producer, &target, outputs, &offsets, &group, &metrics_c))
+        });
+        in_flight = Some(InFlight {
+            handle,
+            inputs,
+            ranges,
+            span,
+        });
+    }
+    // Shutdown: the in-flight transaction finishes; a batch read but not yet published is re-read later.
+    if let Some(mut prev) = in_flight.take() {
+        let done = prev.handle_result().await;
+        if let Err(TxError::Fatal(e)) = settle(prev, done, &metrics, cache_tx.as_ref()) {
+            metrics.set_ready(false);
+            return Err(e);
         }
     }
     metrics.set_ready(false);
@@ -447,6 +501,107 @@ pub async fn run(
         "scorer stopped: in-flight batch committed"
     );
     Ok(())
+}
+
+type Ranges = BTreeMap<(String, i32), (i64, i64)>;
+
+/// Where and how a batch's outputs are published.
+struct PublishTarget {
+    scores_topic: String,
+    shadow_topic: String,
+    dlq_topic: String,
+    scores_schema: u32,
+    shadow_schema: u32,
+    timeout: Duration,
+    transactional_id: String,
+}
+
+/// A batch whose transaction is running on a blocking thread.
+struct InFlight {
+    handle: tokio::task::JoinHandle<Result<Vec<Output>, TxError>>,
+    inputs: usize,
+    ranges: Ranges,
+    span: tracing::Span,
+}
+
+type Published = Result<Result<Vec<Output>, TxError>, tokio::task::JoinError>;
+
+/// The in-flight transaction's result; never resolves without one.
+async fn wait_in_flight(in_flight: &mut Option<InFlight>) -> Published {
+    match in_flight {
+        Some(f) => (&mut f.handle).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl InFlight {
+    async fn handle_result(&mut self) -> Published {
+        (&mut self.handle).await
+    }
+}
+
+/// Counts a finished transaction and hands its scores to the cache; an error says what to do next.
+fn settle(
+    prev: InFlight,
+    done: Published,
+    metrics: &Metrics,
+    cache_tx: Option<&tokio::sync::mpsc::Sender<CacheUpdate>>,
+) -> Result<(), TxError> {
+    let outcome = match done {
+        Ok(r) => r,
+        Err(e) => Err(TxError::Retry(format!("publishing task failed: {e}"))),
+    };
+    match outcome {
+        Ok(outputs) => {
+            prev.span.record("outcome", "committed");
+            metrics.batch_committed(prev.inputs, &outputs);
+            if let Some(tx) = cache_tx {
+                let mut update = CacheUpdate::default();
+                for o in outputs {
+                    match o {
+                        Output::Score { cached, .. } => update.scores.push(cached),
+                        Output::Tombstone { key } => update.deleted.push(key),
+                        _ => {}
+                    }
+                }
+                if (!update.scores.is_empty() || !update.deleted.is_empty())
+                    && tx.try_send(update).is_err()
+                {
+                    metrics.cache_dropped();
+                }
+            }
+            Ok(())
+        }
+        Err(TxError::Retry(why)) => {
+            prev.span.record("outcome", "aborted");
+            metrics.batch_aborted();
+            tracing::warn!(reason = %why, "transaction aborted; re-reading the batch");
+            Err(TxError::Retry(why))
+        }
+        Err(fatal) => Err(fatal),
+    }
+}
+
+/// Seeks every partition of `batches` back to its earliest first offset.
+fn rewind<'a>(consumer: &ScorerConsumer, batches: impl IntoIterator<Item = &'a Ranges>) {
+    let mut starts: BTreeMap<&(String, i32), i64> = BTreeMap::new();
+    for ranges in batches {
+        for (tp, (start, _)) in ranges {
+            let e = starts.entry(tp).or_insert(*start);
+            *e = (*e).min(*start);
+        }
+    }
+    for ((topic, partition), start) in starts {
+        // Partitions revoked meanwhile fail to seek: their new owner re-reads them.
+        if let Err(e) = consumer.seek(
+            topic,
+            *partition,
+            Offset::Offset(start),
+            Duration::from_secs(5),
+        ) {
+            tracing::debug!(topic, partition, error = %e, "seek after abort");
+        }
+    }
 }
 
 #[derive(Default)]
@@ -486,34 +641,27 @@ enum TxError {
     Fatal(Error),
 }
 
-fn classify(context: &'static str, e: KafkaError, cfg: &ScorerConfig) -> TxError {
+fn classify(context: &'static str, e: KafkaError, transactional_id: &str) -> TxError {
     if let KafkaError::Transaction(ref t) = e
         && t.is_fatal()
     {
         if t.code() == RDKafkaErrorCode::Fenced || t.code() == RDKafkaErrorCode::ProducerFenced {
-            return TxError::Fatal(Error::Fenced(format!(
-                "{}-{}",
-                cfg.transactional_id_prefix, cfg.instance_id
-            )));
+            return TxError::Fatal(Error::Fenced(transactional_id.to_string()));
         }
         return TxError::Fatal(Error::Kafka { context, source: e });
     }
     TxError::Retry(format!("{context}: {e}"))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn transact(
+/// Decodes and scores a batch: no side effects, so a failed transaction can simply re-read it.
+async fn prepare(
     cfg: &ScorerConfig,
-    consumer: &ScorerConsumer,
-    producer: &FutureProducer,
     codecs: &Codecs,
     models: &Models,
     bands: &BandThresholds,
     batch: &[BorrowedMessage<'_>],
-    ranges: &BTreeMap<(String, i32), (i64, i64)>,
     metrics: &Metrics,
-) -> Result<(usize, Vec<Output>), TxError> {
-    let timeout = Duration::from_millis(cfg.transaction_timeout_ms);
+) -> Result<Vec<Output>, TxError> {
     let started = std::time::Instant::now();
     let mut decoded = Vec::with_capacity(batch.len());
     for m in batch {
@@ -543,38 +691,79 @@ async fn transact(
         })
         .map_err(|e| TxError::Fatal(Error::Model(e)))?;
     metrics.stage(Stage::Score, started.elapsed());
-    let started = std::time::Instant::now();
+    Ok(outputs)
+}
 
-    blocking(|| producer.begin_transaction()).map_err(|e| classify("begin transaction", e, cfg))?;
-    for out in outputs.iter() {
+/// Publishes a batch's outputs and its offsets in one Kafka transaction. Runs on a blocking thread.
+///
+/// A failure after the transaction began aborts it, so the producer is ready for the next one.
+fn publish(
+    producer: &FutureProducer,
+    target: &PublishTarget,
+    outputs: Vec<Output>,
+    offsets: &TopicPartitionList,
+    group: &rdkafka::consumer::ConsumerGroupMetadata,
+    metrics: &Metrics,
+) -> Result<Vec<Output>, TxError> {
+    let txid = target.transactional_id.as_str();
+    let started = std::time::Instant::now();
+    producer
+        .begin_transaction()
+        .map_err(|e| classify("begin transaction", e, txid))?;
+    let result = produce_all(producer, target, &outputs).and_then(|()| {
+        metrics.stage(Stage::Produce, started.elapsed());
+        let started = std::time::Instant::now();
+        producer
+            .send_offsets_to_transaction(offsets, group, target.timeout)
+            .map_err(|e| classify("send offsets", e, txid))?;
+        tracing::info_span!("scorer.commit")
+            .in_scope(|| producer.commit_transaction(target.timeout))
+            .map_err(|e| classify("commit", e, txid))?;
+        metrics.stage(Stage::Commit, started.elapsed());
+        Ok(())
+    });
+    match result {
+        Ok(()) => Ok(outputs),
+        Err(TxError::Retry(why)) => {
+            if let Err(e) = producer.abort_transaction(target.timeout) {
+                tracing::warn!(error = %e, "abort after a failed transaction");
+            }
+            Err(TxError::Retry(why))
+        }
+        Err(fatal) => Err(fatal),
+    }
+}
+
+fn produce_all(
+    producer: &FutureProducer,
+    target: &PublishTarget,
+    outputs: &[Output],
+) -> Result<(), TxError> {
+    let txid = target.transactional_id.as_str();
+    for out in outputs {
         let sent = match out {
             Output::Score { key, record, .. } => {
-                let bytes = records::framed(codecs.scores.schema_id(), |out| record.encode(out));
+                let bytes = records::framed(target.scores_schema, |out| record.encode(out));
                 send(
                     producer,
-                    FutureRecord::to(&cfg.scores_topic)
+                    FutureRecord::to(&target.scores_topic)
                         .key(key.as_str())
                         .payload(&bytes),
                 )
-                .await
             }
             Output::Shadow { key, record } => {
-                let bytes = records::framed(codecs.shadow.schema_id(), |out| record.encode(out));
+                let bytes = records::framed(target.shadow_schema, |out| record.encode(out));
                 send(
                     producer,
-                    FutureRecord::to(&cfg.shadow_topic)
+                    FutureRecord::to(&target.shadow_topic)
                         .key(key.as_str())
                         .payload(&bytes),
                 )
-                .await
             }
-            Output::Tombstone { key } => {
-                send(
-                    producer,
-                    FutureRecord::<str, [u8]>::to(&cfg.scores_topic).key(key.as_str()),
-                )
-                .await
-            }
+            Output::Tombstone { key } => send(
+                producer,
+                FutureRecord::<str, [u8]>::to(&target.scores_topic).key(key.as_str()),
+            ),
             Output::Dead {
                 key,
                 payload,
@@ -603,40 +792,24 @@ async fn transact(
                         key: "leadscore.source.offset",
                         value: Some(&position.offset.to_string()),
                     });
-                let mut rec = FutureRecord::<[u8], [u8]>::to(&cfg.dlq_topic).headers(headers);
+                let mut rec = FutureRecord::<[u8], [u8]>::to(&target.dlq_topic).headers(headers);
                 if let Some(k) = key {
                     rec = rec.key(k.as_slice());
                 }
                 if let Some(p) = payload {
                     rec = rec.payload(p.as_slice());
                 }
-                send(producer, rec).await
+                send(producer, rec)
             }
             Output::Outcome | Output::Ignored => Ok(()),
         };
-        sent.map_err(|e| classify("produce", e, cfg))?;
+        sent.map_err(|e| classify("produce", e, txid))?;
     }
-    metrics.stage(Stage::Produce, started.elapsed());
-    let started = std::time::Instant::now();
-    let mut offsets = TopicPartitionList::new();
-    for ((topic, partition), (_, next)) in ranges {
-        offsets
-            .add_partition_offset(topic, *partition, Offset::Offset(*next))
-            .map_err(|e| TxError::Retry(e.to_string()))?;
-    }
-    let group = consumer
-        .group_metadata()
-        .ok_or_else(|| TxError::Retry("no consumer group metadata yet".into()))?;
-    blocking(|| producer.send_offsets_to_transaction(&offsets, &group, timeout))
-        .map_err(|e| classify("send offsets", e, cfg))?;
-    tracing::info_span!("scorer.commit")
-        .in_scope(|| blocking(|| producer.commit_transaction(timeout)))
-        .map_err(|e| classify("commit", e, cfg))?;
-    metrics.stage(Stage::Commit, started.elapsed());
-    Ok((batch.len(), outputs))
+    Ok(())
 }
 
-async fn send<K, P>(
+/// Enqueues one record, waiting while the producer's queue is full. Delivery is confirmed by the commit.
+fn send<K, P>(
     producer: &FutureProducer,
     mut record: FutureRecord<'_, K, P>,
 ) -> Result<(), KafkaError>
@@ -646,11 +819,11 @@ where
 {
     loop {
         match producer.send_result(record) {
-            // Delivery is confirmed by the commit: a failed delivery fails the commit.
+            // A failed delivery fails the commit.
             Ok(_delivery) => return Ok(()),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                 record = r;
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                std::thread::sleep(Duration::from_millis(5));
             }
             Err((e, _)) => return Err(e),
         }
