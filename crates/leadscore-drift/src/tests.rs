@@ -1,0 +1,179 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use proptest::prelude::*;
+
+fn bundled_profile() -> Arc<Profile> {
+    let text = include_str!("../../../models/default/metadata.json");
+    let metadata: serde_json::Value = serde_json::from_str(text).unwrap();
+    Arc::new(Profile::from_metadata(&metadata).unwrap())
+}
+
+/// Draws a lead's features from the reference itself (bin centres), or shifted.
+fn lead(
+    profile: &Profile,
+    i: u64,
+    shift_page_views: bool,
+    new_category: bool,
+) -> BTreeMap<String, RawValue> {
+    let mut out = BTreeMap::new();
+    for f in &profile.features {
+        // A deterministic pseudo-random draw from the expected distribution.
+        let u = ((i.wrapping_mul(2_654_435_761) ^ (f.name.len() as u64 * 97)) % 10_000) as f64
+            / 10_000.0;
+        let mut acc = 0.0;
+        let mut bin = f.expected.len() - 1;
+        for (k, p) in f.expected.iter().enumerate() {
+            acc += p;
+            if u < acc {
+                bin = k;
+                break;
+            }
+        }
+        let value = match &f.bins {
+            FeatureBins::Numeric(b) => {
+                let missing = b.missing();
+                if bin == missing {
+                    RawValue::Null
+                } else {
+                    let inner = bin.clamp(1, b.cuts.len() + 1) - 1;
+                    let lo = if inner == 0 {
+                        b.cuts[0] - 1.0
+                    } else {
+                        b.cuts[inner - 1]
+                    };
+                    let hi = if inner == b.cuts.len() {
+                        lo + 2.0
+                    } else {
+                        b.cuts[inner]
+                    };
+                    let mut v = (lo + hi) / 2.0;
+                    if shift_page_views && f.name == "page_views" {
+                        v += 25.0;
+                    }
+                    RawValue::Double(v)
+                }
+            }
+            FeatureBins::Categorical(b) => {
+                if new_category && f.name == "referral_source" && i.is_multiple_of(4) {
+                    RawValue::String("TikTok".into())
+                } else if bin < b.vocabulary.len() {
+                    RawValue::String(b.vocabulary[bin].clone())
+                } else {
+                    RawValue::Null
+                }
+            }
+        };
+        out.insert(f.name.clone(), value);
+    }
+    out
+}
+
+fn window_of(profile: &Arc<Profile>, n: u64, shift: bool, new_category: bool) -> Window {
+    let mut w = Window::new(profile.clone());
+    for i in 0..n {
+        w.observe(&lead(profile, i, shift, new_category), 0.2);
+    }
+    w
+}
+
+#[test]
+fn the_bundled_metadata_gives_every_feature_a_profile() {
+    let p = bundled_profile();
+    let names: Vec<&str> = p.features.iter().map(|f| f.name.as_str()).collect();
+    for want in [
+        "company_size",
+        "country",
+        "day_of_week",
+        "page_views",
+        "referral_source",
+        "time_on_site",
+    ] {
+        assert!(names.contains(&want), "{want} in {names:?}");
+    }
+    for f in &p.features {
+        let sum: f64 = f.expected.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-9, "{}: {sum}", f.name);
+    }
+    assert!(p.score.is_some());
+}
+
+#[test]
+fn a_window_drawn_from_the_reference_shows_no_drift_and_shifts_are_flagged_on_their_feature() {
+    let p = bundled_profile();
+    let calm = window_of(&p, 5000, false, false);
+    for d in calm.report() {
+        assert!(d.psi < 0.1, "{}: psi {} without drift", d.feature, d.psi);
+        assert!(d.psi.is_finite() && d.kl.is_finite() && d.js.is_finite());
+    }
+    let shifted = window_of(&p, 5000, true, false);
+    let report = shifted.report();
+    let pv = report.iter().find(|d| d.feature == "page_views").unwrap();
+    assert!(pv.psi > 0.5, "page_views psi {}", pv.psi);
+    assert!(pv.ks.unwrap().1 < 1e-6, "KS p-value {:?}", pv.ks);
+    for d in report.iter().filter(|d| d.feature != "page_views") {
+        assert!(d.psi < 0.1, "{} should not move: {}", d.feature, d.psi);
+    }
+    let new_cat = window_of(&p, 5000, false, true).report();
+    let rs = new_cat
+        .iter()
+        .find(|d| d.feature == "referral_source")
+        .unwrap();
+    assert!(
+        (rs.new_category_rate.unwrap() - 0.25).abs() < 0.01,
+        "{:?}",
+        rs.new_category_rate
+    );
+    assert!(rs.psi > 0.25 && rs.chi2.unwrap().1 < 1e-6);
+}
+
+#[test]
+fn windows_close_when_every_partition_has_passed_them() {
+    let p = bundled_profile();
+    let mut ws = Windows::new(1000, 100);
+    ws.add_profile("v1", p.clone());
+    let f = lead(&p, 1, false, false);
+    assert_eq!(ws.observe(0, "v1", 500, &f, 0.1), Some(Observed::Counted));
+    assert_eq!(ws.observe(1, "v1", 700, &f, 0.1), Some(Observed::Counted));
+    assert_eq!(
+        ws.observe(0, "v2", 700, &f, 0.1),
+        None,
+        "no profile: not counted"
+    );
+    // Partition 0 moves on, partition 1 has not: nothing closes.
+    ws.observe(0, "v1", 2500, &f, 0.1);
+    assert!(ws.close_ready().is_empty());
+    // Partition 1 passes the end plus lateness: the first window closes.
+    ws.observe(1, "v1", 1150, &f, 0.1);
+    let closed = ws.close_ready();
+    assert_eq!(closed.len(), 1);
+    assert_eq!((closed[0].start_ms, closed[0].end_ms), (0, 1000));
+    assert_eq!(closed[0].window.scored, 2);
+    // An event for the closed window is late, counted apart.
+    assert_eq!(ws.observe(1, "v1", 900, &f, 0.1), Some(Observed::Late));
+    assert_eq!(ws.late_after_close(), 1);
+}
+
+proptest! {
+    #[test]
+    fn partitions_merge_to_the_same_window_as_one_instance(
+        n in 0u64..400,
+        split in 0u64..400,
+        shift in any::<bool>(),
+    ) {
+        let p = bundled_profile();
+        let split = split.min(n);
+        let whole = {
+            let mut w = Window::new(p.clone());
+            for i in 0..n { w.observe(&lead(&p, i, shift, false), (i % 100) as f64 / 100.0); }
+            w
+        };
+        let mut left = Window::new(p.clone());
+        let mut right = Window::new(p.clone());
+        for i in 0..split { left.observe(&lead(&p, i, shift, false), (i % 100) as f64 / 100.0); }
+        for i in split..n { right.observe(&lead(&p, i, shift, false), (i % 100) as f64 / 100.0); }
+        left.merge(&right).unwrap();
+        prop_assert_eq!(&left, &whole);
+        prop_assert_eq!(left.report(), whole.report());
+    }
+}
