@@ -15,6 +15,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+pub mod alerts;
+
 use leadscore_features::RawValue;
 use leadscore_stats::{CategoryBins, Histogram, NumericBins, smooth};
 use serde::Deserialize;

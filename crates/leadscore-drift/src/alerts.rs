@@ -1,0 +1,349 @@
+//! From a window's drift report to alerts: severities from thresholds, a
+//! multiple-testing correction, and deduplication with resolve events.
+//!
+//! [`evaluate`] turns one window's statistics into findings:
+//! - PSI above `psi_warning` (default 0.25) is a warning, above
+//!   `psi_critical` (0.5) critical; the score distribution's PSI likewise;
+//! - KL above `kl_warning` (0.1) is a warning;
+//! - KS and chi-square p-values are corrected with Holm's step-down method
+//!   over every test of the window. A significant test is a warning only if
+//!   the feature also moved (PSI at least `effect_psi`, 0.1) and the window
+//!   has `min_sample` values, so a very large window does not alarm on a
+//!   trivial difference and a tiny one not on noise; otherwise it is info.
+//!
+//! [`AlertState`] deduplicates by fingerprint (model, kind, feature): a
+//! condition fires once, fires again only when its severity changes, and
+//! resolves when a later window no longer shows it.
+
+use std::collections::BTreeMap;
+
+use crate::FeatureDrift;
+
+/// Alert thresholds.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Thresholds {
+    /// PSI above this is a warning.
+    pub psi_warning: f64,
+    /// PSI above this is critical.
+    pub psi_critical: f64,
+    /// KL divergence above this is a warning.
+    pub kl_warning: f64,
+    /// Family-wise significance level of the window's KS and chi-square tests.
+    pub alpha: f64,
+    /// Fewest values in a window for a test to count.
+    pub min_sample: u64,
+    /// Least PSI for a significant test to be a warning rather than info.
+    pub effect_psi: f64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Self {
+            psi_warning: 0.25,
+            psi_critical: 0.5,
+            kl_warning: 0.1,
+            alpha: 0.05,
+            min_sample: 500,
+            effect_psi: 0.1,
+        }
+    }
+}
+
+/// Alert severity (`Severity` in Alert.avsc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// Log and dashboard.
+    Info,
+    /// Slack.
+    Warning,
+    /// Slack, email and PagerDuty.
+    Critical,
+}
+
+/// One condition found in a window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    /// `psi`, `kl`, `ks`, `chi2` or `score_psi`.
+    pub kind: &'static str,
+    /// The feature, if the condition is about one.
+    pub feature: Option<String>,
+    /// The measured value (a p-value for tests).
+    pub value: f64,
+    /// The threshold it crossed (the corrected level for tests).
+    pub threshold: f64,
+    /// How bad.
+    pub severity: Severity,
+}
+
+/// The conditions of one window's report.
+pub fn evaluate(report: &[FeatureDrift], score_psi: Option<f64>, t: &Thresholds) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let psi_severity = |psi: f64| {
+        if psi > t.psi_critical {
+            Some((Severity::Critical, t.psi_critical))
+        } else if psi > t.psi_warning {
+            Some((Severity::Warning, t.psi_warning))
+        } else {
+            None
+        }
+    };
+    for d in report {
+        if d.sample_size < t.min_sample {
+            continue;
+        }
+        if let Some((severity, threshold)) = psi_severity(d.psi) {
+            out.push(Finding {
+                kind: "psi",
+                feature: Some(d.feature.clone()),
+                value: d.psi,
+                threshold,
+                severity,
+            });
+        }
+        if d.kl > t.kl_warning {
+            out.push(Finding {
+                kind: "kl",
+                feature: Some(d.feature.clone()),
+                value: d.kl,
+                threshold: t.kl_warning,
+                severity: Severity::Warning,
+            });
+        }
+    }
+    if let Some(psi) = score_psi
+        && let Some((severity, threshold)) = psi_severity(psi)
+    {
+        out.push(Finding {
+            kind: "score_psi",
+            feature: None,
+            value: psi,
+            threshold,
+            severity,
+        });
+    }
+    // Holm's step-down over every test of the window with enough data.
+    let mut tests: Vec<(&FeatureDrift, &'static str, f64)> = report
+        .iter()
+        .filter(|d| d.sample_size >= t.min_sample)
+        .flat_map(|d| {
+            [
+                d.ks.map(|(_, p)| (d, "ks", p)),
+                d.chi2.map(|(_, p)| (d, "chi2", p)),
+            ]
+        })
+        .flatten()
+        .collect();
+    tests.sort_by(|a, b| a.2.total_cmp(&b.2));
+    let m = tests.len();
+    for (rank, (d, kind, p)) in tests.into_iter().enumerate() {
+        let level = t.alpha / (m - rank) as f64;
+        if p >= level {
+            break;
+        }
+        let severity = if d.psi >= t.effect_psi {
+            Severity::Warning
+        } else {
+            Severity::Info
+        };
+        out.push(Finding {
+            kind,
+            feature: Some(d.feature.clone()),
+            value: p,
+            threshold: level,
+            severity,
+        });
+    }
+    out
+}
+
+/// Firing or resolved (`AlertStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// The condition holds.
+    Firing,
+    /// It held and no longer does.
+    Resolved,
+}
+
+/// An alert to publish (the `Alert` record).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertEvent {
+    /// Identity of the condition: model, kind, feature.
+    pub fingerprint: String,
+    /// Firing or resolved.
+    pub status: Status,
+    /// Severity (of the firing condition; a resolve repeats the last one).
+    pub severity: Severity,
+    /// The condition.
+    pub finding: Finding,
+    /// Model name.
+    pub model_name: String,
+    /// Model version of the window.
+    pub model_version: String,
+    /// Window start, ms.
+    pub window_start_ms: i64,
+    /// Window end, ms.
+    pub window_end_ms: i64,
+}
+
+/// Fingerprint of a condition: stable across windows and versions of one model.
+pub fn fingerprint(model_name: &str, kind: &str, feature: Option<&str>) -> String {
+    format!("{model_name}/{kind}/{}", feature.unwrap_or("-"))
+}
+
+/// The conditions firing now, per fingerprint.
+#[derive(Debug, Default, Clone)]
+pub struct AlertState {
+    firing: BTreeMap<String, Finding>,
+}
+
+impl AlertState {
+    /// Events for one window of `model_name`: new or changed conditions fire, vanished ones resolve.
+    pub fn update(
+        &mut self,
+        model_name: &str,
+        model_version: &str,
+        window: (i64, i64),
+        findings: Vec<Finding>,
+    ) -> Vec<AlertEvent> {
+        let event = |fp: String, status, finding: Finding| AlertEvent {
+            fingerprint: fp,
+            status,
+            severity: finding.severity,
+            finding,
+            model_name: model_name.to_string(),
+            model_version: model_version.to_string(),
+            window_start_ms: window.0,
+            window_end_ms: window.1,
+        };
+        let mut out = Vec::new();
+        let mut seen: Vec<String> = Vec::new();
+        for f in findings {
+            let fp = fingerprint(model_name, f.kind, f.feature.as_deref());
+            seen.push(fp.clone());
+            let changed = self
+                .firing
+                .get(&fp)
+                .is_none_or(|prev| prev.severity != f.severity);
+            self.firing.insert(fp.clone(), f.clone());
+            if changed {
+                out.push(event(fp, Status::Firing, f));
+            }
+        }
+        let prefix = format!("{model_name}/");
+        let gone: Vec<String> = self
+            .firing
+            .keys()
+            .filter(|fp| fp.starts_with(&prefix) && !seen.contains(fp))
+            .cloned()
+            .collect();
+        for fp in gone {
+            if let Some(f) = self.firing.remove(&fp) {
+                out.push(event(fp, Status::Resolved, f));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drift(feature: &str, psi: f64, p: Option<f64>, n: u64) -> FeatureDrift {
+        FeatureDrift {
+            feature: feature.into(),
+            numeric: true,
+            sample_size: n,
+            psi,
+            kl: psi / 4.0,
+            js: 0.0,
+            ks: p.map(|p| (0.1, p)),
+            chi2: None,
+            new_category_rate: None,
+            missing_rate: 0.0,
+            reference_missing_rate: 0.0,
+        }
+    }
+
+    #[test]
+    fn psi_thresholds_set_the_severity() {
+        let t = Thresholds::default();
+        let f = evaluate(
+            &[
+                drift("a", 0.3, None, 1000),
+                drift("b", 0.6, None, 1000),
+                drift("c", 0.1, None, 1000),
+            ],
+            Some(0.7),
+            &t,
+        );
+        let sev = |kind: &str, feat: Option<&str>| {
+            f.iter()
+                .find(|x| x.kind == kind && x.feature.as_deref() == feat)
+                .map(|x| x.severity)
+        };
+        assert_eq!(sev("psi", Some("a")), Some(Severity::Warning));
+        assert_eq!(sev("psi", Some("b")), Some(Severity::Critical));
+        assert_eq!(sev("psi", Some("c")), None);
+        assert_eq!(sev("score_psi", None), Some(Severity::Critical));
+        assert_eq!(
+            sev("kl", Some("b")),
+            Some(Severity::Warning),
+            "KL 0.15 > 0.1"
+        );
+    }
+
+    #[test]
+    fn tests_are_corrected_for_multiplicity_and_need_data_and_an_effect() {
+        let t = Thresholds::default();
+        // Ten tests; 0.01 is below 0.05 but above Holm's first level 0.005.
+        let report: Vec<FeatureDrift> = (0..10)
+            .map(|i| drift(&format!("f{i}"), 0.0, Some(0.01 + i as f64 * 0.01), 1000))
+            .collect();
+        assert!(evaluate(&report, None, &t).is_empty());
+        // A tiny p-value on a feature that barely moved is info; with an effect, a warning.
+        let mut report = report;
+        report[0] = drift("f0", 0.01, Some(1e-9), 1000);
+        report[1] = drift("f1", 0.2, Some(1e-9), 1000);
+        let f = evaluate(&report, None, &t);
+        let ks: Vec<(&str, Severity)> = f
+            .iter()
+            .filter(|x| x.kind == "ks")
+            .map(|x| (x.feature.as_deref().unwrap_or(""), x.severity))
+            .collect();
+        assert_eq!(ks, vec![("f0", Severity::Info), ("f1", Severity::Warning)]);
+        // Too few values: nothing at all.
+        assert!(evaluate(&[drift("x", 0.9, Some(0.0), 10)], None, &t).is_empty());
+    }
+
+    #[test]
+    fn alerts_fire_once_escalate_and_resolve() {
+        let t = Thresholds::default();
+        let mut state = AlertState::default();
+        let w = |psi: f64| evaluate(&[drift("pv", psi, None, 1000)], None, &t);
+        let e = state.update("m", "1", (0, 10), w(0.3));
+        assert_eq!(e.len(), 1);
+        assert_eq!(
+            (e[0].status, e[0].severity),
+            (Status::Firing, Severity::Warning)
+        );
+        assert_eq!(e[0].fingerprint, "m/psi/pv");
+        assert!(
+            state.update("m", "1", (10, 20), w(0.3)).is_empty(),
+            "deduplicated"
+        );
+        let e = state.update("m", "1", (20, 30), w(0.7));
+        assert!(
+            e.iter()
+                .any(|a| a.status == Status::Firing && a.severity == Severity::Critical)
+        );
+        let e = state.update("m", "1", (30, 40), w(0.0));
+        assert!(!e.is_empty() && e.iter().all(|a| a.status == Status::Resolved));
+        assert!(state.update("m", "1", (40, 50), w(0.0)).is_empty());
+        // Another model's conditions are its own.
+        state.update("m", "1", (50, 60), w(0.3));
+        assert!(state.update("other", "1", (50, 60), Vec::new()).is_empty());
+    }
+}
