@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub mod alerts;
+pub mod report;
 
 use leadscore_features::RawValue;
 use leadscore_stats::{CategoryBins, Histogram, NumericBins, smooth};
