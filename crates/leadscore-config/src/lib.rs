@@ -148,6 +148,13 @@ pub struct ScorerConfig {
     pub model_poll_secs: u64,
 }
 
+impl ScorerConfig {
+    /// This replica's Kafka transactional id: `<transactional_id_prefix>-<instance_id>`.
+    pub fn transactional_id(&self) -> String {
+        format!("{}-{}", self.transactional_id_prefix, self.instance_id)
+    }
+}
+
 impl Default for ScorerConfig {
     fn default() -> Self {
         Self {

@@ -229,23 +229,6 @@ pub struct Window {
     pub scored: u64,
 }
 
-fn binned_ks(expected: &[f64], reference_count: u64, actual: &Histogram) -> Option<(f64, f64)> {
-    // Compare over the non-missing bins; the missing rate is reported on its own.
-    let len = actual.counts.len().saturating_sub(1);
-    let n: u64 = actual.counts[..len].iter().sum();
-    let ref_mass: f64 = expected[..len].iter().sum();
-    if n == 0 || reference_count == 0 || ref_mass <= 0.0 {
-        return None;
-    }
-    let (mut ce, mut ca, mut d) = (0.0, 0u64, 0.0f64);
-    for (e, a) in expected[..len].iter().zip(&actual.counts[..len]) {
-        ce += e / ref_mass;
-        ca += a;
-        d = d.max((ce - ca as f64 / n as f64).abs());
-    }
-    Some((d, leadscore_stats::ks_p_value(d, reference_count, n)))
-}
-
 impl Window {
     /// An empty window over `profile`'s bins.
     pub fn new(profile: Arc<Profile>) -> Self {
@@ -309,7 +292,12 @@ impl Window {
                         true,
                         b.missing(),
                         None,
-                        binned_ks(&f.expected, f.count, h),
+                        // Over the non-missing bins; the missing rate is reported on its own.
+                        leadscore_stats::ks_binned(
+                            &f.expected[..b.missing()],
+                            f.count,
+                            &h.counts[..b.missing()],
+                        ),
                         None,
                     ),
                     FeatureBins::Categorical(b) => (

@@ -175,19 +175,16 @@ pub fn producer_config(
     cfg: &ScorerConfig,
 ) -> rdkafka::ClientConfig {
     let mut c = leadscore_kafka::client_config(kafka);
-    c.set(
-        "transactional.id",
-        format!("{}-{}", cfg.transactional_id_prefix, cfg.instance_id),
-    )
-    .set("enable.idempotence", "true")
-    .set(
-        "transaction.timeout.ms",
-        cfg.transaction_timeout_ms.to_string(),
-    )
-    .set("linger.ms", "5")
-    .set("compression.type", "lz4")
-    .set("queue.buffering.max.messages", "200000")
-    .set("client.id", format!("leadscore-scorer-{}", cfg.instance_id));
+    c.set("transactional.id", cfg.transactional_id())
+        .set("enable.idempotence", "true")
+        .set(
+            "transaction.timeout.ms",
+            cfg.transaction_timeout_ms.to_string(),
+        )
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "200000")
+        .set("client.id", format!("leadscore-scorer-{}", cfg.instance_id));
     c
 }
 
@@ -345,7 +342,7 @@ pub async fn run(
         None => None,
     };
     let linger = Duration::from_millis(cfg.batch_linger_ms);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     let target = Arc::new(PublishTarget {
         scores_topic: cfg.scores_topic.clone(),
         shadow_topic: cfg.shadow_topic.clone(),
@@ -353,7 +350,7 @@ pub async fn run(
         scores_schema: codecs.scores.schema_id(),
         shadow_schema: codecs.shadow.schema_id(),
         timeout,
-        transactional_id: format!("{}-{}", cfg.transactional_id_prefix, cfg.instance_id),
+        transactional_id: cfg.transactional_id(),
     });
     // The batch being committed on a blocking thread while the next one is read and scored.
     let mut in_flight: Option<InFlight> = None;
@@ -366,15 +363,14 @@ pub async fn run(
                 let Some(prev) = in_flight.take() else { continue };
                 let ranges = prev.ranges.clone();
                 match settle(prev, done, &metrics, cache_tx.as_ref()) {
-                    Ok(()) => backoff = Duration::from_millis(100),
+                    Ok(()) => backoff.reset(),
                     Err(TxError::Fatal(e)) => {
                         metrics.set_ready(false);
                         return Err(e);
                     }
                     Err(TxError::Retry(_)) => {
                         rewind(&consumer, [&ranges]);
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        backoff.wait().await;
                     }
                 }
                 continue;
@@ -385,7 +381,7 @@ pub async fn run(
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "consumer error");
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(backoff.current()).await;
                 continue;
             }
         };
@@ -426,9 +422,9 @@ pub async fn run(
         // This batch's transaction may only begin once the previous one is settled.
         if let Some(mut prev) = in_flight.take() {
             let prev_ranges = prev.ranges.clone();
-            let done = prev.handle_result().await;
+            let done = (&mut prev.handle).await;
             match settle(prev, done, &metrics, cache_tx.as_ref()) {
-                Ok(()) => backoff = Duration::from_millis(100),
+                Ok(()) => backoff.reset(),
                 Err(TxError::Fatal(e)) => {
                     metrics.set_ready(false);
                     return Err(e);
@@ -437,8 +433,7 @@ pub async fn run(
                     // Both batches are re-read: the previous one's records come first.
                     span.record("outcome", "discarded");
                     rewind(&consumer, [&prev_ranges, &ranges]);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff.wait().await;
                     continue;
                 }
             }
@@ -454,8 +449,7 @@ pub async fn run(
                 span.record("outcome", "aborted");
                 tracing::warn!(reason = %why, "batch not scored; re-reading it");
                 rewind(&consumer, [&ranges]);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                backoff.wait().await;
                 continue;
             }
         };
@@ -471,7 +465,7 @@ pub async fn run(
         let Some(group) = consumer.group_metadata() else {
             tracing::warn!("no consumer group metadata yet; re-reading the batch");
             rewind(&consumer, [&ranges]);
-            tokio::time::sleep(backoff).await;
+            tokio::time::sleep(backoff.current()).await;
             continue;
         };
         let (producer, target, metrics_c) = (producer.clone(), target.clone(), metrics.clone());
@@ -489,7 +483,7 @@ pub async fn run(
     }
     // Shutdown: the in-flight transaction finishes; a batch read but not yet published is re-read later.
     if let Some(mut prev) = in_flight.take() {
-        let done = prev.handle_result().await;
+        let done = (&mut prev.handle).await;
         if let Err(TxError::Fatal(e)) = settle(prev, done, &metrics, cache_tx.as_ref()) {
             metrics.set_ready(false);
             return Err(e);
@@ -504,6 +498,31 @@ pub async fn run(
 }
 
 type Ranges = BTreeMap<(String, i32), (i64, i64)>;
+
+/// Wait before retrying a failed batch: 100 ms, doubling up to 10 s, reset by a success.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    fn current(&self) -> Duration {
+        self.0
+    }
+
+    /// Sleeps, then doubles the next wait.
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(10));
+    }
+
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+}
 
 /// Where and how a batch's outputs are published.
 struct PublishTarget {
@@ -531,12 +550,6 @@ async fn wait_in_flight(in_flight: &mut Option<InFlight>) -> Published {
     match in_flight {
         Some(f) => (&mut f.handle).await,
         None => std::future::pending().await,
-    }
-}
-
-impl InFlight {
-    async fn handle_result(&mut self) -> Published {
-        (&mut self.handle).await
     }
 }
 

@@ -354,23 +354,27 @@ pub fn ks_p_value(d: f64, n: u64, m: u64) -> f64 {
     kolmogorov_sf(en.sqrt() * d)
 }
 
-/// KS statistic between two histograms over the same ordered bins (the maximum CDF gap at bin edges).
+/// KS statistic between a reference distribution over ordered bins and a window's counts in them.
 ///
-/// A lower bound of the sample KS statistic that only needs mergeable counts;
-/// the last `skip_tail` bins (e.g. the missing bin) are left out.
-pub fn ks_binned(a: &Histogram, b: &Histogram, skip_tail: usize) -> Option<(f64, f64)> {
-    let len = a.counts.len().min(b.counts.len()).saturating_sub(skip_tail);
-    let (na, nb): (u64, u64) = (a.counts[..len].iter().sum(), b.counts[..len].iter().sum());
-    if na == 0 || nb == 0 {
+/// The maximum gap between the two CDFs at bin edges: a lower bound of the
+/// sample KS statistic that only needs mergeable counts. `expected` holds the
+/// reference's weights (renormalised over the bins given, so callers can
+/// leave out e.g. the missing bin) from a sample of `expected_n`; `None`
+/// without data on either side.
+pub fn ks_binned(expected: &[f64], expected_n: u64, actual: &[u64]) -> Option<(f64, f64)> {
+    let len = expected.len().min(actual.len());
+    let mass: f64 = expected[..len].iter().sum();
+    let n: u64 = actual[..len].iter().sum();
+    if n == 0 || expected_n == 0 || mass <= 0.0 {
         return None;
     }
-    let (mut ca, mut cb, mut d) = (0u64, 0u64, 0.0f64);
-    for k in 0..len {
-        ca += a.counts[k];
-        cb += b.counts[k];
-        d = d.max((ca as f64 / na as f64 - cb as f64 / nb as f64).abs());
+    let (mut ce, mut ca, mut d) = (0.0, 0u64, 0.0f64);
+    for (e, a) in expected[..len].iter().zip(&actual[..len]) {
+        ce += e / mass;
+        ca += a;
+        d = d.max((ce - ca as f64 / n as f64).abs());
     }
-    Some((d, ks_p_value(d, na, nb)))
+    Some((d, ks_p_value(d, expected_n, n)))
 }
 
 #[cfg(test)]

@@ -161,15 +161,16 @@ pub fn init(
             endpoint: endpoint.to_string(),
             message: e.to_string(),
         })?;
+    let resource = resource(service, cfg);
     let tracer = SdkTracerProvider::builder()
-        .with_resource(resource(service, cfg))
+        .with_resource(resource.clone())
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
             cfg.trace_sample_ratio,
         ))))
         .with_batch_exporter(spans)
         .build();
     let meter = SdkMeterProvider::builder()
-        .with_resource(resource(service, cfg))
+        .with_resource(resource)
         .with_reader(
             PeriodicReader::builder(metrics)
                 .with_interval(Duration::from_millis(cfg.metrics_interval_ms))

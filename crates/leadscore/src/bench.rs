@@ -296,14 +296,11 @@ fn free_port() -> anyhow::Result<u16> {
 
 /// Mean time per batch stage, from the scorer's Prometheus histograms.
 async fn stage_means(port: u16) -> anyhow::Result<Vec<(String, f64, f64)>> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await?
-        .text()
-        .await?;
+    let text = crate::demo::scrape(port)
+        .await
+        .context("reading the scorer's /metrics")?;
     let value = |name: &str, stage: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}{{stage=\"{stage}\"}} ")))
-            .and_then(|v| v.parse::<f64>().ok())
+        crate::demo::sample(&text, &format!("{name}{{stage=\"{stage}\"}}"))
     };
     Ok(["fetch", "decode", "score", "produce", "commit"]
         .iter()

@@ -64,17 +64,26 @@ fn start_scorer(challenger: Option<&str>) -> anyhow::Result<Scorer> {
     Ok(Scorer(cmd.spawn().context("starting the scorer")?, port))
 }
 
-async fn metric(port: u16, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+/// The scorer's /metrics text.
+pub(crate) async fn scrape(port: u16) -> Option<String> {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
         .await
         .ok()?
         .text()
         .await
-        .ok()?;
+        .ok()
+}
+
+/// Sum of the samples whose series (name and labels) starts with `series`.
+pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
-        .filter_map(|l| l.strip_prefix(name))
+        .filter_map(|l| l.strip_prefix(series))
         .filter_map(|rest| rest.rsplit(' ').next()?.parse::<f64>().ok())
         .reduce(|a, b| a + b)
+}
+
+async fn metric(port: u16, name: &str) -> Option<f64> {
+    sample(&scrape(port).await?, name)
 }
 
 struct Snapshot {

@@ -57,66 +57,60 @@ fn stack(args: &[&str]) {
     );
 }
 
-/// The scorer with its production configuration; stopped with SIGTERM on drop.
-struct Scorer(Child);
+/// A `leadscore` process of the test, stopped with SIGTERM on drop.
+struct Running(Child);
 
-impl Scorer {
-    fn start() -> Self {
+impl Running {
+    fn spawn(args: &[&str], env: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
+        cmd.args(args)
+            .current_dir(repo())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Running(cmd.spawn().unwrap())
+    }
+
+    /// The scorer with its production configuration.
+    fn scorer() -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_leadscore"))
-            .arg("scorer")
-            .current_dir(repo())
-            .env("LEADSCORE__SCORER__INSTANCE_ID", "e2e-0")
-            .env(
-                "LEADSCORE__SCORER__HTTP_LISTEN",
-                format!("127.0.0.1:{port}"),
-            )
-            .env("LEADSCORE_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        Scorer(child)
+        Self::spawn(
+            &["scorer"],
+            &[
+                ("LEADSCORE__SCORER__INSTANCE_ID", "e2e-0".into()),
+                (
+                    "LEADSCORE__SCORER__HTTP_LISTEN",
+                    format!("127.0.0.1:{port}"),
+                ),
+                ("LEADSCORE_LOG", "warn".into()),
+            ],
+        )
     }
-}
 
-impl Drop for Scorer {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
-/// `leadscore connectors supervise`; stopped with SIGTERM on drop.
-struct Supervisor(Child);
-
-impl Supervisor {
-    fn start() -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_leadscore"))
-            .args([
+    /// `leadscore connectors supervise`: what restarts a task that fails while its
+    /// database is down (as Strimzi's autoRestart would).
+    fn supervisor() -> Self {
+        Self::spawn(
+            &[
                 "connectors",
                 "supervise",
                 "--interval-secs",
                 "2",
                 "--max-backoff-secs",
                 "10",
-            ])
-            .current_dir(repo())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        Supervisor(child)
+            ],
+            &[],
+        )
     }
 }
 
-impl Drop for Supervisor {
+impl Drop for Running {
     fn drop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
@@ -203,7 +197,7 @@ fn connectors_running() {
 async fn crm_rows_come_back_as_score_rows_rescored_on_update_removed_on_delete() {
     let _serial = SERIAL.lock().await;
     connectors_running();
-    let _scorer = Scorer::start();
+    let _scorer = Running::scorer();
     let model = model();
     let mut pg = postgres().await;
     let prefix = unique("e2e-rt").replace('.', "-");
@@ -349,7 +343,7 @@ fn scan_all_topics(mut visit: impl FnMut(&str, &[u8])) -> usize {
 async fn pii_of_a_crm_row_reaches_no_kafka_topic() {
     let _serial = SERIAL.lock().await;
     connectors_running();
-    let _scorer = Scorer::start();
+    let _scorer = Running::scorer();
     let pg = postgres().await;
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let lead_id = format!("e2e-pii-{tag}");
@@ -399,9 +393,8 @@ async fn pii_of_a_crm_row_reaches_no_kafka_topic() {
 async fn restarting_connect_and_postgres_mid_stream_loses_and_duplicates_nothing() {
     let _serial = SERIAL.lock().await;
     connectors_running();
-    let _scorer = Scorer::start();
-    // What restarts a task that fails while its database is down (as Strimzi's autoRestart would).
-    let _supervisor = Supervisor::start();
+    let _scorer = Running::scorer();
+    let _supervisor = Running::supervisor();
     let model = model();
     let prefix = unique("e2e-fault").replace('.', "-");
     let leads = generate(&prefix, 600, 12);
