@@ -51,7 +51,10 @@ impl Default for Thresholds {
 }
 
 /// Alert severity (`Severity` in Alert.avsc).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Severity {
     /// Log and dashboard.
     Info,
@@ -62,10 +65,10 @@ pub enum Severity {
 }
 
 /// One condition found in a window.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Finding {
     /// `psi`, `kl`, `ks`, `chi2` or `score_psi`.
-    pub kind: &'static str,
+    pub kind: String,
     /// The feature, if the condition is about one.
     pub feature: Option<String>,
     /// The measured value (a p-value for tests).
@@ -94,7 +97,7 @@ pub fn evaluate(report: &[FeatureDrift], score_psi: Option<f64>, t: &Thresholds)
         }
         if let Some((severity, threshold)) = psi_severity(d.psi) {
             out.push(Finding {
-                kind: "psi",
+                kind: "psi".into(),
                 feature: Some(d.feature.clone()),
                 value: d.psi,
                 threshold,
@@ -103,7 +106,7 @@ pub fn evaluate(report: &[FeatureDrift], score_psi: Option<f64>, t: &Thresholds)
         }
         if d.kl > t.kl_warning {
             out.push(Finding {
-                kind: "kl",
+                kind: "kl".into(),
                 feature: Some(d.feature.clone()),
                 value: d.kl,
                 threshold: t.kl_warning,
@@ -115,7 +118,7 @@ pub fn evaluate(report: &[FeatureDrift], score_psi: Option<f64>, t: &Thresholds)
         && let Some((severity, threshold)) = psi_severity(psi)
     {
         out.push(Finding {
-            kind: "score_psi",
+            kind: "score_psi".into(),
             feature: None,
             value: psi,
             threshold,
@@ -147,7 +150,7 @@ pub fn evaluate(report: &[FeatureDrift], score_psi: Option<f64>, t: &Thresholds)
             Severity::Info
         };
         out.push(Finding {
-            kind,
+            kind: kind.into(),
             feature: Some(d.feature.clone()),
             value: p,
             threshold: level,
@@ -193,7 +196,7 @@ pub fn fingerprint(model_name: &str, kind: &str, feature: Option<&str>) -> Strin
 }
 
 /// The conditions firing now, per fingerprint.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AlertState {
     firing: BTreeMap<String, Finding>,
 }
@@ -220,7 +223,7 @@ impl AlertState {
         let mut out = Vec::new();
         let mut seen: Vec<String> = Vec::new();
         for f in findings {
-            let fp = fingerprint(model_name, f.kind, f.feature.as_deref());
+            let fp = fingerprint(model_name, &f.kind, f.feature.as_deref());
             seen.push(fp.clone());
             let changed = self
                 .firing

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 pub mod alerts;
 pub mod report;
+pub mod state;
 
 use leadscore_features::RawValue;
 use leadscore_stats::{CategoryBins, Histogram, NumericBins, smooth};
@@ -219,49 +220,92 @@ pub struct FeatureDrift {
     pub reference_missing_rate: f64,
 }
 
-/// Counts of one window of one model version.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Window {
-    profile: Arc<Profile>,
-    features: Vec<Histogram>,
-    score: Option<Histogram>,
+/// The mergeable counts of one window of one model version: what a
+/// checkpoint stores and what partial aggregates carry between instances.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Counts {
     /// Scored leads counted.
     pub scored: u64,
+    /// One histogram per profile feature, in profile order.
+    pub features: Vec<Histogram>,
+    /// The score histogram, if the profile has a score reference.
+    pub score: Option<Histogram>,
+    /// Event-to-score latency.
+    #[serde(default)]
+    pub latency: LatencyHistogram,
+    /// Shadow pairs per shadow model version.
+    #[serde(default)]
+    pub shadow: BTreeMap<String, ShadowCounts>,
 }
 
-impl Window {
-    /// An empty window over `profile`'s bins.
-    pub fn new(profile: Arc<Profile>) -> Self {
-        let features = profile
-            .features
-            .iter()
-            .map(|f| Histogram::new(f.bins_len()))
-            .collect();
-        let score = profile.score.as_ref().map(|s| Histogram::new(s.bins_len()));
+impl Counts {
+    /// Empty counts over `profile`'s bins.
+    pub fn new(profile: &Profile) -> Self {
         Self {
-            profile,
-            features,
-            score,
             scored: 0,
+            features: profile
+                .features
+                .iter()
+                .map(|f| Histogram::new(f.bins_len()))
+                .collect(),
+            score: profile.score.as_ref().map(|s| Histogram::new(s.bins_len())),
+            latency: LatencyHistogram::default(),
+            shadow: BTreeMap::new(),
         }
     }
 
+    /// Whether these counts have the shape of `profile`'s bins.
+    pub fn fits(&self, profile: &Profile) -> bool {
+        self.features.len() == profile.features.len()
+            && self
+                .features
+                .iter()
+                .zip(&profile.features)
+                .all(|(h, f)| h.counts.len() == f.bins_len())
+            && match (&self.score, &profile.score) {
+                (Some(h), Some(s)) => h.counts.len() == s.bins_len(),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+
     /// Counts one scored lead: its feature values (by name) and its score.
-    pub fn observe(&mut self, features: &BTreeMap<String, RawValue>, score: f64) {
+    pub fn observe(
+        &mut self,
+        profile: &Profile,
+        features: &BTreeMap<String, RawValue>,
+        score: f64,
+    ) {
         self.scored += 1;
-        for (f, h) in self.profile.features.iter().zip(&mut self.features) {
+        for (f, h) in profile.features.iter().zip(&mut self.features) {
             let value = features.get(&f.name).unwrap_or(&RawValue::Null);
             h.add(f.bin(value));
         }
-        if let (Some(p), Some(h)) = (&self.profile.score, &mut self.score) {
+        if let (Some(p), Some(h)) = (&profile.score, &mut self.score) {
             h.add(p.bin(&RawValue::Double(score)));
         }
     }
 
-    /// Adds another partial window of the same profile.
-    pub fn merge(&mut self, other: &Window) -> Result<()> {
-        if self.profile != other.profile {
-            return Err(Error::Mismatch("different reference profiles".into()));
+    /// Counts one shadow/live pair.
+    pub fn observe_shadow(
+        &mut self,
+        shadow_version: &str,
+        live: f64,
+        shadow: f64,
+        same_band: bool,
+    ) {
+        let s = self.shadow.entry(shadow_version.to_string()).or_default();
+        s.pairs += 1;
+        s.sum_abs_diff += (live - shadow).abs();
+        s.same_band += u64::from(same_band);
+    }
+
+    /// Adds other counts of the same shape.
+    pub fn merge(&mut self, other: &Counts) -> Result<()> {
+        if self.features.len() != other.features.len()
+            || self.score.is_some() != other.score.is_some()
+        {
+            return Err(Error::Mismatch("different feature sets".into()));
         }
         for (a, b) in self.features.iter_mut().zip(&other.features) {
             a.merge(b).map_err(|e| Error::Mismatch(e.to_string()))?;
@@ -270,12 +314,149 @@ impl Window {
             a.merge(b).map_err(|e| Error::Mismatch(e.to_string()))?;
         }
         self.scored += other.scored;
+        self.latency.merge(&other.latency);
+        for (v, s) in &other.shadow {
+            let mine = self.shadow.entry(v.clone()).or_default();
+            mine.pairs += s.pairs;
+            mine.sum_abs_diff += s.sum_abs_diff;
+            mine.same_band += s.same_band;
+        }
         Ok(())
+    }
+}
+
+/// Shadow/live pairs of one shadow model version.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShadowCounts {
+    /// Pairs counted.
+    pub pairs: u64,
+    /// Sum of |live - shadow|.
+    pub sum_abs_diff: f64,
+    /// Pairs in the same band.
+    pub same_band: u64,
+}
+
+/// Relative width of a latency bucket: values are kept to within 1%.
+const LATENCY_GROWTH: f64 = 1.01;
+/// Upper bound of the first latency bucket, ms.
+const LATENCY_FLOOR_MS: f64 = 0.01;
+
+/// A mergeable latency histogram with log-spaced buckets (1% relative error).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LatencyHistogram {
+    /// Count per bucket index; bucket `i` holds values up to `0.01 ms * 1.01^i`.
+    pub buckets: BTreeMap<u32, u64>,
+    /// Values counted.
+    pub count: u64,
+    /// Largest value, ms.
+    pub max_ms: f64,
+}
+
+impl LatencyHistogram {
+    fn bucket(ms: f64) -> u32 {
+        if ms.is_nan() || ms <= LATENCY_FLOOR_MS {
+            return 0;
+        }
+        ((ms / LATENCY_FLOOR_MS).ln() / LATENCY_GROWTH.ln())
+            .ceil()
+            .min(f64::from(u16::MAX)) as u32
+    }
+
+    fn upper(i: u32) -> f64 {
+        LATENCY_FLOOR_MS * LATENCY_GROWTH.powi(i as i32)
+    }
+
+    /// Counts one latency, ms.
+    pub fn add(&mut self, ms: f64) {
+        *self.buckets.entry(Self::bucket(ms)).or_default() += 1;
+        self.count += 1;
+        if ms > self.max_ms {
+            self.max_ms = ms;
+        }
+    }
+
+    /// Adds another histogram.
+    pub fn merge(&mut self, other: &LatencyHistogram) {
+        for (i, n) in &other.buckets {
+            *self.buckets.entry(*i).or_default() += n;
+        }
+        self.count += other.count;
+        self.max_ms = self.max_ms.max(other.max_ms);
+    }
+
+    /// The `q` quantile (nearest rank), to within 1%; `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, n) in &self.buckets {
+            seen += n;
+            if seen >= rank {
+                return Some(Self::upper(*i).min(self.max_ms));
+            }
+        }
+        Some(self.max_ms)
+    }
+
+    /// p50, p95, p99 and max.
+    pub fn summary(&self) -> Option<report::LatencySummary> {
+        Some(report::LatencySummary {
+            p50_ms: self.quantile(0.5)?,
+            p95_ms: self.quantile(0.95)?,
+            p99_ms: self.quantile(0.99)?,
+            max_ms: self.max_ms,
+        })
+    }
+}
+
+/// The counts of one window of one model version, with the profile they are binned by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Window {
+    profile: Arc<Profile>,
+    /// The counts.
+    pub counts: Counts,
+}
+
+impl Window {
+    /// An empty window over `profile`'s bins.
+    pub fn new(profile: Arc<Profile>) -> Self {
+        let counts = Counts::new(&profile);
+        Self { profile, counts }
+    }
+
+    /// A window over existing counts (from a checkpoint or a partial aggregate).
+    pub fn from_counts(profile: Arc<Profile>, counts: Counts) -> Result<Self> {
+        if !counts.fits(&profile) {
+            return Err(Error::Mismatch(
+                "counts do not have the profile's bins".into(),
+            ));
+        }
+        Ok(Self { profile, counts })
+    }
+
+    /// Scored leads counted.
+    pub fn scored(&self) -> u64 {
+        self.counts.scored
+    }
+
+    /// Counts one scored lead: its feature values (by name) and its score.
+    pub fn observe(&mut self, features: &BTreeMap<String, RawValue>, score: f64) {
+        self.counts.observe(&self.profile, features, score);
+    }
+
+    /// Adds another partial window of the same profile.
+    pub fn merge(&mut self, other: &Window) -> Result<()> {
+        if self.profile != other.profile {
+            return Err(Error::Mismatch("different reference profiles".into()));
+        }
+        self.counts.merge(&other.counts)
     }
 
     /// PSI of the score distribution against the reference's.
     pub fn score_psi(&self) -> Option<f64> {
-        let (p, h) = (self.profile.score.as_ref()?, self.score.as_ref()?);
+        let (p, h) = (self.profile.score.as_ref()?, self.counts.score.as_ref()?);
         (h.total() > 0).then(|| leadscore_stats::psi(&p.expected, &h.smoothed()))
     }
 
@@ -284,7 +465,7 @@ impl Window {
         self.profile
             .features
             .iter()
-            .zip(&self.features)
+            .zip(&self.counts.features)
             .map(|(f, h)| {
                 let actual = h.smoothed();
                 let (numeric, missing, new_category_rate, ks, chi2) = match &f.bins {
@@ -324,134 +505,27 @@ impl Window {
             })
             .collect()
     }
+
+    /// Shadow agreement of the shadow version with the most pairs.
+    pub fn shadow(&self) -> Option<report::ShadowAgreement> {
+        let (version, s) = self
+            .counts
+            .shadow
+            .iter()
+            .filter(|(_, s)| s.pairs > 0)
+            .max_by_key(|(_, s)| s.pairs)?;
+        Some(report::ShadowAgreement {
+            challenger_version: version.clone(),
+            pairs: s.pairs,
+            mean_abs_diff: s.sum_abs_diff / s.pairs as f64,
+            band_agreement: s.same_band as f64 / s.pairs as f64,
+        })
+    }
 }
 
 /// Start of the tumbling window of `size_ms` that holds `event_ms`.
 pub fn window_start(event_ms: i64, size_ms: i64) -> i64 {
     event_ms.div_euclid(size_ms.max(1)) * size_ms.max(1)
-}
-
-/// What happened to an observed event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Observed {
-    /// Counted in its window.
-    Counted,
-    /// Its window was already released: counted as late only.
-    Late,
-}
-
-/// A released window: model version, start, end and counts.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Closed {
-    /// Model version the scores came from.
-    pub model_version: String,
-    /// Window start, ms.
-    pub start_ms: i64,
-    /// Window end (exclusive), ms.
-    pub end_ms: i64,
-    /// Events that arrived for this window after a later window had been released.
-    pub late_events: u64,
-    /// The counts.
-    pub window: Window,
-}
-
-/// Tumbling event-time windows per model version, closed by per-partition watermarks.
-#[derive(Debug)]
-pub struct Windows {
-    size_ms: i64,
-    lateness_ms: i64,
-    profiles: BTreeMap<String, Arc<Profile>>,
-    open: BTreeMap<(String, i64), Window>,
-    watermarks: BTreeMap<i32, i64>,
-    released_before: i64,
-    late: BTreeMap<(String, i64), u64>,
-}
-
-impl Windows {
-    /// Windows of `size_ms`, held open `lateness_ms` past their end.
-    pub fn new(size_ms: i64, lateness_ms: i64) -> Self {
-        Self {
-            size_ms: size_ms.max(1),
-            lateness_ms: lateness_ms.max(0),
-            profiles: BTreeMap::new(),
-            open: BTreeMap::new(),
-            watermarks: BTreeMap::new(),
-            released_before: i64::MIN,
-            late: BTreeMap::new(),
-        }
-    }
-
-    /// Registers the reference of a model version (scores of unknown versions are not counted).
-    pub fn add_profile(&mut self, model_version: &str, profile: Arc<Profile>) {
-        self.profiles.insert(model_version.to_string(), profile);
-    }
-
-    /// Counts one score; `None` when its model version has no profile.
-    pub fn observe(
-        &mut self,
-        partition: i32,
-        model_version: &str,
-        event_ms: i64,
-        features: &BTreeMap<String, RawValue>,
-        score: f64,
-    ) -> Option<Observed> {
-        let w = self.watermarks.entry(partition).or_insert(event_ms);
-        *w = (*w).max(event_ms);
-        let profile = self.profiles.get(model_version)?.clone();
-        let start = window_start(event_ms, self.size_ms);
-        if start < self.released_before {
-            *self
-                .late
-                .entry((model_version.to_string(), start))
-                .or_default() += 1;
-            return Some(Observed::Late);
-        }
-        self.open
-            .entry((model_version.to_string(), start))
-            .or_insert_with(|| Window::new(profile))
-            .observe(features, score);
-        Some(Observed::Counted)
-    }
-
-    /// The watermark: the lowest of the partitions' highest event times.
-    pub fn watermark(&self) -> Option<i64> {
-        self.watermarks.values().copied().min()
-    }
-
-    /// Releases every window whose end plus lateness the watermark has passed, oldest first.
-    pub fn close_ready(&mut self) -> Vec<Closed> {
-        let Some(wm) = self.watermark() else {
-            return Vec::new();
-        };
-        // Windows ending at or before this are complete.
-        let horizon = window_start(wm - self.lateness_ms, self.size_ms);
-        self.released_before = self.released_before.max(horizon);
-        let ready: Vec<(String, i64)> = self
-            .open
-            .keys()
-            .filter(|(_, start)| *start < horizon)
-            .cloned()
-            .collect();
-        ready
-            .into_iter()
-            .filter_map(|key| {
-                let window = self.open.remove(&key)?;
-                let late_events = self.late.remove(&key).unwrap_or(0);
-                Some(Closed {
-                    model_version: key.0,
-                    start_ms: key.1,
-                    end_ms: key.1 + self.size_ms,
-                    late_events,
-                    window,
-                })
-            })
-            .collect()
-    }
-
-    /// Late events counted for windows already released (reported with the next report).
-    pub fn late_after_close(&self) -> u64 {
-        self.late.values().sum()
-    }
 }
 
 #[cfg(test)]

@@ -264,7 +264,7 @@ impl AlertEvent {
             ),
             ("status".into(), status),
             ("severity".into(), severity),
-            ("kind".into(), Value::String(self.finding.kind.into())),
+            ("kind".into(), Value::String(self.finding.kind.clone())),
             (
                 "feature".into(),
                 match &self.finding.feature {

@@ -127,33 +127,6 @@ fn a_window_drawn_from_the_reference_shows_no_drift_and_shifts_are_flagged_on_th
     assert!(rs.psi > 0.25 && rs.chi2.unwrap().1 < 1e-6);
 }
 
-#[test]
-fn windows_close_when_every_partition_has_passed_them() {
-    let p = bundled_profile();
-    let mut ws = Windows::new(1000, 100);
-    ws.add_profile("v1", p.clone());
-    let f = lead(&p, 1, false, false);
-    assert_eq!(ws.observe(0, "v1", 500, &f, 0.1), Some(Observed::Counted));
-    assert_eq!(ws.observe(1, "v1", 700, &f, 0.1), Some(Observed::Counted));
-    assert_eq!(
-        ws.observe(0, "v2", 700, &f, 0.1),
-        None,
-        "no profile: not counted"
-    );
-    // Partition 0 moves on, partition 1 has not: nothing closes.
-    ws.observe(0, "v1", 2500, &f, 0.1);
-    assert!(ws.close_ready().is_empty());
-    // Partition 1 passes the end plus lateness: the first window closes.
-    ws.observe(1, "v1", 1150, &f, 0.1);
-    let closed = ws.close_ready();
-    assert_eq!(closed.len(), 1);
-    assert_eq!((closed[0].start_ms, closed[0].end_ms), (0, 1000));
-    assert_eq!(closed[0].window.scored, 2);
-    // An event for the closed window is late, counted apart.
-    assert_eq!(ws.observe(1, "v1", 900, &f, 0.1), Some(Observed::Late));
-    assert_eq!(ws.late_after_close(), 1);
-}
-
 proptest! {
     #[test]
     fn partitions_merge_to_the_same_window_as_one_instance(
