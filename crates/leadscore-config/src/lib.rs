@@ -49,6 +49,191 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// Kafka Connect, for `leadscore connectors`.
     pub connect: ConnectConfig,
+    /// The drift aggregator service.
+    pub drift: DriftConfig,
+    /// Where alerts go: Slack, email, PagerDuty.
+    pub alerting: AlertingConfig,
+}
+
+/// The drift aggregator: windows, checkpoints, reference models and alert thresholds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriftConfig {
+    /// Live scores to watch.
+    pub scores_topic: String,
+    /// Shadow scores (challenger against live).
+    pub shadow_topic: String,
+    /// Where `WindowReport`s go.
+    pub metrics_topic: String,
+    /// Where alerts go.
+    pub alerts_topic: String,
+    /// Partial aggregates from the partition stage to the merger (internal, one partition).
+    pub partials_topic: String,
+    /// Checkpoints of the window state (internal, compacted).
+    pub state_topic: String,
+    /// Consumer group (offsets are committed for lag monitoring; positions come from checkpoints).
+    pub group_id: String,
+    /// This instance's id: part of its transactional id and checkpoint keys.
+    pub instance_id: String,
+    /// Prefix of the transactional id: `<prefix>-<instance_id>`.
+    pub transactional_id_prefix: String,
+    /// Input partitions this instance aggregates; unset for all of them.
+    pub partitions: Option<Vec<i32>>,
+    /// Whether this instance runs the merger (exactly one instance must).
+    pub merge: bool,
+    /// Window length, ms (default 1 h).
+    pub window_ms: i64,
+    /// Roll-up window lengths, ms, multiples of `window_ms` (default daily and weekly).
+    pub rollups_ms: Vec<i64>,
+    /// How long a window stays open after its end, ms of event time.
+    pub lateness_ms: i64,
+    /// A partition with nothing to read this long (wall clock, ms) stops holding windows back.
+    pub idle_ms: u64,
+    /// How often state, outputs and offsets are committed together, ms.
+    pub checkpoint_ms: u64,
+    /// Kafka transaction timeout, ms.
+    pub transaction_timeout_ms: u64,
+    /// Model URLs whose metadata gives the reference distributions (directory or MLflow).
+    pub models: Vec<String>,
+    /// MLflow base (`mlflow+http://host:port`) to fetch references of versions not in `models`.
+    pub model_registry: Option<String>,
+    /// Alert thresholds.
+    pub thresholds: DriftThresholds,
+    /// Health and metrics endpoints.
+    pub http_listen: String,
+    /// Longest wait for the last checkpoint at shutdown, ms.
+    pub shutdown_grace_ms: u64,
+}
+
+impl DriftConfig {
+    /// This instance's Kafka transactional id.
+    pub fn transactional_id(&self) -> String {
+        format!("{}-{}", self.transactional_id_prefix, self.instance_id)
+    }
+}
+
+impl Default for DriftConfig {
+    fn default() -> Self {
+        Self {
+            scores_topic: "leads.scores.v1".into(),
+            shadow_topic: "leads.scores.shadow.v1".into(),
+            metrics_topic: "leadscore.metrics.v1".into(),
+            alerts_topic: "leadscore.alerts.v1".into(),
+            partials_topic: "leadscore.drift.partials.v1".into(),
+            state_topic: "leadscore.drift.state.v1".into(),
+            group_id: "leadscore-drift".into(),
+            instance_id: "drift-0".into(),
+            transactional_id_prefix: "leadscore-drift".into(),
+            partitions: None,
+            merge: true,
+            window_ms: 3_600_000,
+            rollups_ms: vec![86_400_000, 604_800_000],
+            lateness_ms: 300_000,
+            idle_ms: 60_000,
+            checkpoint_ms: 5_000,
+            transaction_timeout_ms: 60_000,
+            models: vec!["models/default".into()],
+            model_registry: None,
+            thresholds: DriftThresholds::default(),
+            http_listen: "127.0.0.1:9465".into(),
+            shutdown_grace_ms: 20_000,
+        }
+    }
+}
+
+/// When a window's statistics raise an alert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriftThresholds {
+    /// PSI above this is a warning.
+    pub psi_warning: f64,
+    /// PSI above this is critical.
+    pub psi_critical: f64,
+    /// KL divergence above this is a warning.
+    pub kl_warning: f64,
+    /// Family-wise significance level of a window's KS and chi-square tests (Holm).
+    pub alpha: f64,
+    /// Fewest values in a window for a feature to be judged.
+    pub min_sample: u64,
+    /// Least PSI for a significant test to be a warning rather than info.
+    pub effect_psi: f64,
+    /// Share of never-seen categories above this is a warning.
+    pub new_category_rate: f64,
+    /// Missing rate this far (absolute) above the reference's is a warning.
+    pub missing_rate_increase: f64,
+}
+
+impl Default for DriftThresholds {
+    fn default() -> Self {
+        Self {
+            psi_warning: 0.25,
+            psi_critical: 0.5,
+            kl_warning: 0.1,
+            alpha: 0.05,
+            min_sample: 500,
+            effect_psi: 0.1,
+            new_category_rate: 0.05,
+            missing_rate_increase: 0.1,
+        }
+    }
+}
+
+/// Alert routing: info to the log, warning to Slack, critical to Slack, email and PagerDuty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertingConfig {
+    /// Whether the drift service routes alerts (it consumes its alerts topic to do so).
+    pub enabled: bool,
+    /// Consumer group of the router.
+    pub group_id: String,
+    /// Slack incoming-webhook URL (a secret: set it through the environment).
+    pub slack_webhook_url: Option<String>,
+    /// PagerDuty Events API v2 endpoint.
+    pub pagerduty_url: String,
+    /// PagerDuty routing (integration) key; unset disables PagerDuty.
+    pub pagerduty_routing_key: Option<String>,
+    /// SMTP server host; unset disables email.
+    pub smtp_host: Option<String>,
+    /// SMTP port.
+    pub smtp_port: u16,
+    /// Use STARTTLS.
+    pub smtp_starttls: bool,
+    /// SMTP user, if the server wants one.
+    pub smtp_username: Option<String>,
+    /// SMTP password.
+    pub smtp_password: Option<String>,
+    /// Sender address.
+    pub email_from: String,
+    /// Recipients.
+    pub email_to: Vec<String>,
+    /// Delivery attempts per alert and receiver.
+    pub max_attempts: u32,
+    /// First retry delay, ms (doubles per attempt).
+    pub retry_initial_ms: u64,
+    /// Per-request timeout, ms.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for AlertingConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            group_id: "leadscore-alert-router".into(),
+            slack_webhook_url: None,
+            pagerduty_url: "https://events.pagerduty.com/v2/enqueue".into(),
+            pagerduty_routing_key: None,
+            smtp_host: None,
+            smtp_port: 587,
+            smtp_starttls: true,
+            smtp_username: None,
+            smtp_password: None,
+            email_from: "leadscore@localhost".into(),
+            email_to: Vec::new(),
+            max_attempts: 5,
+            retry_initial_ms: 500,
+            request_timeout_ms: 5_000,
+        }
+    }
 }
 
 /// Kafka Connect's REST API and the connector definitions applied to it.
@@ -363,6 +548,7 @@ impl Config {
                 reason: format!("`{}` is not host:port", s.http_listen),
             });
         }
+        self.validate_drift()?;
         if !(self.connect.url.starts_with("http://") || self.connect.url.starts_with("https://")) {
             return Err(Error::Invalid {
                 key: "connect.url",
@@ -404,6 +590,87 @@ impl Config {
                 key: "registry.url",
                 reason: format!("`{}` is not an http(s) URL", self.registry.url),
             });
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_drift(&self) -> Result<()> {
+        let d = &self.drift;
+        let invalid = |key: &'static str, reason: String| Err(Error::Invalid { key, reason });
+        if d.window_ms < 1000 {
+            return invalid(
+                "drift.window_ms",
+                format!("{} is below 1000 ms", d.window_ms),
+            );
+        }
+        if let Some(r) = d
+            .rollups_ms
+            .iter()
+            .find(|r| **r <= d.window_ms || *r % d.window_ms != 0)
+        {
+            return invalid(
+                "drift.rollups_ms",
+                format!(
+                    "{r} is not a multiple of drift.window_ms ({}) above it",
+                    d.window_ms
+                ),
+            );
+        }
+        if d.lateness_ms < 0 {
+            return invalid("drift.lateness_ms", "must be >= 0".into());
+        }
+        if d.checkpoint_ms == 0 {
+            return invalid("drift.checkpoint_ms", "must be greater than zero".into());
+        }
+        if d.instance_id.is_empty()
+            || d.instance_id.contains(char::is_whitespace)
+            || d.instance_id.contains('/')
+        {
+            return invalid(
+                "drift.instance_id",
+                "must be non-empty without spaces or `/` (it is part of the transactional id)"
+                    .into(),
+            );
+        }
+        if d.models.is_empty() && d.model_registry.is_none() {
+            return invalid(
+                "drift.models",
+                "name at least one model URL (or drift.model_registry) to take reference distributions from".into(),
+            );
+        }
+        if d.http_listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(
+                "drift.http_listen",
+                format!("`{}` is not host:port", d.http_listen),
+            );
+        }
+        let t = &d.thresholds;
+        if !(0.0 < t.psi_warning && t.psi_warning <= t.psi_critical) {
+            return invalid(
+                "drift.thresholds.psi_warning",
+                format!(
+                    "need 0 < psi_warning ({}) <= psi_critical ({})",
+                    t.psi_warning, t.psi_critical
+                ),
+            );
+        }
+        if !(0.0 < t.alpha && t.alpha < 1.0) {
+            return invalid(
+                "drift.thresholds.alpha",
+                format!("{} is not in (0, 1)", t.alpha),
+            );
+        }
+        let a = &self.alerting;
+        if a.max_attempts == 0 {
+            return invalid("alerting.max_attempts", "must be at least 1".into());
+        }
+        if a.smtp_host.is_some() && a.email_to.is_empty() {
+            return invalid(
+                "alerting.email_to",
+                "smtp_host is set but there are no recipients".into(),
+            );
         }
         Ok(())
     }

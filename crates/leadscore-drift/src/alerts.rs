@@ -35,6 +35,10 @@ pub struct Thresholds {
     pub min_sample: u64,
     /// Least PSI for a significant test to be a warning rather than info.
     pub effect_psi: f64,
+    /// Share of never-seen categories above this is a warning.
+    pub new_category_rate: f64,
+    /// Missing rate this far (absolute) above the reference's is a warning.
+    pub missing_rate_increase: f64,
 }
 
 impl Default for Thresholds {
@@ -46,6 +50,8 @@ impl Default for Thresholds {
             alpha: 0.05,
             min_sample: 500,
             effect_psi: 0.1,
+            new_category_rate: 0.05,
+            missing_rate_increase: 0.1,
         }
     }
 }
@@ -102,6 +108,26 @@ pub fn evaluate(report: &[FeatureDrift], score_psi: Option<f64>, t: &Thresholds)
                 value: d.psi,
                 threshold,
                 severity,
+            });
+        }
+        if let Some(rate) = d.new_category_rate
+            && rate > t.new_category_rate
+        {
+            out.push(Finding {
+                kind: "new_category".into(),
+                feature: Some(d.feature.clone()),
+                value: rate,
+                threshold: t.new_category_rate,
+                severity: Severity::Warning,
+            });
+        }
+        if d.missing_rate - d.reference_missing_rate > t.missing_rate_increase {
+            out.push(Finding {
+                kind: "missing_rate".into(),
+                feature: Some(d.feature.clone()),
+                value: d.missing_rate,
+                threshold: d.reference_missing_rate + t.missing_rate_increase,
+                severity: Severity::Warning,
             });
         }
         if d.kl > t.kl_warning {
@@ -296,6 +322,30 @@ mod tests {
             Some(Severity::Warning),
             "KL 0.15 > 0.1"
         );
+    }
+
+    #[test]
+    fn new_categories_and_missing_values_warn_on_their_feature() {
+        let t = Thresholds::default();
+        let mut cat = drift("referral_source", 0.01, None, 1000);
+        cat.new_category_rate = Some(0.2);
+        let mut gaps = drift("time_on_site", 0.01, None, 1000);
+        (gaps.reference_missing_rate, gaps.missing_rate) = (0.03, 0.3);
+        let mut fine = drift("page_views", 0.01, None, 1000);
+        (fine.reference_missing_rate, fine.missing_rate) = (0.03, 0.1);
+        let f = evaluate(&[cat, gaps, fine], None, &t);
+        let kinds: Vec<(&str, &str)> = f
+            .iter()
+            .map(|x| (x.kind.as_str(), x.feature.as_deref().unwrap_or("-")))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("new_category", "referral_source"),
+                ("missing_rate", "time_on_site")
+            ]
+        );
+        assert!(f.iter().all(|x| x.severity == Severity::Warning));
     }
 
     #[test]
