@@ -13,6 +13,7 @@ mod bench;
 mod connectors;
 mod crm;
 mod demo;
+mod drift;
 mod schemas;
 mod scorer;
 mod topics;
@@ -49,6 +50,8 @@ enum Command {
     Crm(crm::CrmCommand),
     /// Run the scorer service (CDC in, scores out, exactly once).
     Scorer,
+    /// Run the drift aggregator (windowed drift reports and alerts from the scores).
+    Drift,
     /// Avro schemas in schemas/ and the schema registry.
     #[command(subcommand)]
     Schemas(schemas::SchemasCommand),
@@ -59,6 +62,7 @@ impl Command {
     fn service(&self) -> Option<&'static str> {
         match self {
             Command::Scorer => Some("leadscore-scorer"),
+            Command::Drift => Some("leadscore-drift"),
             _ => None,
         }
     }
@@ -123,6 +127,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Connectors(cmd) => connectors::run(cmd, &config).await,
         Command::Demo(args) => demo::run(args, &config).await,
         Command::Scorer => scorer::run(config).await,
+        Command::Drift => drift::run(config).await,
         Command::Bench(cmd) => bench::run(cmd, &config).await,
     }
 }

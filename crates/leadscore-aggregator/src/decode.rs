@@ -1,0 +1,316 @@
+//! Reads `LeadScore` and `ShadowScore` Avro binary straight into the few
+//! fields the aggregator needs, without building generic Avro values (the
+//! aggregator reads every score the system makes).
+//!
+//! The fast path only applies to messages whose writer schema is the one in
+//! `schemas/` (checked by canonical form, once per schema id); see
+//! [`crate::Aggregator`].
+
+use std::collections::BTreeMap;
+
+use leadscore_features::RawValue;
+
+/// Why bytes are not a record of the expected schema.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed {record} at byte {at}: {reason}")]
+pub struct Malformed {
+    /// Record type being read.
+    pub record: &'static str,
+    /// Byte offset in the datum.
+    pub at: usize,
+    /// What was wrong.
+    pub reason: &'static str,
+}
+
+struct Cursor<'a> {
+    record: &'static str,
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn err(&self, reason: &'static str) -> Malformed {
+        Malformed {
+            record: self.record,
+            at: self.at,
+            reason,
+        }
+    }
+
+    fn long(&mut self) -> Result<i64, Malformed> {
+        let mut z: u64 = 0;
+        let mut shift = 0;
+        loop {
+            let b = *self
+                .bytes
+                .get(self.at)
+                .ok_or_else(|| self.err("truncated varint"))?;
+            self.at += 1;
+            z |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+            if shift > 63 {
+                return Err(self.err("varint too long"));
+            }
+        }
+        Ok((z >> 1) as i64 ^ -((z & 1) as i64))
+    }
+
+    fn double(&mut self) -> Result<f64, Malformed> {
+        let end = self.at + 8;
+        let raw = self
+            .bytes
+            .get(self.at..end)
+            .ok_or_else(|| self.err("truncated double"))?;
+        self.at = end;
+        let mut b = [0u8; 8];
+        b.copy_from_slice(raw);
+        Ok(f64::from_le_bytes(b))
+    }
+
+    fn str(&mut self) -> Result<&'a str, Malformed> {
+        let len = usize::try_from(self.long()?).map_err(|_| self.err("negative length"))?;
+        let end = self
+            .at
+            .checked_add(len)
+            .ok_or_else(|| self.err("length overflow"))?;
+        let raw = self
+            .bytes
+            .get(self.at..end)
+            .ok_or_else(|| self.err("truncated string"))?;
+        self.at = end;
+        std::str::from_utf8(raw).map_err(|_| self.err("string is not UTF-8"))
+    }
+
+    fn index(&mut self, n: i64) -> Result<i64, Malformed> {
+        let i = self.long()?;
+        if (0..n).contains(&i) {
+            Ok(i)
+        } else {
+            Err(self.err("enum or union index out of range"))
+        }
+    }
+}
+
+/// `ScoreBand` symbols, in schema order.
+pub const BANDS: [&str; 3] = ["High", "Medium", "Low"];
+
+/// The fields of a `LeadScore` the aggregator uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Score<'a> {
+    /// Probability.
+    pub score: f64,
+    /// Band index into [`BANDS`].
+    pub band: usize,
+    /// Model name.
+    pub model_name: &'a str,
+    /// Model version.
+    pub model_version: &'a str,
+    /// Event time, ms.
+    pub event_time_ms: i64,
+    /// Event to score, ms.
+    pub latency_ms: f64,
+}
+
+/// Reads a `LeadScore` datum (no frame); the features go into `features` (cleared first).
+pub fn lead_score<'a>(
+    datum: &'a [u8],
+    features: &mut BTreeMap<String, RawValue>,
+) -> Result<Score<'a>, Malformed> {
+    let mut c = Cursor {
+        record: "LeadScore",
+        bytes: datum,
+        at: 0,
+    };
+    c.str()?; // lead_id: never kept
+    let score = c.double()?;
+    let band = c.index(3)? as usize;
+    let model_name = c.str()?;
+    let model_version = c.str()?;
+    c.index(2)?; // model_role
+    features.clear();
+    loop {
+        let mut n = c.long()?;
+        if n == 0 {
+            break;
+        }
+        if n < 0 {
+            n = -n;
+            c.long()?; // block size in bytes
+        }
+        for _ in 0..n {
+            let name = c.str()?;
+            let value = match c.index(4)? {
+                0 => RawValue::Null,
+                1 => RawValue::Long(c.long()?),
+                2 => RawValue::Double(c.double()?),
+                _ => RawValue::String(c.str()?.to_string()),
+            };
+            features.insert(name.to_string(), value);
+        }
+    }
+    let event_time_ms = c.long()?;
+    c.long()?; // scored_at
+    let latency_ms = c.double()?;
+    Ok(Score {
+        score,
+        band,
+        model_name,
+        model_version,
+        event_time_ms,
+        latency_ms,
+    })
+}
+
+/// The fields of a `ShadowScore` the aggregator uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shadow<'a> {
+    /// Shadow model version.
+    pub shadow_version: &'a str,
+    /// Shadow score.
+    pub shadow: f64,
+    /// Shadow band index.
+    pub shadow_band: usize,
+    /// Live model name.
+    pub live_name: &'a str,
+    /// Live model version.
+    pub live_version: &'a str,
+    /// Live score.
+    pub live: f64,
+    /// Live band index.
+    pub live_band: usize,
+    /// Event time, ms.
+    pub event_time_ms: i64,
+}
+
+/// Reads a `ShadowScore` datum (no frame).
+pub fn shadow_score(datum: &[u8]) -> Result<Shadow<'_>, Malformed> {
+    let mut c = Cursor {
+        record: "ShadowScore",
+        bytes: datum,
+        at: 0,
+    };
+    c.str()?; // lead_id
+    c.index(2)?; // reason
+    c.str()?; // shadow model name
+    let shadow_version = c.str()?;
+    let shadow = c.double()?;
+    let shadow_band = c.index(3)? as usize;
+    let live_name = c.str()?;
+    let live_version = c.str()?;
+    let live = c.double()?;
+    let live_band = c.index(3)? as usize;
+    c.index(2)?; // live_role
+    let event_time_ms = c.long()?;
+    Ok(Shadow {
+        shadow_version,
+        shadow,
+        shadow_band,
+        live_name,
+        live_version,
+        live,
+        live_band,
+        event_time_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use leadscore_model::Band;
+    use leadscore_scorer::records::{LeadScore, ModelScore, Reason, Role, ShadowScore, Source};
+    use proptest::prelude::*;
+
+    fn raw() -> impl Strategy<Value = RawValue> {
+        prop_oneof![
+            Just(RawValue::Null),
+            any::<i64>().prop_map(RawValue::Long),
+            any::<f64>()
+                .prop_filter("NaN", |d| !d.is_nan())
+                .prop_map(RawValue::Double),
+            "[a-zA-Z ]{0,12}".prop_map(RawValue::String),
+        ]
+    }
+
+    fn band() -> impl Strategy<Value = Band> {
+        prop_oneof![Just(Band::High), Just(Band::Medium), Just(Band::Low)]
+    }
+
+    fn model(band: Band, score: f64, version: String) -> ModelScore {
+        ModelScore {
+            model_name: "lead-scoring".into(),
+            model_version: version,
+            score,
+            band,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn lead_scores_read_back_what_the_scorer_wrote(
+            features in proptest::collection::btree_map("[a-z_]{1,16}", raw(), 0..12),
+            score in 0.0f64..1.0,
+            band in band(),
+            version in "[0-9]{1,4}",
+            event in any::<i64>(),
+            latency in 0.0f64..1e6,
+            source in any::<bool>(),
+        ) {
+            let record = LeadScore {
+                lead_id: "lead-1".into(),
+                model: model(band, score, version.clone()),
+                role: Role::Canary,
+                features: features.clone().into_iter().collect(),
+                event_time_ms: event,
+                scored_at_ms: 7,
+                latency_ms: latency,
+                source: source.then(|| Source { topic: "t".into(), partition: 3, offset: 9 }),
+            };
+            let mut bytes = Vec::new();
+            record.encode(&mut bytes);
+            let mut got = BTreeMap::new();
+            let s = lead_score(&bytes, &mut got).unwrap();
+            prop_assert_eq!(got, features);
+            prop_assert_eq!(s.score, score);
+            prop_assert_eq!(BANDS[s.band], band.as_str());
+            prop_assert_eq!(s.model_version, version.as_str());
+            prop_assert_eq!(s.event_time_ms, event);
+            prop_assert_eq!(s.latency_ms, latency);
+            // Any truncation is an error, never a panic.
+            for cut in 0..bytes.len() {
+                let _ = lead_score(&bytes[..cut], &mut BTreeMap::new());
+            }
+        }
+
+        #[test]
+        fn shadow_scores_read_back_what_the_scorer_wrote(
+            live in 0.0f64..1.0, shadow in 0.0f64..1.0, lb in band(), sb in band(), event in any::<i64>(),
+        ) {
+            let record = ShadowScore {
+                lead_id: "lead-2".into(),
+                reason: Reason::Challenger,
+                shadow: model(sb, shadow, "8".into()),
+                live: model(lb, live, "7".into()),
+                live_role: Role::Champion,
+                event_time_ms: event,
+                scored_at_ms: 1,
+                latency_ms: 2.0,
+            };
+            let mut bytes = Vec::new();
+            record.encode(&mut bytes);
+            let s = shadow_score(&bytes).unwrap();
+            prop_assert_eq!((s.shadow_version, s.live_version), ("8", "7"));
+            prop_assert_eq!((s.shadow, s.live), (shadow, live));
+            prop_assert_eq!((BANDS[s.shadow_band], BANDS[s.live_band]), (sb.as_str(), lb.as_str()));
+            prop_assert_eq!(s.event_time_ms, event);
+            // Cut anywhere in the fields read (scored_at and latency, 9 bytes here, are not).
+            for cut in 0..bytes.len() - 9 {
+                prop_assert!(shadow_score(&bytes[..cut]).is_err());
+            }
+        }
+    }
+}

@@ -1,0 +1,932 @@
+//! The drift aggregator service (`leadscore drift`).
+//!
+//! Reads live scores (`leads.scores.v1`) and shadow scores
+//! (`leads.scores.shadow.v1`), counts them into event-time windows per input
+//! partition ([`leadscore_drift::state::SourceState`]), and releases each
+//! window as a partial aggregate to the internal partials topic once the
+//! partition's watermark minus the allowed lateness has passed it. The merger
+//! ([`leadscore_drift::state::Merger`], in the instance with `drift.merge`)
+//! reads the partials, and when every partition has passed a window it
+//! publishes one `WindowReport` per model version to `leadscore.metrics.v1`
+//! (hourly windows and their daily and weekly roll-ups) and the alerts the
+//! hourly report raises to `leadscore.alerts.v1`.
+//!
+//! Exactly once: every `checkpoint_ms`, one Kafka transaction carries the
+//! outputs, a checkpoint of the state of every changed partition (to the
+//! compacted state topic, with the next input offset inside) and the input
+//! offsets. On start the latest checkpoints are read back and reading
+//! resumes at their offsets, so a crash anywhere gives the same reports as
+//! an uninterrupted run. Partitions are assigned statically
+//! (`drift.partitions`), so instances on disjoint partitions never contend.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use leadscore_config::{DriftConfig, KafkaConfig};
+use leadscore_drift::alerts::{AlertEvent, Thresholds, evaluate};
+use leadscore_drift::report::{WindowKind, WindowReport};
+use leadscore_drift::state::{
+    Completed, Merger, Observed, Partial, Profiles, ScoreEvent, ShadowEvent, SourceState,
+};
+use leadscore_drift::{Profile, Window};
+use leadscore_features::RawValue;
+use leadscore_registry::{Encoder, Registry};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+pub mod decode;
+pub mod metrics;
+pub mod route;
+
+pub use metrics::{Event, Metrics};
+
+/// Errors that stop the aggregator. It restarts from its last checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kafka call failed.
+    #[error("kafka: {context}: {source}")]
+    Kafka {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: KafkaError,
+    },
+    /// The schema registry failed.
+    #[error("schema registry: {0}")]
+    Registry(#[from] leadscore_registry::Error),
+    /// A reference profile could not be loaded.
+    #[error("reference profile of {model}: {reason}")]
+    Profile {
+        /// Model URL or version.
+        model: String,
+        /// Why.
+        reason: String,
+    },
+    /// A checkpoint or partial could not be read.
+    #[error("{what} at {topic}/{partition}@{offset} is unreadable: {reason}")]
+    State {
+        /// Checkpoint or partial.
+        what: &'static str,
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// Offset.
+        offset: i64,
+        /// Parser message.
+        reason: String,
+    },
+    /// Configuration does not fit the cluster.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn kerr(context: impl Into<String>) -> impl FnOnce(KafkaError) -> Error {
+    let context = context.into();
+    move |source| Error::Kafka { context, source }
+}
+
+/// Loads the reference profile of each model URL, by model version.
+pub async fn load_profiles(urls: &[String]) -> Result<(Profiles, BTreeMap<String, String>)> {
+    let mut profiles = Profiles::new();
+    let mut names = BTreeMap::new();
+    for url in urls {
+        let source =
+            leadscore_model::source::ModelSource::parse(url).map_err(|e| Error::Profile {
+                model: url.clone(),
+                reason: e.to_string(),
+            })?;
+        let (version, name, reference) = match &source {
+            leadscore_model::source::ModelSource::Dir(dir) => {
+                let path = dir.join("metadata.json");
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::Profile {
+                    model: url.clone(),
+                    reason: format!("{}: {e}", path.display()),
+                })?;
+                let meta =
+                    leadscore_model::Metadata::parse(url, &text).map_err(|e| Error::Profile {
+                        model: url.clone(),
+                        reason: e.to_string(),
+                    })?;
+                (meta.version, meta.model_name, meta.reference)
+            }
+            leadscore_model::source::ModelSource::Mlflow {
+                base,
+                name,
+                selector,
+            } => {
+                let client =
+                    leadscore_model::source::Mlflow::new(base).map_err(|e| Error::Profile {
+                        model: url.clone(),
+                        reason: e.to_string(),
+                    })?;
+                let (_, meta) =
+                    client
+                        .download(name, selector)
+                        .await
+                        .map_err(|e| Error::Profile {
+                            model: url.clone(),
+                            reason: e.to_string(),
+                        })?;
+                (meta.version, meta.model_name, meta.reference)
+            }
+        };
+        let profile = Profile::from_metadata(&serde_json::json!({ "reference": reference }))
+            .map_err(|e| Error::Profile {
+                model: url.clone(),
+                reason: e.to_string(),
+            })?;
+        tracing::info!(model = %name, version = %version, features = profile.features.len(), %source, "reference profile loaded");
+        names.insert(version.clone(), name);
+        profiles.insert(version, Arc::new(profile));
+    }
+    Ok((profiles, names))
+}
+
+/// Thresholds of the config in the drift crate's terms.
+pub fn thresholds(cfg: &DriftConfig) -> Thresholds {
+    let t = &cfg.thresholds;
+    Thresholds {
+        psi_warning: t.psi_warning,
+        psi_critical: t.psi_critical,
+        kl_warning: t.kl_warning,
+        alpha: t.alpha,
+        min_sample: t.min_sample,
+        effect_psi: t.effect_psi,
+        new_category_rate: t.new_category_rate,
+        missing_rate_increase: t.missing_rate_increase,
+    }
+}
+
+/// Consumer settings: manual offsets, read_committed, positions from checkpoints.
+pub fn consumer_config(kafka: &KafkaConfig, cfg: &DriftConfig) -> rdkafka::ClientConfig {
+    let mut c = leadscore_kafka::client_config(kafka);
+    c.set("group.id", &cfg.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("fetch.min.bytes", "65536")
+        .set("fetch.wait.max.ms", "100")
+        .set("queued.min.messages", "200000")
+        .set("client.id", format!("leadscore-drift-{}", cfg.instance_id));
+    c
+}
+
+/// Transactional producer settings.
+pub fn producer_config(kafka: &KafkaConfig, cfg: &DriftConfig) -> rdkafka::ClientConfig {
+    let mut c = leadscore_kafka::client_config(kafka);
+    c.set("transactional.id", cfg.transactional_id())
+        .set("enable.idempotence", "true")
+        .set(
+            "transaction.timeout.ms",
+            cfg.transaction_timeout_ms.to_string(),
+        )
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .set("message.max.bytes", "10000000")
+        .set("client.id", format!("leadscore-drift-{}", cfg.instance_id));
+    c
+}
+
+/// Checkpoint key of an input partition.
+fn source_key(group: &str, topic: &str, partition: i32) -> String {
+    format!("{group}/{topic}/{partition}")
+}
+
+/// Checkpoint key of the merger.
+fn merger_key(group: &str) -> String {
+    format!("{group}/merger")
+}
+
+/// A checkpoint as stored: partition, offset, bytes.
+type Stored = (i32, i64, Vec<u8>);
+
+/// Reads the latest committed checkpoint of every key in the state topic.
+fn read_checkpoints(
+    kafka: &KafkaConfig,
+    cfg: &DriftConfig,
+    timeout: Duration,
+) -> Result<HashMap<String, Stored>> {
+    let consumer: BaseConsumer = leadscore_kafka::client_config(kafka)
+        .set("group.id", format!("{}-restore", cfg.group_id))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(kerr("creating the checkpoint reader"))?;
+    let md = consumer
+        .fetch_metadata(Some(&cfg.state_topic), timeout)
+        .map_err(kerr(format!("metadata of {}", cfg.state_topic)))?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(Error::Config(format!(
+            "state topic {} does not exist; run `leadscore topics apply`",
+            cfg.state_topic
+        )));
+    }
+    let mut ends = BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(&cfg.state_topic, *p, timeout)
+            .map_err(kerr(format!("watermarks of {}/{p}", cfg.state_topic)))?;
+        if high > low {
+            ends.insert(*p, high);
+            tpl.add_partition_offset(&cfg.state_topic, *p, Offset::Beginning)
+                .map_err(kerr("checkpoint assignment"))?;
+        }
+    }
+    let mut latest = HashMap::new();
+    if ends.is_empty() {
+        return Ok(latest);
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(kerr("assigning the state topic"))?;
+    let deadline = Instant::now() + timeout * 4;
+    let prefix = format!("{}/", cfg.group_id);
+    while !ends.is_empty() {
+        if Instant::now() > deadline {
+            return Err(Error::Config(format!(
+                "reading checkpoints from {} took longer than {:?}",
+                cfg.state_topic,
+                timeout * 4
+            )));
+        }
+        let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
+            // read_committed stops at the last stable offset; control records count too.
+            for (p, end) in ends.clone() {
+                if let Ok(pos) = consumer.position()
+                    && let Some(Offset::Offset(o)) =
+                        pos.find_partition(&cfg.state_topic, p).map(|e| e.offset())
+                    && o >= end
+                {
+                    ends.remove(&p);
+                }
+            }
+            continue;
+        };
+        let msg = msg.map_err(kerr("reading checkpoints"))?;
+        if let Some(key) = msg.key().and_then(|k| std::str::from_utf8(k).ok())
+            && key.starts_with(&prefix)
+        {
+            match msg.payload() {
+                Some(v) => {
+                    latest.insert(key.to_string(), (msg.partition(), msg.offset(), v.to_vec()));
+                }
+                None => {
+                    latest.remove(key);
+                }
+            }
+        }
+        if ends
+            .get(&msg.partition())
+            .is_some_and(|end| msg.offset() + 1 >= *end)
+        {
+            ends.remove(&msg.partition());
+        }
+    }
+    Ok(latest)
+}
+
+/// Which kind of input a topic is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Input {
+    Scores,
+    Shadow,
+    Partials,
+}
+
+/// Schema ids whose writer schema is the one the fast decoders read.
+struct Schemas {
+    registry: Registry,
+    scores: String,
+    shadow: String,
+    verdicts: HashMap<u32, bool>,
+}
+
+impl Schemas {
+    fn accepts(&mut self, rt: &tokio::runtime::Handle, id: u32, input: Input) -> Result<bool> {
+        if let Some(v) = self.verdicts.get(&id) {
+            return Ok(*v);
+        }
+        let writer = rt.block_on(self.registry.schema_by_id(id))?;
+        let expected = if input == Input::Scores {
+            &self.scores
+        } else {
+            &self.shadow
+        };
+        let ok = writer.canonical_form() == *expected;
+        if !ok {
+            tracing::error!(
+                schema_id = id,
+                ?input,
+                "records of an unknown writer schema are skipped (the aggregator reads schemas/LeadScore.avsc and ShadowScore.avsc as written)"
+            );
+        }
+        self.verdicts.insert(id, ok);
+        Ok(ok)
+    }
+}
+
+fn canonical(file: &str) -> Result<String> {
+    let text = leadscore_schemas::find(file)
+        .map_err(leadscore_registry::Error::from)?
+        .text;
+    let schema = leadscore_schemas::parse(file, text).map_err(leadscore_registry::Error::from)?;
+    Ok(schema.canonical_form())
+}
+
+struct Source {
+    topic: String,
+    partition: i32,
+    name: String,
+    state: SourceState,
+    last_record: Instant,
+    dirty: bool,
+}
+
+/// The running aggregator.
+pub struct Aggregator {
+    consumer: BaseConsumer,
+    producer: FutureProducer,
+    timeout: Duration,
+    core: Core,
+}
+
+/// Everything but the Kafka clients.
+struct Core {
+    cfg: DriftConfig,
+    sizes: Vec<i64>,
+    profiles: Profiles,
+    sources: BTreeMap<(String, i32), Source>,
+    expected: Vec<String>,
+    merger: Option<(Merger, bool)>,
+    thresholds: Thresholds,
+    report_encoder: Encoder,
+    alert_encoder: Encoder,
+    schemas: Schemas,
+    metrics: Arc<Metrics>,
+    rt: tokio::runtime::Handle,
+    features: BTreeMap<String, RawValue>,
+}
+
+/// What one checkpoint produced.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Checkpointed {
+    /// Partials produced.
+    pub partials: usize,
+    /// Reports produced.
+    pub reports: usize,
+    /// Alert events produced.
+    pub alerts: usize,
+}
+
+impl Aggregator {
+    /// Restores state from the checkpoints, assigns the input partitions and readies the producer.
+    pub async fn start(
+        cfg: DriftConfig,
+        kafka_cfg: &KafkaConfig,
+        registry: Registry,
+        profiles: Profiles,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let timeout = Duration::from_millis(kafka_cfg.request_timeout_ms.max(5_000));
+        let schema_text = |f: &str| {
+            leadscore_schemas::find(f)
+                .map(|s| s.text)
+                .map_err(leadscore_registry::Error::from)
+        };
+        let report_encoder = Encoder::for_subject(
+            &registry,
+            &leadscore_schemas::value_subject(&cfg.metrics_topic),
+            schema_text("WindowReport.avsc")?,
+        )
+        .await?;
+        let alert_encoder = Encoder::for_subject(
+            &registry,
+            &leadscore_schemas::value_subject(&cfg.alerts_topic),
+            schema_text("Alert.avsc")?,
+        )
+        .await?;
+        let schemas = Schemas {
+            registry,
+            scores: canonical("LeadScore.avsc")?,
+            shadow: canonical("ShadowScore.avsc")?,
+            verdicts: HashMap::new(),
+        };
+        let kc = kafka_cfg.clone();
+        let c2 = cfg.clone();
+        let (consumer, producer, checkpoints) = tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = consumer_config(&kc, &c2)
+                .create()
+                .map_err(kerr("creating the consumer"))?;
+            let producer: FutureProducer = producer_config(&kc, &c2)
+                .create()
+                .map_err(kerr("creating the producer"))?;
+            producer.init_transactions(timeout).map_err(kerr(format!(
+                "init transactions as {}",
+                c2.transactional_id()
+            )))?;
+            // After init_transactions: an earlier incarnation's open transaction is aborted.
+            let checkpoints = read_checkpoints(&kc, &c2, timeout)?;
+            Ok::<_, Error>((consumer, producer, checkpoints))
+        })
+        .await
+        .map_err(|e| Error::Config(format!("startup task: {e}")))??;
+
+        let mut sizes = vec![cfg.window_ms];
+        sizes.extend(cfg.rollups_ms.iter().copied());
+        let mut expected = Vec::new();
+        let mut sources = BTreeMap::new();
+        let mut tpl = TopicPartitionList::new();
+        let now = Instant::now();
+        for topic in [&cfg.scores_topic, &cfg.shadow_topic] {
+            let md = consumer
+                .fetch_metadata(Some(topic), timeout)
+                .map_err(kerr(format!("metadata of {topic}")))?;
+            let ids: Vec<i32> = md
+                .topics()
+                .iter()
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            if ids.is_empty() {
+                return Err(Error::Config(format!(
+                    "topic {topic} does not exist; run `leadscore topics apply`"
+                )));
+            }
+            for p in ids {
+                let name = format!("{topic}/{p}");
+                expected.push(name.clone());
+                if cfg
+                    .partitions
+                    .as_ref()
+                    .is_some_and(|mine| !mine.contains(&p))
+                {
+                    continue;
+                }
+                let key = source_key(&cfg.group_id, topic, p);
+                let state: SourceState = match checkpoints.get(&key) {
+                    Some((sp, so, bytes)) => {
+                        serde_json::from_slice(bytes).map_err(|e| Error::State {
+                            what: "checkpoint",
+                            topic: cfg.state_topic.clone(),
+                            partition: *sp,
+                            offset: *so,
+                            reason: e.to_string(),
+                        })?
+                    }
+                    None => SourceState::default(),
+                };
+                let offset = state.next_offset.map_or(Offset::Beginning, Offset::Offset);
+                tpl.add_partition_offset(topic, p, offset)
+                    .map_err(kerr("assignment"))?;
+                tracing::info!(source = %name, ?offset, restored = state.next_offset.is_some(), open_scores = state.open_scored(), "input partition assigned");
+                sources.insert(
+                    (topic.clone(), p),
+                    Source {
+                        topic: topic.clone(),
+                        partition: p,
+                        name,
+                        state,
+                        last_record: now,
+                        dirty: false,
+                    },
+                );
+            }
+        }
+        if let Some(mine) = &cfg.partitions
+            && let Some(p) = mine.iter().find(|p| !sources.keys().any(|(_, q)| q == *p))
+        {
+            return Err(Error::Config(format!(
+                "drift.partitions names partition {p}, which {} does not have",
+                cfg.scores_topic
+            )));
+        }
+        let merger = if cfg.merge {
+            let key = merger_key(&cfg.group_id);
+            let m: Merger = match checkpoints.get(&key) {
+                Some((sp, so, bytes)) => {
+                    serde_json::from_slice(bytes).map_err(|e| Error::State {
+                        what: "checkpoint",
+                        topic: cfg.state_topic.clone(),
+                        partition: *sp,
+                        offset: *so,
+                        reason: e.to_string(),
+                    })?
+                }
+                None => Merger::default(),
+            };
+            let offset = m.next_offset.map_or(Offset::Beginning, Offset::Offset);
+            tpl.add_partition_offset(&cfg.partials_topic, 0, offset)
+                .map_err(kerr("assignment"))?;
+            tracing::info!(topic = %cfg.partials_topic, ?offset, pending = m.pending_windows(), "merger assigned");
+            Some((m, false))
+        } else {
+            None
+        };
+        consumer
+            .assign(&tpl)
+            .map_err(kerr("assigning input partitions"))?;
+        let thresholds = thresholds(&cfg);
+        metrics.set_ready(true);
+        Ok(Self {
+            consumer,
+            producer,
+            timeout,
+            core: Core {
+                cfg,
+                sizes,
+                profiles,
+                sources,
+                expected,
+                merger,
+                thresholds,
+                report_encoder,
+                alert_encoder,
+                schemas,
+                metrics,
+                rt: tokio::runtime::Handle::current(),
+                features: BTreeMap::new(),
+            },
+        })
+    }
+
+    /// Reads until `shutdown`, checkpointing every `checkpoint_ms`; a last checkpoint on the way out.
+    pub fn run(mut self, shutdown: &CancellationToken) -> Result<()> {
+        let every = Duration::from_millis(self.core.cfg.checkpoint_ms);
+        let mut last = Instant::now();
+        while !shutdown.is_cancelled() {
+            if let Some(msg) = self.consumer.poll(Duration::from_millis(50)) {
+                match msg {
+                    Ok(m) => self.core.handle(&m)?,
+                    Err(e) => tracing::warn!(error = %e, "consumer error (retried by librdkafka)"),
+                }
+            }
+            if last.elapsed() >= every {
+                self.checkpoint()?;
+                last = Instant::now();
+            }
+        }
+        let done = self.checkpoint()?;
+        tracing::info!(
+            partials = done.partials,
+            reports = done.reports,
+            "final checkpoint committed; stopping"
+        );
+        Ok(())
+    }
+
+    /// Releases windows, merges, and commits outputs, state and offsets in one transaction.
+    pub fn checkpoint(&mut self) -> Result<Checkpointed> {
+        let started = Instant::now();
+        let idle = Duration::from_millis(self.core.cfg.idle_ms);
+        let mut partials: Vec<Partial> = Vec::new();
+        for s in self.core.sources.values_mut() {
+            let p = s
+                .state
+                .release(&s.name, self.core.cfg.window_ms, self.core.cfg.lateness_ms)
+                .or_else(|| {
+                    (s.last_record.elapsed() >= idle)
+                        .then(|| s.state.mark_idle(&s.name))
+                        .flatten()
+                });
+            if let Some(p) = p {
+                s.dirty = true;
+                partials.push(p);
+            }
+        }
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut reports = Vec::new();
+        let mut alerts: Vec<AlertEvent> = Vec::new();
+        let completed = match &mut self.core.merger {
+            Some((m, dirty)) => {
+                let done = m.complete(&self.core.expected, &self.core.sizes);
+                *dirty |= !done.is_empty();
+                done
+            }
+            None => Vec::new(),
+        };
+        for c in &completed {
+            let Some((report, features)) = self.core.report(c, now_ms) else {
+                continue;
+            };
+            if c.size_ms == self.core.cfg.window_ms
+                && report.scored > 0
+                && let Some((m, _)) = &mut self.core.merger
+            {
+                let findings = evaluate(&features, report.score_psi, &self.core.thresholds);
+                alerts.extend(m.alerts.update(
+                    &c.model_name,
+                    &c.model_version,
+                    (c.start_ms, c.end_ms),
+                    findings,
+                ));
+            }
+            reports.push(report);
+        }
+        let dirty_sources = self.core.sources.values().filter(|s| s.dirty).count();
+        let merger_dirty = self.core.merger.as_ref().is_some_and(|(_, d)| *d);
+        if partials.is_empty() && reports.is_empty() && dirty_sources == 0 && !merger_dirty {
+            return Ok(Checkpointed::default());
+        }
+        // Encode before the transaction begins: an encoding failure then leaves nothing open.
+        let mut records: Vec<(&str, String, Vec<u8>)> = Vec::new();
+        for p in &partials {
+            let bytes = serde_json::to_vec(p)
+                .map_err(|e| Error::Config(format!("encoding a partial: {e}")))?;
+            records.push((&self.core.cfg.partials_topic, p.source.clone(), bytes));
+        }
+        for r in &reports {
+            let key = format!(
+                "{}/{}/{}/{}",
+                r.model_name,
+                r.model_version,
+                r.end_ms - r.start_ms,
+                r.start_ms
+            );
+            records.push((
+                &self.core.cfg.metrics_topic,
+                key,
+                self.core.report_encoder.encode(r.to_value())?,
+            ));
+        }
+        for a in &alerts {
+            records.push((
+                &self.core.cfg.alerts_topic,
+                a.fingerprint.clone(),
+                self.core.alert_encoder.encode(a.to_value(now_ms))?,
+            ));
+            match a.severity {
+                leadscore_drift::alerts::Severity::Info => {
+                    tracing::info!(fingerprint = %a.fingerprint, status = ?a.status, "{}", a.message());
+                }
+                _ => {
+                    tracing::warn!(fingerprint = %a.fingerprint, severity = ?a.severity, status = ?a.status, "{}", a.message());
+                }
+            }
+        }
+        let mut offsets = TopicPartitionList::new();
+        for s in self.core.sources.values().filter(|s| s.dirty) {
+            let bytes = serde_json::to_vec(&s.state)
+                .map_err(|e| Error::Config(format!("encoding a checkpoint: {e}")))?;
+            records.push((
+                &self.core.cfg.state_topic,
+                source_key(&self.core.cfg.group_id, &s.topic, s.partition),
+                bytes,
+            ));
+            if let Some(o) = s.state.next_offset {
+                offsets
+                    .add_partition_offset(&s.topic, s.partition, Offset::Offset(o))
+                    .map_err(kerr("offsets"))?;
+            }
+        }
+        if let Some((m, true)) = &self.core.merger {
+            let bytes = serde_json::to_vec(m)
+                .map_err(|e| Error::Config(format!("encoding a checkpoint: {e}")))?;
+            records.push((
+                &self.core.cfg.state_topic,
+                merger_key(&self.core.cfg.group_id),
+                bytes,
+            ));
+            if let Some(o) = m.next_offset {
+                offsets
+                    .add_partition_offset(&self.core.cfg.partials_topic, 0, Offset::Offset(o))
+                    .map_err(kerr("offsets"))?;
+            }
+        }
+        let txid = self.core.cfg.transactional_id();
+        self.producer
+            .begin_transaction()
+            .map_err(kerr(format!("begin transaction ({txid})")))?;
+        for (topic, key, bytes) in &records {
+            let mut record = FutureRecord::to(topic)
+                .key(key.as_str())
+                .payload(bytes.as_slice());
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(_) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err((e, _)) => return Err(kerr(format!("produce to {topic}"))(e)),
+                }
+            }
+        }
+        if offsets.count() > 0 {
+            let group = self
+                .consumer
+                .group_metadata()
+                .ok_or_else(|| Error::Config("the consumer has no group metadata".into()))?;
+            self.producer
+                .send_offsets_to_transaction(&offsets, &group, self.timeout)
+                .map_err(kerr("send offsets"))?;
+        }
+        // A failed commit stops the service: it restarts from the last committed checkpoint.
+        self.producer
+            .commit_transaction(self.timeout)
+            .map_err(kerr(format!("commit ({txid})")))?;
+        for s in self.core.sources.values_mut() {
+            s.dirty = false;
+        }
+        if let Some((_, d)) = &mut self.core.merger {
+            *d = false;
+        }
+        let done = Checkpointed {
+            partials: partials.len(),
+            reports: reports.len(),
+            alerts: alerts.len(),
+        };
+        self.core.metrics.add(Event::Partial, done.partials as u64);
+        self.core.metrics.add(Event::Report, done.reports as u64);
+        self.core.metrics.add(Event::Alert, done.alerts as u64);
+        self.core.metrics.add(Event::Checkpoint, 1);
+        self.core
+            .metrics
+            .set_checkpoint_ms(started.elapsed().as_millis() as u64);
+        self.core.metrics.set_windows(
+            self.core
+                .sources
+                .values()
+                .map(|s| s.state.open_scored())
+                .sum(),
+            self.core
+                .merger
+                .as_ref()
+                .map_or(0, |(m, _)| m.pending_windows() as u64),
+        );
+        for r in &reports {
+            tracing::info!(
+                model = %r.model_name, version = %r.model_version, kind = ?r.kind,
+                start = r.start_ms, end = r.end_ms, scored = r.scored, late = r.late_events,
+                score_psi = r.score_psi, "window report"
+            );
+        }
+        Ok(done)
+    }
+}
+
+impl Core {
+    fn input(&self, topic: &str) -> Input {
+        if topic == self.cfg.scores_topic {
+            Input::Scores
+        } else if topic == self.cfg.shadow_topic {
+            Input::Shadow
+        } else {
+            Input::Partials
+        }
+    }
+
+    fn handle(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<()> {
+        let topic = m.topic();
+        let input = self.input(topic);
+        if input == Input::Partials {
+            let Some((merger, dirty)) = &mut self.merger else {
+                return Ok(());
+            };
+            merger.next_offset = Some(m.offset() + 1);
+            *dirty = true;
+            if let Some(bytes) = m.payload() {
+                let partial: Partial = serde_json::from_slice(bytes).map_err(|e| Error::State {
+                    what: "partial",
+                    topic: topic.to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    reason: e.to_string(),
+                })?;
+                merger
+                    .add(partial, &self.sizes)
+                    .map_err(|e| Error::Config(format!("merging a partial: {e}")))?;
+            }
+            return Ok(());
+        }
+        let Some(source) = self.sources.get_mut(&(topic.to_string(), m.partition())) else {
+            return Ok(());
+        };
+        source.state.next_offset = Some(m.offset() + 1);
+        source.last_record = Instant::now();
+        source.dirty = true;
+        let Some(payload) = m.payload() else {
+            return Ok(()); // a tombstone: a deleted lead
+        };
+        let Ok((id, datum)) = leadscore_schemas::unframe(payload) else {
+            self.metrics.add(Event::Malformed, 1);
+            return Ok(());
+        };
+        if !self.schemas.accepts(&self.rt, id, input)? {
+            self.metrics.add(Event::Malformed, 1);
+            return Ok(());
+        }
+        let size = self.cfg.window_ms;
+        let observed = match input {
+            Input::Scores => match decode::lead_score(datum, &mut self.features) {
+                Ok(s) => source.state.observe_score(
+                    &self.profiles,
+                    size,
+                    &ScoreEvent {
+                        model_name: s.model_name,
+                        model_version: s.model_version,
+                        event_ms: s.event_time_ms,
+                        features: &self.features,
+                        score: s.score,
+                        latency_ms: s.latency_ms,
+                    },
+                ),
+                Err(e) => {
+                    tracing::warn!(source = %source.name, offset = m.offset(), error = %e, "unreadable score skipped");
+                    self.metrics.add(Event::Malformed, 1);
+                    return Ok(());
+                }
+            },
+            _ => match decode::shadow_score(datum) {
+                Ok(s) => {
+                    let o = source.state.observe_shadow(
+                        &self.profiles,
+                        size,
+                        &ShadowEvent {
+                            model_name: s.live_name,
+                            model_version: s.live_version,
+                            shadow_version: s.shadow_version,
+                            event_ms: s.event_time_ms,
+                            live: s.live,
+                            shadow: s.shadow,
+                            same_band: s.live_band == s.shadow_band,
+                        },
+                    );
+                    if o == Observed::Counted {
+                        self.metrics.add(Event::Shadow, 1);
+                        return Ok(());
+                    }
+                    o
+                }
+                Err(e) => {
+                    tracing::warn!(source = %source.name, offset = m.offset(), error = %e, "unreadable shadow score skipped");
+                    self.metrics.add(Event::Malformed, 1);
+                    return Ok(());
+                }
+            },
+        };
+        self.metrics.add(
+            match observed {
+                Observed::Counted => Event::Counted,
+                Observed::Late => Event::Late,
+                Observed::Unprofiled => Event::Unprofiled,
+            },
+            1,
+        );
+        Ok(())
+    }
+
+    fn report(
+        &self,
+        c: &Completed,
+        now_ms: i64,
+    ) -> Option<(WindowReport, Vec<leadscore_drift::FeatureDrift>)> {
+        let profile = self.profiles.get(&c.model_version);
+        let window = match (profile, &c.counts) {
+            (Some(p), Some(counts)) => match Window::from_counts(p.clone(), counts.clone()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::error!(version = %c.model_version, error = %e, "counts do not fit this instance's profile; report skipped");
+                    return None;
+                }
+            },
+            (None, Some(_)) => {
+                tracing::error!(version = %c.model_version, "the merger has no reference profile for this version; add it to drift.models");
+                return None;
+            }
+            _ => None,
+        };
+        let features = window.as_ref().map(Window::report).unwrap_or_default();
+        let report = WindowReport {
+            model_name: c.model_name.clone(),
+            model_version: c.model_version.clone(),
+            kind: WindowKind::of(c.size_ms),
+            start_ms: c.start_ms,
+            end_ms: c.end_ms,
+            scored: window.as_ref().map_or(0, Window::scored),
+            late_events: c.late,
+            errors: 0,
+            features: features.clone(),
+            score_psi: window.as_ref().and_then(Window::score_psi),
+            shadow: window.as_ref().and_then(Window::shadow),
+            latency: c.counts.as_ref().and_then(|k| k.latency.summary()),
+            outcomes: None,
+            emitted_at_ms: now_ms,
+        };
+        Some((report, features))
+    }
+}

@@ -1,0 +1,204 @@
+//! The aggregator's metrics, in Prometheus text on `/metrics` and as
+//! OpenTelemetry instruments of the global meter (`leadscore_drift_*` and
+//! `leadscore.drift.*`).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::Counter;
+
+/// A counted event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A score counted in its window.
+    Counted,
+    /// A shadow pair counted.
+    Shadow,
+    /// A record for a window already released.
+    Late,
+    /// A score of a model version without a reference profile.
+    Unprofiled,
+    /// A record that could not be read.
+    Malformed,
+    /// A partial aggregate produced.
+    Partial,
+    /// A window report produced.
+    Report,
+    /// An alert event produced.
+    Alert,
+    /// A checkpoint committed.
+    Checkpoint,
+}
+
+impl Event {
+    const ALL: [Event; 9] = [
+        Event::Counted,
+        Event::Shadow,
+        Event::Late,
+        Event::Unprofiled,
+        Event::Malformed,
+        Event::Partial,
+        Event::Report,
+        Event::Alert,
+        Event::Checkpoint,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Event::Counted => "counted",
+            Event::Shadow => "shadow",
+            Event::Late => "late",
+            Event::Unprofiled => "unprofiled",
+            Event::Malformed => "malformed",
+            Event::Partial => "partial",
+            Event::Report => "report",
+            Event::Alert => "alert",
+            Event::Checkpoint => "checkpoint",
+        }
+    }
+}
+
+/// Counters and gauges of one aggregator.
+pub struct Metrics {
+    counts: [AtomicU64; 9],
+    open_windows: AtomicU64,
+    pending_windows: AtomicU64,
+    last_checkpoint_ms: AtomicU64,
+    ready: AtomicBool,
+    otel: Counter<u64>,
+}
+
+impl Metrics {
+    /// New metrics, registered with the global meter.
+    pub fn new() -> Arc<Self> {
+        let otel = opentelemetry::global::meter("leadscore-drift")
+            .u64_counter("leadscore.drift.events")
+            .with_description("Records counted, partials, reports, alerts and checkpoints, by kind")
+            .build();
+        Arc::new(Self {
+            counts: Default::default(),
+            open_windows: AtomicU64::new(0),
+            pending_windows: AtomicU64::new(0),
+            last_checkpoint_ms: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            otel,
+        })
+    }
+
+    /// Counts `n` events of a kind.
+    pub fn add(&self, event: Event, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.counts[event as usize].fetch_add(n, Ordering::Relaxed);
+        self.otel.add(n, &[KeyValue::new("kind", event.as_str())]);
+    }
+
+    /// Events of a kind so far.
+    pub fn get(&self, event: Event) -> u64 {
+        self.counts[event as usize].load(Ordering::Relaxed)
+    }
+
+    /// Scores in open windows, and windows waiting for partitions at the merger.
+    pub fn set_windows(&self, open_scores: u64, pending: u64) {
+        self.open_windows.store(open_scores, Ordering::Relaxed);
+        self.pending_windows.store(pending, Ordering::Relaxed);
+    }
+
+    /// Duration of the last checkpoint transaction.
+    pub fn set_checkpoint_ms(&self, ms: u64) {
+        self.last_checkpoint_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Ready once state is restored and input assigned.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether the aggregator is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP leadscore_drift_events_total Records counted, partials, reports, alerts and checkpoints, by kind."
+        );
+        let _ = writeln!(out, "# TYPE leadscore_drift_events_total counter");
+        for e in Event::ALL {
+            let _ = writeln!(
+                out,
+                "leadscore_drift_events_total{{kind=\"{}\"}} {}",
+                e.as_str(),
+                self.get(e)
+            );
+        }
+        for (name, help, v) in [
+            (
+                "leadscore_drift_open_scores",
+                "Scores counted in windows not yet released.",
+                &self.open_windows,
+            ),
+            (
+                "leadscore_drift_pending_windows",
+                "Windows the merger waits on other partitions for.",
+                &self.pending_windows,
+            ),
+            (
+                "leadscore_drift_last_checkpoint_ms",
+                "Duration of the last checkpoint transaction, ms.",
+                &self.last_checkpoint_ms,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP leadscore_drift_ready Whether state is restored and input assigned.\n# TYPE leadscore_drift_ready gauge\nleadscore_drift_ready {}",
+            u8::from(self.is_ready())
+        );
+        out
+    }
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` until `shutdown`.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                if m.is_ready() {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(m): State<Arc<Metrics>>| async move { m.render() }),
+        )
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "health and metrics endpoints listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
