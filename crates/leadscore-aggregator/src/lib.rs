@@ -358,6 +358,16 @@ struct Source {
     dirty: bool,
 }
 
+/// Whether a partition has nothing left to read: its position is at the
+/// end, allowing for one transaction marker after the last record.
+fn caught_up(consumer: &BaseConsumer, s: &Source, timeout: Duration) -> bool {
+    let Ok((low, high)) = consumer.fetch_watermarks(&s.topic, s.partition, timeout) else {
+        return false;
+    };
+    let position = s.state.next_offset.unwrap_or(low);
+    high - position <= 1
+}
+
 /// The running aggregator.
 pub struct Aggregator {
     consumer: BaseConsumer,
@@ -595,14 +605,16 @@ impl Aggregator {
         let idle = Duration::from_millis(self.core.cfg.idle_ms);
         let mut partials: Vec<Partial> = Vec::new();
         for s in self.core.sources.values_mut() {
-            let p = s
-                .state
-                .release(&s.name, self.core.cfg.window_ms, self.core.cfg.lateness_ms)
-                .or_else(|| {
-                    (s.last_record.elapsed() >= idle)
-                        .then(|| s.state.mark_idle(&s.name))
-                        .flatten()
-                });
+            let mut p =
+                s.state
+                    .release(&s.name, self.core.cfg.window_ms, self.core.cfg.lateness_ms);
+            if p.is_none()
+                && !s.state.idle
+                && s.last_record.elapsed() >= idle
+                && caught_up(&self.consumer, s, self.timeout)
+            {
+                p = s.state.mark_idle(&s.name);
+            }
             if let Some(p) = p {
                 s.dirty = true;
                 partials.push(p);

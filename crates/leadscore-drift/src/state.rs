@@ -264,18 +264,31 @@ impl SourceState {
         })
     }
 
-    /// Marks the source idle; the partial that says so, if it was not already.
+    /// Marks the source idle: it has nothing left to read. Its open windows
+    /// are released as they are (more records for them later are released
+    /// again and merged, or counted late if the window was reported), so an
+    /// idle source never withholds counts. `None` if it was already idle.
     pub fn mark_idle(&mut self, source: &str) -> Option<Partial> {
         if self.idle {
             return None;
         }
         self.idle = true;
+        let mut windows = Vec::new();
+        for (version, starts) in std::mem::take(&mut self.open) {
+            windows.extend(starts.into_iter().map(|(start, o)| PartialWindow {
+                model_name: o.model_name,
+                model_version: version.clone(),
+                start_ms: start,
+                counts: o.counts,
+                late: o.late,
+            }));
+        }
         Some(Partial {
             format: FORMAT,
             source: source.to_string(),
             horizon_ms: self.horizon,
             idle: true,
-            windows: Vec::new(),
+            windows,
         })
     }
 
@@ -638,5 +651,66 @@ mod tests {
         assert_eq!(done.iter().map(|c| c.late).sum::<u64>(), 1);
         let text = serde_json::to_string(&m).unwrap();
         assert_eq!(serde_json::from_str::<Merger>(&text).unwrap(), m);
+    }
+}
+
+#[cfg(test)]
+mod shadow_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn shadow_pairs_of_another_partition_reach_the_window_report() {
+        let text = include_str!("../../../models/default/metadata.json");
+        let metadata: serde_json::Value = serde_json::from_str(text).unwrap();
+        let p = Arc::new(Profile::from_metadata(&metadata).unwrap());
+        let profiles = BTreeMap::from([("1".to_string(), p.clone())]);
+        let names = vec!["s/0".to_string(), "h/0".to_string()];
+        let (mut scores, mut shadow, mut m) = (
+            SourceState::default(),
+            SourceState::default(),
+            Merger::default(),
+        );
+        let f = BTreeMap::new();
+        for t in [100, 200, 2100] {
+            scores.observe_score(
+                &profiles,
+                1000,
+                &ScoreEvent {
+                    model_name: "m",
+                    model_version: "1",
+                    event_ms: t,
+                    features: &f,
+                    score: 0.5,
+                    latency_ms: 1.0,
+                },
+            );
+            shadow.observe_shadow(
+                &profiles,
+                1000,
+                &ShadowEvent {
+                    model_name: "m",
+                    model_version: "1",
+                    shadow_version: "2",
+                    event_ms: t,
+                    live: 0.5,
+                    shadow: 0.6,
+                    same_band: true,
+                },
+            );
+        }
+        let a = shadow.release("h/0", 1000, 0).unwrap();
+        let text = serde_json::to_string(&a).unwrap();
+        m.add(serde_json::from_str(&text).unwrap(), &[1000])
+            .unwrap();
+        m.add(scores.release("s/0", 1000, 0).unwrap(), &[1000])
+            .unwrap();
+        let done = m.complete(&names, &[1000]);
+        assert_eq!(done.len(), 1);
+        let w = crate::Window::from_counts(p, done[0].counts.clone().unwrap()).unwrap();
+        let s = w.shadow().unwrap();
+        assert_eq!(s.pairs, 2);
+        assert!((s.mean_abs_diff - 0.1).abs() < 1e-9);
     }
 }

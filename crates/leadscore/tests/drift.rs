@@ -1,0 +1,525 @@
+//! The drift aggregator against the real broker and registry: ground truth
+//! from the generator's drift knobs, identical reports across a SIGKILL and
+//! across a split over instances, and alerts routed to real local HTTP and
+//! SMTP receivers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use apache_avro::types::Value;
+use leadscore_aggregator::route::AlertMessage;
+use leadscore_crm::{DriftSpec, Generator, GeneratorConfig};
+use leadscore_e2e::{client, consumer, create_topic, delete_topics, receive, unique};
+use leadscore_model::{BandThresholds, Model};
+use leadscore_registry::{Decoder, Registry};
+use leadscore_scorer::records::{self, LeadScore, ModelScore, Reason, Role, ShadowScore};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// 2026-01-05 00:00 UTC: event time of window 0.
+const T0: i64 = 1_767_571_200_000;
+const HOUR: i64 = 3_600_000;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model() -> Model {
+    leadscore_model::init_runtime(None).unwrap();
+    Model::load_dir(&repo().join("models/default")).unwrap()
+}
+
+/// The input topics, shared by every aggregator run of a test.
+struct Input {
+    scores: String,
+    shadow: String,
+}
+
+/// One aggregator deployment's own topics and group.
+struct Run {
+    group: String,
+    metrics: String,
+    alerts: String,
+    partials: String,
+    state: String,
+}
+
+impl Input {
+    async fn create(partitions: i32) -> Self {
+        let base = unique("it.drift");
+        let t = Input {
+            scores: format!("{base}.scores"),
+            shadow: format!("{base}.shadow"),
+        };
+        create_topic(&t.scores, partitions).await;
+        create_topic(&t.shadow, partitions).await;
+        t
+    }
+}
+
+impl Run {
+    async fn create() -> Self {
+        let base = unique("it.drift.run");
+        let r = Run {
+            group: base.clone(),
+            metrics: format!("{base}.metrics"),
+            alerts: format!("{base}.alerts"),
+            partials: format!("{base}.partials"),
+            state: format!("{base}.state"),
+        };
+        for t in [&r.metrics, &r.alerts, &r.partials, &r.state] {
+            create_topic(t, 1).await;
+        }
+        r
+    }
+
+    fn topics(&self) -> [&str; 4] {
+        [&self.metrics, &self.alerts, &self.partials, &self.state]
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(input: &Input, run: &Run, instance: &str, extra: &[(&str, String)]) -> (Child, u16) {
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
+    cmd.arg("drift")
+        .env("LEADSCORE__DRIFT__SCORES_TOPIC", &input.scores)
+        .env("LEADSCORE__DRIFT__SHADOW_TOPIC", &input.shadow)
+        .env("LEADSCORE__DRIFT__METRICS_TOPIC", &run.metrics)
+        .env("LEADSCORE__DRIFT__ALERTS_TOPIC", &run.alerts)
+        .env("LEADSCORE__DRIFT__PARTIALS_TOPIC", &run.partials)
+        .env("LEADSCORE__DRIFT__STATE_TOPIC", &run.state)
+        .env("LEADSCORE__DRIFT__GROUP_ID", &run.group)
+        .env("LEADSCORE__DRIFT__INSTANCE_ID", instance)
+        .env(
+            "LEADSCORE__DRIFT__MODELS",
+            format!("[\"{}\"]", repo().join("models/default").display()),
+        )
+        .env("LEADSCORE__DRIFT__CHECKPOINT_MS", "300")
+        .env("LEADSCORE__DRIFT__IDLE_MS", "2000")
+        .env("LEADSCORE__DRIFT__LATENESS_MS", "60000")
+        .env("LEADSCORE__DRIFT__HTTP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("LEADSCORE__ALERTING__ENABLED", "false")
+        .env("LEADSCORE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    (cmd.spawn().unwrap(), port)
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    reqwest::get(&url).await.unwrap().text().await.unwrap()
+}
+
+fn generator(seed: u64, drift: DriftSpec) -> Generator {
+    Generator::new(GeneratorConfig {
+        seed,
+        drift,
+        ..Default::default()
+    })
+}
+
+fn bands() -> BandThresholds {
+    let cfg = leadscore_e2e::config().scorer;
+    BandThresholds {
+        high: cfg.band_high,
+        medium: cfg.band_medium,
+    }
+}
+
+/// Scores `n` generated leads as the scorer would, with event times spread over window `w`.
+fn window_scores(model: &Model, g: &mut Generator, w: i64, n: usize) -> Vec<LeadScore> {
+    let meta = model.metadata();
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let lead = g.next_lead().lead;
+        let Ok(Ok(score)) = model.score(&lead) else {
+            continue;
+        };
+        let i = out.len() as i64;
+        let event = T0 + w * HOUR + i * (HOUR - 1000) / n as i64;
+        out.push(LeadScore {
+            lead_id: lead.lead_id.clone(),
+            model: ModelScore {
+                model_name: meta.model_name.clone(),
+                model_version: meta.version.clone(),
+                score: score.probability,
+                band: bands().band(score.probability),
+            },
+            role: Role::Champion,
+            features: model.features().raw_values(&lead),
+            event_time_ms: event,
+            scored_at_ms: event + 40,
+            latency_ms: 40.0 + (i % 50) as f64,
+            source: None,
+        });
+    }
+    out
+}
+
+/// A challenger that scores 0.02 higher than live.
+fn shadow_of(s: &LeadScore) -> ShadowScore {
+    let shadow = (s.model.score + 0.02).min(1.0);
+    ShadowScore {
+        lead_id: s.lead_id.clone(),
+        reason: Reason::Challenger,
+        shadow: ModelScore {
+            model_name: s.model.model_name.clone(),
+            model_version: "challenger-1".into(),
+            score: shadow,
+            band: bands().band(shadow),
+        },
+        live: s.model.clone(),
+        live_role: Role::Champion,
+        event_time_ms: s.event_time_ms,
+        scored_at_ms: s.scored_at_ms,
+        latency_ms: s.latency_ms,
+    }
+}
+
+async fn schema_id(topic: &str, file: &str) -> u32 {
+    let registry = Registry::new(&leadscore_e2e::config().registry).unwrap();
+    registry
+        .register(
+            &leadscore_schemas::value_subject(topic),
+            leadscore_schemas::find(file).unwrap().text,
+        )
+        .await
+        .unwrap()
+}
+
+async fn produce_scores(input: &Input, scores: &[LeadScore], shadow_every: usize) {
+    let sid = schema_id(&input.scores, "LeadScore.avsc").await;
+    let shid = schema_id(&input.shadow, "ShadowScore.avsc").await;
+    let producer: FutureProducer = client(&[("linger.ms", "20")]).create().unwrap();
+    let mut sends = Vec::new();
+    for (i, s) in scores.iter().enumerate() {
+        let bytes = records::framed(sid, |out| s.encode(out));
+        sends.push(
+            producer
+                .send_result(
+                    FutureRecord::to(&input.scores)
+                        .key(s.lead_id.as_str())
+                        .payload(&bytes),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap(),
+        );
+        if shadow_every > 0 && i % shadow_every == 0 {
+            let sh = shadow_of(s);
+            let bytes = records::framed(shid, |out| sh.encode(out));
+            sends.push(
+                producer
+                    .send_result(
+                        FutureRecord::to(&input.shadow)
+                            .key(s.lead_id.as_str())
+                            .payload(&bytes),
+                    )
+                    .map_err(|(e, _)| e)
+                    .unwrap(),
+            );
+        }
+    }
+    for s in sends {
+        s.await.unwrap().unwrap();
+    }
+}
+
+/// Moves every partition's watermark past `w`'s end: one record per partition, at window `w + 2`.
+async fn flush_to(input: &Input, model: &Model, w: i64, partitions: i32) {
+    let sid = schema_id(&input.scores, "LeadScore.avsc").await;
+    let producer: FutureProducer = client(&[]).create().unwrap();
+    let mut g = generator(999, DriftSpec::default());
+    let mut scores = window_scores(model, &mut g, w + 2, partitions as usize);
+    for (p, s) in scores.iter_mut().enumerate() {
+        let bytes = records::framed(sid, |out| s.encode(out));
+        producer
+            .send(
+                FutureRecord::to(&input.scores)
+                    .key(s.lead_id.as_str())
+                    .partition(p as i32)
+                    .payload(&bytes),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// A `WindowReport`, as the test reads it.
+#[derive(Debug, Clone, PartialEq)]
+struct Report {
+    kind: String,
+    version: String,
+    start: i64,
+    scored: i64,
+    late: i64,
+    psi: BTreeMap<String, f64>,
+    score_psi: Option<f64>,
+    shadow_pairs: Option<i64>,
+    shadow_mad: Option<f64>,
+    p50: Option<f64>,
+    /// Everything but emitted_at.
+    value: Vec<(String, Value)>,
+}
+
+fn field<'a>(fields: &'a [(String, Value)], name: &str) -> &'a Value {
+    let v = &fields.iter().find(|(n, _)| n == name).unwrap().1;
+    match v {
+        Value::Union(_, inner) => inner,
+        other => other,
+    }
+}
+
+fn long(v: &Value) -> i64 {
+    match v {
+        Value::Long(l) | Value::TimestampMillis(l) => *l,
+        Value::Int(i) => i64::from(*i),
+        other => panic!("not a long: {other:?}"),
+    }
+}
+
+fn double(v: &Value) -> Option<f64> {
+    match v {
+        Value::Double(d) => Some(*d),
+        _ => None,
+    }
+}
+
+fn string(v: &Value) -> String {
+    match v {
+        Value::String(s) | Value::Enum(_, s) => s.clone(),
+        other => panic!("not a string: {other:?}"),
+    }
+}
+
+fn report(v: Value) -> Report {
+    let Value::Record(fields) = v else {
+        panic!("not a record")
+    };
+    let mut psi = BTreeMap::new();
+    if let Value::Array(fs) = field(&fields, "features") {
+        for f in fs {
+            let Value::Record(ff) = f else { continue };
+            psi.insert(
+                string(field(ff, "feature")),
+                double(field(ff, "psi")).unwrap(),
+            );
+        }
+    }
+    let sub = |name: &str, inner: &str| match field(&fields, name) {
+        Value::Record(r) => Some(field(r, inner).clone()),
+        _ => None,
+    };
+    Report {
+        kind: string(field(&fields, "window_kind")),
+        version: string(field(&fields, "model_version")),
+        start: long(field(&fields, "window_start")),
+        scored: long(field(&fields, "scored")),
+        late: long(field(&fields, "late_events")),
+        psi,
+        score_psi: double(field(&fields, "score_psi")),
+        shadow_pairs: sub("shadow", "pairs").map(|v| long(&v)),
+        shadow_mad: sub("shadow", "mean_abs_diff").and_then(|v| double(&v)),
+        p50: sub("latency", "p50_ms").and_then(|v| double(&v)),
+        value: fields
+            .into_iter()
+            .filter(|(n, _)| n != "emitted_at")
+            .collect(),
+    }
+}
+
+/// Reads the reports until `want` hourly ones are there.
+async fn hourly_reports(run: &Run, want: usize, within: Duration) -> Vec<Report> {
+    let registry = Registry::new(&leadscore_e2e::config().registry).unwrap();
+    let decoder = Decoder::new(registry);
+    let c = consumer(&run.metrics, "read_committed");
+    let deadline = tokio::time::Instant::now() + within;
+    let mut out = Vec::new();
+    while out.iter().filter(|r: &&Report| r.kind == "hourly").count() < want
+        && tokio::time::Instant::now() < deadline
+    {
+        for m in receive(&c, 1, Duration::from_secs(1)).await {
+            let v = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap();
+            out.push(report(v));
+        }
+    }
+    out
+}
+
+async fn alerts(run: &Run, within: Duration) -> Vec<AlertMessage> {
+    let registry = Registry::new(&leadscore_e2e::config().registry).unwrap();
+    let decoder = Decoder::new(registry);
+    let c = consumer(&run.alerts, "read_committed");
+    let mut out = Vec::new();
+    for m in receive(&c, usize::MAX, within).await {
+        let v = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap();
+        out.push(AlertMessage::from_value(&v).unwrap());
+    }
+    out
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    for _ in 0..100 {
+        if child.try_wait().unwrap().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn knob(f: impl FnOnce(&mut DriftSpec) -> leadscore_crm::Result<()>) -> DriftSpec {
+    let mut d = DriftSpec::default();
+    f(&mut d).unwrap();
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_drift_is_flagged_on_its_feature_and_clean_windows_stay_quiet() {
+    let model = model();
+    let input = Input::create(3).await;
+    let run = Run::create().await;
+    let per_window = 800;
+    let clean = 20;
+    let mut scores = Vec::new();
+    let mut g = generator(7, DriftSpec::default());
+    for w in 0..clean {
+        scores.extend(window_scores(&model, &mut g, w, per_window));
+    }
+    // One drift per window after the clean ones, with the alerts it must raise:
+    // (knob, [(kind, feature, severity)]); "score" stands for the score distribution.
+    type Expect = Vec<(&'static str, &'static str, &'static str)>;
+    let drifts: Vec<(DriftSpec, Expect)> = vec![
+        (
+            knob(|d| d.add_shift("page_views=+25")),
+            vec![
+                ("psi", "page_views", "critical"),
+                ("score_psi", "score", "critical"),
+            ],
+        ),
+        (
+            knob(|d| d.add_mix("industry=Retail:4")),
+            vec![("psi", "industry", "warning")],
+        ),
+        (
+            knob(|d| d.add_new_category("referral_source=TikTok:0.3")),
+            vec![
+                ("new_category", "referral_source", "warning"),
+                ("psi", "referral_source", "critical"),
+            ],
+        ),
+        (
+            knob(|d| d.add_missing("time_on_site=0.4")),
+            vec![
+                ("missing_rate", "time_on_site", "warning"),
+                ("psi", "time_on_site", "critical"),
+            ],
+        ),
+        (
+            knob(|d| d.add_mix("company_size=Enterprise:8")),
+            vec![("psi", "company_size", "critical")],
+        ),
+    ];
+    for (i, (spec, ..)) in drifts.iter().enumerate() {
+        let mut g = generator(100 + i as u64, spec.clone());
+        scores.extend(window_scores(&model, &mut g, clean + i as i64, per_window));
+    }
+    let last = clean + drifts.len() as i64 - 1;
+    produce_scores(&input, &scores, 4).await;
+    flush_to(&input, &model, last, 3).await;
+
+    let (child, port) = start(&input, &run, "gt-0", &[]);
+    let reports = hourly_reports(&run, (last + 1) as usize, Duration::from_secs(120)).await;
+    let alerts = alerts(&run, Duration::from_secs(3)).await;
+    let metrics = http_get(port, "/metrics").await;
+    stop(child);
+    // Every score is counted once (the flush records too), every shadow pair once.
+    assert!(
+        metrics.contains(&format!(
+            "leadscore_drift_events_total{{kind=\"counted\"}} {}",
+            scores.len() + 3
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "leadscore_drift_events_total{{kind=\"shadow\"}} {}",
+            scores.len() / 4
+        )),
+        "{metrics}"
+    );
+
+    let hourly: Vec<&Report> = reports.iter().filter(|r| r.kind == "hourly").collect();
+    assert_eq!(hourly.len(), (last + 1) as usize, "one report per window");
+    for r in &hourly {
+        assert_eq!(r.scored, per_window as i64, "window {}", r.start);
+        assert_eq!(r.late, 0);
+        // Every fourth lead has a challenger score 0.02 higher.
+        assert_eq!(r.shadow_pairs, Some((per_window / 4) as i64));
+        assert!(
+            (r.shadow_mad.unwrap() - 0.02).abs() < 1e-3,
+            "{:?}",
+            r.shadow_mad
+        );
+        assert!(r.p50.unwrap() >= 40.0 && r.p50.unwrap() <= 90.0);
+    }
+    let firing_in = |w: i64| -> Vec<&AlertMessage> {
+        alerts
+            .iter()
+            .filter(|a| a.firing && a.window_start_ms == T0 + w * HOUR)
+            .filter(|a| a.severity != leadscore_drift::alerts::Severity::Info)
+            .collect()
+    };
+    for w in 0..clean {
+        assert!(
+            firing_in(w).is_empty(),
+            "clean window {w} raised {:?}",
+            firing_in(w)
+        );
+    }
+    for (i, (_, expect)) in drifts.iter().enumerate() {
+        let w = clean + i as i64;
+        let fired = firing_in(w);
+        for (kind, feature, severity) in expect {
+            let hit = fired
+                .iter()
+                .find(|a| a.kind == *kind && a.feature.as_deref().unwrap_or("score") == *feature)
+                .map(|a| format!("{:?}", a.severity).to_lowercase());
+            assert_eq!(
+                hit.as_deref(),
+                Some(*severity),
+                "window {w}, {kind} of {feature}: {fired:?}"
+            );
+        }
+        // Nothing fires on a feature the drift did not touch (the score may follow any feature).
+        for a in &fired {
+            let f = a.feature.as_deref().unwrap_or("score");
+            assert!(
+                expect.iter().any(|(_, e, _)| *e == f) || f == "score",
+                "window {w}: {} fired too",
+                a.fingerprint
+            );
+        }
+    }
+    delete_topics(&[&input.scores, &input.shadow]).await;
+    delete_topics(&run.topics()).await;
+}
