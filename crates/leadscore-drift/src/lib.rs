@@ -296,7 +296,8 @@ impl Counts {
     ) {
         let s = self.shadow.entry(shadow_version.to_string()).or_default();
         s.pairs += 1;
-        s.sum_abs_diff += (live - shadow).abs();
+        // Fixed point, so merged sums do not depend on the order of addition.
+        s.sum_abs_diff_nanos += ((live - shadow).abs() * 1e9).round() as u64;
         s.same_band += u64::from(same_band);
     }
 
@@ -318,7 +319,7 @@ impl Counts {
         for (v, s) in &other.shadow {
             let mine = self.shadow.entry(v.clone()).or_default();
             mine.pairs += s.pairs;
-            mine.sum_abs_diff += s.sum_abs_diff;
+            mine.sum_abs_diff_nanos += s.sum_abs_diff_nanos;
             mine.same_band += s.same_band;
         }
         Ok(())
@@ -330,8 +331,8 @@ impl Counts {
 pub struct ShadowCounts {
     /// Pairs counted.
     pub pairs: u64,
-    /// Sum of |live - shadow|.
-    pub sum_abs_diff: f64,
+    /// Sum of |live - shadow|, in units of 1e-9 (exact under merging).
+    pub sum_abs_diff_nanos: u64,
     /// Pairs in the same band.
     pub same_band: u64,
 }
@@ -517,7 +518,7 @@ impl Window {
         Some(report::ShadowAgreement {
             challenger_version: version.clone(),
             pairs: s.pairs,
-            mean_abs_diff: s.sum_abs_diff / s.pairs as f64,
+            mean_abs_diff: s.sum_abs_diff_nanos as f64 / 1e9 / s.pairs as f64,
             band_agreement: s.same_band as f64 / s.pairs as f64,
         })
     }

@@ -523,3 +523,129 @@ async fn injected_drift_is_flagged_on_its_feature_and_clean_windows_stay_quiet()
     delete_topics(&[&input.scores, &input.shadow]).await;
     delete_topics(&run.topics()).await;
 }
+
+/// Every report of a run, without emission times, in a stable order.
+async fn all_reports(run: &Run, hourly: usize) -> Vec<Vec<(String, Value)>> {
+    let mut reports = hourly_reports(run, hourly, Duration::from_secs(120)).await;
+    reports.sort_by_key(|r| (r.kind.clone(), r.start, r.version.clone()));
+    reports.into_iter().map(|r| r.value).collect()
+}
+
+/// Asserts two report lists are equal, naming the first field that differs.
+fn assert_same(a: &[Vec<(String, Value)>], b: &[Vec<(String, Value)>]) {
+    assert_eq!(a.len(), b.len(), "report counts differ");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        for ((name, u), (_, v)) in x.iter().zip(y) {
+            assert!(u == v, "report {i}, field {name}: {u:?} != {v:?}");
+        }
+    }
+}
+
+fn metric(text: &str, kind: &str) -> u64 {
+    let prefix = format!("leadscore_drift_events_total{{kind=\"{kind}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until the aggregator on `port` has counted `n` scores.
+async fn wait_counted(port: u16, n: u64) -> String {
+    for _ in 0..600 {
+        if let Ok(resp) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await
+            && let Ok(text) = resp.text().await
+            && metric(&text, "counted") >= n
+        {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the aggregator on {port} did not count {n} scores");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_mid_window_and_a_restart_give_the_reports_of_an_uninterrupted_run() {
+    let model = model();
+    let input = Input::create(3).await;
+    let killed = Run::create().await;
+    let reference = Run::create().await;
+    let mut g = generator(11, DriftSpec::default());
+    let windows = 8;
+    let scores: Vec<LeadScore> = (0..windows)
+        .flat_map(|w| window_scores(&model, &mut g, w, 300))
+        .collect();
+    // Three phases: up to the middle of window 4, then to the middle of window 6, then the rest.
+    let (a, b) = (300 * 4 + 150, 300 * 6 + 150);
+    produce_scores(&input, &scores[..a], 4).await;
+    let slow = [("LEADSCORE__DRIFT__CHECKPOINT_MS", "2500".to_string())];
+    let (mut child, port) = start(&input, &killed, "kill-0", &slow);
+    // Phase one is counted and checkpointed (window 4 open in the checkpoint).
+    let text = wait_counted(port, a as u64).await;
+    let checkpoints = metric(&text, "checkpoint");
+    loop {
+        let text = http_get(port, "/metrics").await;
+        if metric(&text, "checkpoint") > checkpoints {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Phase two is counted but (most likely) not yet checkpointed: SIGKILL now.
+    produce_scores(&input, &scores[a..b], 4).await;
+    wait_counted(port, b as u64).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    produce_scores(&input, &scores[b..], 4).await;
+    flush_to(&input, &model, windows - 1, 3).await;
+    let (child, _) = start(&input, &killed, "kill-0", &[]);
+    let after_kill = all_reports(&killed, windows as usize).await;
+    stop(child);
+
+    let (child, _) = start(&input, &reference, "ref-0", &[]);
+    let uninterrupted = all_reports(&reference, windows as usize).await;
+    stop(child);
+
+    assert_eq!(after_kill.len(), windows as usize);
+    assert_same(&after_kill, &uninterrupted);
+    delete_topics(&[&input.scores, &input.shadow]).await;
+    delete_topics(&killed.topics()).await;
+    delete_topics(&reference.topics()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_on_disjoint_partitions_merge_to_the_reports_of_one_instance() {
+    let model = model();
+    let input = Input::create(4).await;
+    let single = Run::create().await;
+    let split = Run::create().await;
+    let mut g = generator(12, DriftSpec::default());
+    let windows = 6;
+    let scores: Vec<LeadScore> = (0..windows)
+        .flat_map(|w| window_scores(&model, &mut g, w, 400))
+        .collect();
+    produce_scores(&input, &scores, 3).await;
+    flush_to(&input, &model, windows - 1, 4).await;
+
+    let (one, _) = start(&input, &single, "one-0", &[]);
+    let from_one = all_reports(&single, windows as usize).await;
+    stop(one);
+
+    let left = [
+        ("LEADSCORE__DRIFT__PARTITIONS", "[0, 1]".to_string()),
+        ("LEADSCORE__DRIFT__MERGE", "true".to_string()),
+    ];
+    let right = [
+        ("LEADSCORE__DRIFT__PARTITIONS", "[2, 3]".to_string()),
+        ("LEADSCORE__DRIFT__MERGE", "false".to_string()),
+    ];
+    let (x, _) = start(&input, &split, "split-0", &left);
+    let (y, _) = start(&input, &split, "split-1", &right);
+    let from_two = all_reports(&split, windows as usize).await;
+    stop(x);
+    stop(y);
+
+    assert_eq!(from_one.len(), windows as usize);
+    assert_same(&from_one, &from_two);
+    delete_topics(&[&input.scores, &input.shadow]).await;
+    delete_topics(&single.topics()).await;
+    delete_topics(&split.topics()).await;
+}
