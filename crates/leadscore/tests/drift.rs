@@ -649,3 +649,243 @@ async fn instances_on_disjoint_partitions_merge_to_the_reports_of_one_instance()
     delete_topics(&single.topics()).await;
     delete_topics(&split.topics()).await;
 }
+
+/// What the local Slack and PagerDuty receiver got: (path, JSON body), and how many requests to fail first.
+#[derive(Default)]
+struct Received {
+    posts: Vec<(String, serde_json::Value)>,
+    fail_first: usize,
+    requests: usize,
+}
+
+async fn http_receiver(state: std::sync::Arc<std::sync::Mutex<Received>>) -> u16 {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::StatusCode;
+    let app = axum::Router::new()
+        .route(
+            "/{hook}",
+            axum::routing::post(
+                |State(s): State<std::sync::Arc<std::sync::Mutex<Received>>>,
+                 UrlPath(hook): UrlPath<String>,
+                 body: String| async move {
+                    let mut r = s.lock().unwrap();
+                    r.requests += 1;
+                    if r.fail_first > 0 {
+                        r.fail_first -= 1;
+                        return StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    r.posts.push((hook, serde_json::from_str(&body).unwrap()));
+                    StatusCode::OK
+                },
+            ),
+        )
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
+struct SmtpSink {
+    child: Child,
+    port: u16,
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmtpSink {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("mail.jsonl");
+        let port = free_port();
+        let mut child = Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/smtp_sink.py"))
+            .arg(port.to_string())
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        // Wait for "listening".
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(line.contains("listening"), "smtp sink: {line}");
+        Self {
+            child,
+            port,
+            out,
+            _dir: dir,
+        }
+    }
+
+    fn mails(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_reach_slack_email_and_pagerduty_by_severity_through_receiver_failures() {
+    let model = model();
+    let input = Input::create(2).await;
+    let run = Run::create().await;
+    // Window 0 clean, 1 a warning-level mix change, 2 a critical shift, 3 clean again.
+    let plan = [
+        DriftSpec::default(),
+        knob(|d| d.add_mix("industry=Retail:4")),
+        knob(|d| d.add_shift("page_views=+25")),
+        DriftSpec::default(),
+    ];
+    let mut scores = Vec::new();
+    for (w, spec) in plan.iter().enumerate() {
+        let mut g = generator(300 + w as u64, spec.clone());
+        scores.extend(window_scores(&model, &mut g, w as i64, 800));
+    }
+    produce_scores(&input, &scores, 0).await;
+    flush_to(&input, &model, 3, 2).await;
+
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Received {
+        fail_first: 2, // Slack's first two requests fail: delivered on retry
+        ..Default::default()
+    }));
+    let http = http_receiver(received.clone()).await;
+    let smtp = SmtpSink::start();
+    let routing = [
+        ("LEADSCORE__ALERTING__ENABLED", "true".to_string()),
+        ("LEADSCORE__ALERTING__GROUP_ID", unique("it-router")),
+        (
+            "LEADSCORE__ALERTING__SLACK_WEBHOOK_URL",
+            format!("http://127.0.0.1:{http}/slack"),
+        ),
+        (
+            "LEADSCORE__ALERTING__PAGERDUTY_URL",
+            format!("http://127.0.0.1:{http}/pagerduty"),
+        ),
+        (
+            "LEADSCORE__ALERTING__PAGERDUTY_ROUTING_KEY",
+            "it-routing-key".to_string(),
+        ),
+        ("LEADSCORE__ALERTING__SMTP_HOST", "127.0.0.1".to_string()),
+        ("LEADSCORE__ALERTING__SMTP_PORT", smtp.port.to_string()),
+        ("LEADSCORE__ALERTING__SMTP_STARTTLS", "false".to_string()),
+        (
+            "LEADSCORE__ALERTING__EMAIL_FROM",
+            "drift@example.com".to_string(),
+        ),
+        (
+            "LEADSCORE__ALERTING__EMAIL_TO",
+            "[\"oncall@example.com\"]".to_string(),
+        ),
+        ("LEADSCORE__ALERTING__RETRY_INITIAL_MS", "100".to_string()),
+    ];
+    let (child, _) = start(&input, &run, "route-0", &routing);
+    let reports = hourly_reports(&run, 4, Duration::from_secs(120)).await;
+    assert_eq!(reports.iter().filter(|r| r.kind == "hourly").count(), 4);
+    let alerts = alerts(&run, Duration::from_secs(3)).await;
+    let fired = |sev: leadscore_drift::alerts::Severity| {
+        alerts
+            .iter()
+            .filter(|a| a.firing && a.severity == sev)
+            .count()
+    };
+    let (warnings, criticals) = (
+        fired(leadscore_drift::alerts::Severity::Warning),
+        fired(leadscore_drift::alerts::Severity::Critical),
+    );
+    let critical_fps: Vec<&str> = alerts
+        .iter()
+        .filter(|a| a.firing && a.severity == leadscore_drift::alerts::Severity::Critical)
+        .map(|a| a.fingerprint.as_str())
+        .collect();
+    assert!(warnings > 0 && criticals > 0, "{alerts:?}");
+    assert!(critical_fps.contains(&"lead-scoring/psi/page_views"));
+    // Firing warnings and criticals and their resolves go to Slack; criticals also to PagerDuty and email.
+    let slack_want = alerts
+        .iter()
+        .filter(|a| a.severity != leadscore_drift::alerts::Severity::Info)
+        .count();
+    let pd_want = alerts
+        .iter()
+        .filter(|a| a.severity == leadscore_drift::alerts::Severity::Critical)
+        .count();
+    let mut ok = false;
+    for _ in 0..200 {
+        let r = received.lock().unwrap();
+        let n = |hook: &str| r.posts.iter().filter(|(h, _)| h == hook).count();
+        if n("slack") >= slack_want && n("pagerduty") >= pd_want && smtp.mails().len() >= pd_want {
+            ok = true;
+            break;
+        }
+        drop(r);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(child);
+    let r = received.lock().unwrap();
+    let posts = |hook: &str| -> Vec<&serde_json::Value> {
+        r.posts
+            .iter()
+            .filter(|(h, _)| h == hook)
+            .map(|(_, b)| b)
+            .collect()
+    };
+    assert!(
+        ok,
+        "slack {}/{slack_want}, pagerduty {}/{pd_want}, mail {}/{pd_want}",
+        posts("slack").len(),
+        posts("pagerduty").len(),
+        smtp.mails().len()
+    );
+    assert_eq!(posts("slack").len(), slack_want, "each alert once");
+    assert!(
+        r.requests >= slack_want + pd_want + 2,
+        "the two failed Slack requests were retried"
+    );
+    assert!(
+        posts("slack")
+            .iter()
+            .any(|b| b["text"].as_str().unwrap().contains("page_views"))
+    );
+    // PagerDuty: a trigger per critical fingerprint, and a resolve with the same dedup key once it cleared.
+    let pd = posts("pagerduty");
+    let trigger = pd
+        .iter()
+        .find(|b| b["event_action"] == "trigger" && b["dedup_key"] == "lead-scoring/psi/page_views")
+        .expect("a PagerDuty trigger for the page_views PSI");
+    assert_eq!(trigger["routing_key"], "it-routing-key");
+    assert_eq!(trigger["payload"]["severity"], "critical");
+    assert!(
+        pd.iter()
+            .any(|b| b["event_action"] == "resolve"
+                && b["dedup_key"] == "lead-scoring/psi/page_views")
+    );
+    // No warning reaches PagerDuty.
+    assert!(
+        pd.iter()
+            .all(|b| b["dedup_key"] != "lead-scoring/psi/industry")
+    );
+    let mails = smtp.mails();
+    assert!(mails.iter().all(|m| m["to"][0] == "oncall@example.com"));
+    assert!(mails.iter().any(|m| {
+        m["data"]
+            .as_str()
+            .unwrap()
+            .contains("Fingerprint: lead-scoring/psi/page_views")
+    }));
+    drop(r);
+    delete_topics(&[&input.scores, &input.shadow]).await;
+    delete_topics(&run.topics()).await;
+}
