@@ -822,18 +822,22 @@ async fn alerts_reach_slack_email_and_pagerduty_by_severity_through_receiver_fai
         .iter()
         .filter(|a| a.severity == leadscore_drift::alerts::Severity::Critical)
         .count();
+    let counts = |r: &Received| {
+        let n = |hook: &str| r.posts.iter().filter(|(h, _)| h == hook).count();
+        (n("slack"), n("pagerduty"))
+    };
     let mut ok = false;
     for _ in 0..200 {
-        let r = received.lock().unwrap();
-        let n = |hook: &str| r.posts.iter().filter(|(h, _)| h == hook).count();
-        if n("slack") >= slack_want && n("pagerduty") >= pd_want && smtp.mails().len() >= pd_want {
+        let (slack, pd) = counts(&received.lock().unwrap());
+        if slack >= slack_want && pd >= pd_want && smtp.mails().len() >= pd_want {
             ok = true;
             break;
         }
-        drop(r);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop(child);
+    delete_topics(&[&input.scores, &input.shadow]).await;
+    delete_topics(&run.topics()).await;
     let r = received.lock().unwrap();
     let posts = |hook: &str| -> Vec<&serde_json::Value> {
         r.posts
@@ -885,7 +889,4 @@ async fn alerts_reach_slack_email_and_pagerduty_by_severity_through_receiver_fai
             .unwrap()
             .contains("Fingerprint: lead-scoring/psi/page_views")
     }));
-    drop(r);
-    delete_topics(&[&input.scores, &input.shadow]).await;
-    delete_topics(&run.topics()).await;
 }
