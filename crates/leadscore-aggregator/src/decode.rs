@@ -114,7 +114,8 @@ pub struct Score<'a> {
     pub latency_ms: f64,
 }
 
-/// Reads a `LeadScore` datum (no frame); the features go into `features` (cleared first).
+/// Reads a `LeadScore` datum (no frame) into `features`, reusing its entries:
+/// afterwards every feature of the record has its value and any other key is `Null`.
 pub fn lead_score<'a>(
     datum: &'a [u8],
     features: &mut BTreeMap<String, RawValue>,
@@ -130,7 +131,11 @@ pub fn lead_score<'a>(
     let model_name = c.str()?;
     let model_version = c.str()?;
     c.index(2)?; // model_role
-    features.clear();
+    // Reuse the map's keys and string buffers: every value is reset to Null,
+    // then overwritten; a feature absent from this record stays Null (= missing).
+    for v in features.values_mut() {
+        *v = RawValue::Null;
+    }
     loop {
         let mut n = c.long()?;
         if n == 0 {
@@ -142,13 +147,27 @@ pub fn lead_score<'a>(
         }
         for _ in 0..n {
             let name = c.str()?;
-            let value = match c.index(4)? {
+            let index = c.index(4)?;
+            let slot = match features.get_mut(name) {
+                Some(slot) => slot,
+                None => features.entry(name.to_string()).or_insert(RawValue::Null),
+            };
+            *slot = match index {
                 0 => RawValue::Null,
                 1 => RawValue::Long(c.long()?),
                 2 => RawValue::Double(c.double()?),
-                _ => RawValue::String(c.str()?.to_string()),
+                _ => {
+                    let text = c.str()?;
+                    match std::mem::replace(slot, RawValue::Null) {
+                        RawValue::String(mut buf) => {
+                            buf.clear();
+                            buf.push_str(text);
+                            RawValue::String(buf)
+                        }
+                        _ => RawValue::String(text.to_string()),
+                    }
+                }
             };
-            features.insert(name.to_string(), value);
         }
     }
     let event_time_ms = c.long()?;
@@ -272,8 +291,10 @@ mod tests {
             };
             let mut bytes = Vec::new();
             record.encode(&mut bytes);
-            let mut got = BTreeMap::new();
+            // A map left over from an earlier record: its extra keys read as Null.
+            let mut got = BTreeMap::from([("zz_stale".to_string(), RawValue::String("x".into()))]);
             let s = lead_score(&bytes, &mut got).unwrap();
+            prop_assert_eq!(got.remove("zz_stale"), Some(RawValue::Null));
             prop_assert_eq!(got, features);
             prop_assert_eq!(s.score, score);
             prop_assert_eq!(BANDS[s.band], band.as_str());

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::Counter;
+use opentelemetry::metrics::ObservableCounter;
 
 /// A counted event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,24 +67,36 @@ pub struct Metrics {
     pending_windows: AtomicU64,
     last_checkpoint_ms: AtomicU64,
     ready: AtomicBool,
-    otel: Counter<u64>,
+    otel: std::sync::OnceLock<ObservableCounter<u64>>,
 }
 
 impl Metrics {
-    /// New metrics, registered with the global meter.
+    /// New metrics, registered with the global meter. The OpenTelemetry
+    /// counter is observed from the same atomics at export time, so counting
+    /// a record costs one relaxed atomic add.
     pub fn new() -> Arc<Self> {
-        let otel = opentelemetry::global::meter("leadscore-drift")
-            .u64_counter("leadscore.drift.events")
-            .with_description("Records counted, partials, reports, alerts and checkpoints, by kind")
-            .build();
-        Arc::new(Self {
+        let metrics = Arc::new(Self {
             counts: Default::default(),
             open_windows: AtomicU64::new(0),
             pending_windows: AtomicU64::new(0),
             last_checkpoint_ms: AtomicU64::new(0),
             ready: AtomicBool::new(false),
-            otel,
-        })
+            otel: std::sync::OnceLock::new(),
+        });
+        let weak = Arc::downgrade(&metrics);
+        let counter = opentelemetry::global::meter("leadscore-drift")
+            .u64_observable_counter("leadscore.drift.events")
+            .with_description("Records counted, partials, reports, alerts and checkpoints, by kind")
+            .with_callback(move |observer| {
+                if let Some(m) = weak.upgrade() {
+                    for e in Event::ALL {
+                        observer.observe(m.get(e), &[KeyValue::new("kind", e.as_str())]);
+                    }
+                }
+            })
+            .build();
+        let _ = metrics.otel.set(counter);
+        metrics
     }
 
     /// Counts `n` events of a kind.
@@ -93,7 +105,6 @@ impl Metrics {
             return;
         }
         self.counts[event as usize].fetch_add(n, Ordering::Relaxed);
-        self.otel.add(n, &[KeyValue::new("kind", event.as_str())]);
     }
 
     /// Events of a kind so far.

@@ -25,6 +25,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 pub(crate) enum BenchCommand {
     /// Passthrough vs scorer throughput, and scorer latency at a fixed rate.
     Scorer(BenchArgs),
+    /// Drift aggregator throughput on a pre-filled score topic, against a plain read of it.
+    Drift(crate::bench_drift::DriftBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -118,7 +120,11 @@ fn envelope(lead: &Lead, ts_ms: i64) -> Value {
     ])
 }
 
-async fn create_topics(config: &Config, names: &[&str], partitions: i32) -> anyhow::Result<()> {
+pub(crate) async fn create_topics(
+    config: &Config,
+    names: &[&str],
+    partitions: i32,
+) -> anyhow::Result<()> {
     let yaml = format!(
         "defaults:\n  partitions: {partitions}\n  replication_factor: 1\ntopics:\n{}",
         names
@@ -320,7 +326,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<ExitCode> {
-    let BenchCommand::Scorer(args) = cmd;
+    let args = match cmd {
+        BenchCommand::Scorer(args) => args,
+        BenchCommand::Drift(args) => return crate::bench_drift::run(args, config).await,
+    };
     leadscore_model::init_runtime(None)
         .context("ONNX Runtime (eval \"$(deploy/local/stack env)\")")?;
     let id = std::process::id();

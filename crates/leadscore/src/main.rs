@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use leadscore_config::Config;
 
 mod bench;
+mod bench_drift;
 mod connectors;
 mod crm;
 mod demo;
