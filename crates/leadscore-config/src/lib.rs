@@ -95,8 +95,6 @@ pub struct DriftConfig {
     pub transaction_timeout_ms: u64,
     /// Model URLs whose metadata gives the reference distributions (directory or MLflow).
     pub models: Vec<String>,
-    /// MLflow base (`mlflow+http://host:port`) to fetch references of versions not in `models`.
-    pub model_registry: Option<String>,
     /// Alert thresholds.
     pub thresholds: DriftThresholds,
     /// Health and metrics endpoints.
@@ -133,7 +131,6 @@ impl Default for DriftConfig {
             checkpoint_ms: 5_000,
             transaction_timeout_ms: 60_000,
             models: vec!["models/default".into()],
-            model_registry: None,
             thresholds: DriftThresholds::default(),
             http_listen: "127.0.0.1:9465".into(),
             shutdown_grace_ms: 20_000,
@@ -634,10 +631,10 @@ impl Config {
                     .into(),
             );
         }
-        if d.models.is_empty() && d.model_registry.is_none() {
+        if d.models.is_empty() {
             return invalid(
                 "drift.models",
-                "name at least one model URL (or drift.model_registry) to take reference distributions from".into(),
+                "name at least one model URL to take reference distributions from".into(),
             );
         }
         if d.http_listen.parse::<std::net::SocketAddr>().is_err() {
