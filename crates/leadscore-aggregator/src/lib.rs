@@ -391,7 +391,21 @@ struct Core {
     metrics: Arc<Metrics>,
     rt: tokio::runtime::Handle,
     features: BTreeMap<String, RawValue>,
+    outcomes: Option<Outcomes>,
 }
+
+/// Where outcomes come from: the CRM database.
+struct Outcomes {
+    url: String,
+    client: Option<leadscore_postgres::Client>,
+}
+
+/// The labelled leads of a window, by their latest score: converted or lost in `leads`, scored in `lead_scores`.
+const OUTCOMES_SQL: &str = "SELECT s.score, s.band, l.status = 'converted' \
+     FROM public.lead_scores s JOIN public.leads l ON l.lead_id = s.lead_id \
+     WHERE s.model_name = $1 AND s.model_version = $2 \
+       AND s.event_time >= $3 AND s.event_time < $4 \
+       AND l.status IN ('converted', 'lost')";
 
 /// What one checkpoint produced.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -411,6 +425,7 @@ impl Aggregator {
         kafka_cfg: &KafkaConfig,
         registry: Registry,
         profiles: Profiles,
+        postgres_url: Option<String>,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
         let timeout = Duration::from_millis(kafka_cfg.request_timeout_ms.max(5_000));
@@ -570,6 +585,7 @@ impl Aggregator {
                 metrics,
                 rt: tokio::runtime::Handle::current(),
                 features: BTreeMap::new(),
+                outcomes: postgres_url.map(|url| Outcomes { url, client: None }),
             },
         })
     }
@@ -601,6 +617,13 @@ impl Aggregator {
 
     /// Releases windows, merges, and commits outputs, state and offsets in one transaction.
     pub fn checkpoint(&mut self) -> Result<Checkpointed> {
+        let span = tracing::info_span!(
+            "drift.checkpoint",
+            partials = tracing::field::Empty,
+            reports = tracing::field::Empty,
+            alerts = tracing::field::Empty
+        );
+        let _entered = span.enter();
         let started = Instant::now();
         let idle = Duration::from_millis(self.core.cfg.idle_ms);
         let mut partials: Vec<Partial> = Vec::new();
@@ -649,6 +672,7 @@ impl Aggregator {
             }
             reports.push(report);
         }
+        reports.extend(self.core.outcome_reports(&completed, now_ms));
         let dirty_sources = self.core.sources.values().filter(|s| s.dirty).count();
         let merger_dirty = self.core.merger.as_ref().is_some_and(|(_, d)| *d);
         if partials.is_empty() && reports.is_empty() && dirty_sources == 0 && !merger_dirty {
@@ -663,11 +687,16 @@ impl Aggregator {
         }
         for r in &reports {
             let key = format!(
-                "{}/{}/{}/{}",
+                "{}/{}/{}/{}{}",
                 r.model_name,
                 r.model_version,
                 r.end_ms - r.start_ms,
-                r.start_ms
+                r.start_ms,
+                if r.outcomes.is_some() {
+                    "/outcomes"
+                } else {
+                    ""
+                }
             );
             records.push((
                 &self.core.cfg.metrics_topic,
@@ -762,6 +791,9 @@ impl Aggregator {
             reports: reports.len(),
             alerts: alerts.len(),
         };
+        span.record("partials", done.partials);
+        span.record("reports", done.reports);
+        span.record("alerts", done.alerts);
         self.core.metrics.add(Event::Partial, done.partials as u64);
         self.core.metrics.add(Event::Report, done.reports as u64);
         self.core.metrics.add(Event::Alert, done.alerts as u64);
@@ -940,5 +972,99 @@ impl Core {
             emitted_at_ms: now_ms,
         };
         Some((report, features))
+    }
+
+    /// Queues the completed hourly windows for outcomes, and reports the
+    /// outcomes of those that are due. A database error leaves them queued.
+    fn outcome_reports(&mut self, completed: &[Completed], now_ms: i64) -> Vec<WindowReport> {
+        let after = self.cfg.outcomes_after_ms;
+        let (Some(outcomes), Some((merger, dirty))) = (&mut self.outcomes, &mut self.merger) else {
+            return Vec::new();
+        };
+        if after <= 0 {
+            return Vec::new();
+        }
+        for c in completed {
+            if c.size_ms == self.cfg.window_ms && c.counts.as_ref().is_some_and(|k| k.scored > 0) {
+                merger
+                    .awaiting_outcomes
+                    .push(leadscore_drift::state::AwaitingOutcomes {
+                        model_name: c.model_name.clone(),
+                        model_version: c.model_version.clone(),
+                        start_ms: c.start_ms,
+                        end_ms: c.end_ms,
+                        due_ms: now_ms + after,
+                    });
+                *dirty = true;
+            }
+        }
+        let due = merger.due_outcomes(now_ms);
+        let mut out = Vec::new();
+        for (i, a) in due.iter().enumerate() {
+            match self.rt.block_on(outcomes.labelled(a)) {
+                Ok(rows) => {
+                    *dirty = true;
+                    out.push(WindowReport {
+                        model_name: a.model_name.clone(),
+                        model_version: a.model_version.clone(),
+                        kind: WindowKind::of(a.end_ms - a.start_ms),
+                        start_ms: a.start_ms,
+                        end_ms: a.end_ms,
+                        scored: rows.len() as u64,
+                        late_events: 0,
+                        errors: 0,
+                        features: Vec::new(),
+                        score_psi: None,
+                        shadow: None,
+                        latency: None,
+                        outcomes: Some(leadscore_drift::outcomes::summarize(&rows)),
+                        emitted_at_ms: now_ms,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, waiting = due.len() - i, "outcomes not read from the CRM database; retried at the next checkpoint");
+                    merger.awaiting_outcomes.extend(due[i..].iter().cloned());
+                    break;
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Outcomes {
+    async fn labelled(
+        &mut self,
+        a: &leadscore_drift::state::AwaitingOutcomes,
+    ) -> Result<Vec<leadscore_drift::outcomes::Labelled>, String> {
+        let timeout = Duration::from_secs(10);
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            let client = tokio::time::timeout(timeout, leadscore_postgres::connect(&self.url))
+                .await
+                .map_err(|_| "connecting timed out".to_string())?
+                .map_err(|e| e.to_string())?;
+            self.client = Some(client);
+        }
+        let client = self.client.as_ref().ok_or("no connection")?;
+        let ts = |ms: i64| {
+            chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms).unwrap_or_default()
+        };
+        let (from, to) = (ts(a.start_ms), ts(a.end_ms));
+        let rows = tokio::time::timeout(
+            timeout,
+            client.query(OUTCOMES_SQL, &[&a.model_name, &a.model_version, &from, &to]),
+        )
+        .await
+        .map_err(|_| "outcome query timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+        rows.iter()
+            .map(|r| {
+                Ok(leadscore_drift::outcomes::Labelled {
+                    score: r.try_get(0).map_err(|e| e.to_string())?,
+                    band: r.try_get(1).map_err(|e| e.to_string())?,
+                    converted: r.try_get(2).map_err(|e| e.to_string())?,
+                })
+            })
+            .collect()
     }
 }

@@ -95,6 +95,9 @@ pub struct DriftConfig {
     pub transaction_timeout_ms: u64,
     /// Model URLs whose metadata gives the reference distributions (directory or MLflow).
     pub models: Vec<String>,
+    /// How long after a window is reported its leads' outcomes are summarised
+    /// (conversion by band, AUC, from the CRM's `leads` and `lead_scores`), ms; 0 disables.
+    pub outcomes_after_ms: i64,
     /// Alert thresholds.
     pub thresholds: DriftThresholds,
     /// Health and metrics endpoints.
@@ -131,6 +134,7 @@ impl Default for DriftConfig {
             checkpoint_ms: 5_000,
             transaction_timeout_ms: 60_000,
             models: vec!["models/default".into()],
+            outcomes_after_ms: 14 * 86_400_000,
             thresholds: DriftThresholds::default(),
             http_listen: "127.0.0.1:9465".into(),
             shutdown_grace_ms: 20_000,
@@ -617,6 +621,12 @@ impl Config {
         }
         if d.lateness_ms < 0 {
             return invalid("drift.lateness_ms", "must be >= 0".into());
+        }
+        if d.outcomes_after_ms < 0 {
+            return invalid(
+                "drift.outcomes_after_ms",
+                "must be >= 0 (0 disables)".into(),
+            );
         }
         if d.checkpoint_ms == 0 {
             return invalid("drift.checkpoint_ms", "must be greater than zero".into());

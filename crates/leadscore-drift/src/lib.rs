@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub mod alerts;
+pub mod outcomes;
 pub mod report;
 pub mod state;
 

@@ -351,6 +351,24 @@ pub struct Merger {
     carry_late: BTreeMap<i64, BTreeMap<String, u64>>,
     /// Alerts firing now.
     pub alerts: AlertState,
+    /// Reported windows whose outcomes are still to be summarised.
+    #[serde(default)]
+    pub awaiting_outcomes: Vec<AwaitingOutcomes>,
+}
+
+/// A reported window waiting for its leads' outcomes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AwaitingOutcomes {
+    /// Model name.
+    pub model_name: String,
+    /// Model version.
+    pub model_version: String,
+    /// Window start, ms.
+    pub start_ms: i64,
+    /// Window end, ms.
+    pub end_ms: i64,
+    /// Wall-clock time (ms) from which to summarise.
+    pub due_ms: i64,
 }
 
 impl Merger {
@@ -468,6 +486,15 @@ impl Merger {
             ))
         });
         out
+    }
+
+    /// Takes the windows whose outcomes are due at `now_ms`.
+    pub fn due_outcomes(&mut self, now_ms: i64) -> Vec<AwaitingOutcomes> {
+        let (due, later) = std::mem::take(&mut self.awaiting_outcomes)
+            .into_iter()
+            .partition(|a| a.due_ms <= now_ms);
+        self.awaiting_outcomes = later;
+        due
     }
 
     /// Windows waiting for partitions, over every size.

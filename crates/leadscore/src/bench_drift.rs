@@ -203,9 +203,16 @@ pub(crate) async fn run(args: DriftBenchArgs, config: &Config) -> anyhow::Result
     let checkpoint_ms = drift.checkpoint_ms;
     let (profiles, _) = leadscore_aggregator::load_profiles(&drift.models).await?;
     let metrics = Metrics::new();
-    let aggregator = Aggregator::start(drift, &config.kafka, registry, profiles, metrics.clone())
-        .await
-        .context("starting the aggregator")?;
+    let aggregator = Aggregator::start(
+        drift,
+        &config.kafka,
+        registry,
+        profiles,
+        None,
+        metrics.clone(),
+    )
+    .await
+    .context("starting the aggregator")?;
     let stop = CancellationToken::new();
     let token = stop.clone();
     let launched = Instant::now();

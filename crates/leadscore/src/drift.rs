@@ -42,9 +42,16 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         "drift aggregator starting"
     );
     let grace = Duration::from_millis(cfg.shutdown_grace_ms);
-    let aggregator = Aggregator::start(cfg, &config.kafka, registry, profiles, metrics)
-        .await
-        .context("starting the drift aggregator")?;
+    let aggregator = Aggregator::start(
+        cfg,
+        &config.kafka,
+        registry,
+        profiles,
+        (config.drift.outcomes_after_ms > 0).then(|| config.postgres.url.clone()),
+        metrics,
+    )
+    .await
+    .context("starting the drift aggregator")?;
     let token = shutdown.clone();
     let work = tokio::task::spawn_blocking(move || aggregator.run(&token));
     tokio::pin!(work);

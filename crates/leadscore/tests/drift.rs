@@ -140,32 +140,37 @@ fn bands() -> BandThresholds {
     }
 }
 
+/// Scores a lead as the scorer would, with the given event time; `None` for invalid input.
+fn score_lead(model: &Model, lead: &leadscore_crm::Lead, event: i64, i: i64) -> Option<LeadScore> {
+    let meta = model.metadata();
+    let Ok(Ok(score)) = model.score(lead) else {
+        return None;
+    };
+    Some(LeadScore {
+        lead_id: lead.lead_id.clone(),
+        model: ModelScore {
+            model_name: meta.model_name.clone(),
+            model_version: meta.version.clone(),
+            score: score.probability,
+            band: bands().band(score.probability),
+        },
+        role: Role::Champion,
+        features: model.features().raw_values(lead),
+        event_time_ms: event,
+        scored_at_ms: event + 40,
+        latency_ms: 40.0 + (i % 50) as f64,
+        source: None,
+    })
+}
+
 /// Scores `n` generated leads as the scorer would, with event times spread over window `w`.
 fn window_scores(model: &Model, g: &mut Generator, w: i64, n: usize) -> Vec<LeadScore> {
-    let meta = model.metadata();
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let lead = g.next_lead().lead;
-        let Ok(Ok(score)) = model.score(&lead) else {
-            continue;
-        };
         let i = out.len() as i64;
         let event = T0 + w * HOUR + i * (HOUR - 1000) / n as i64;
-        out.push(LeadScore {
-            lead_id: lead.lead_id.clone(),
-            model: ModelScore {
-                model_name: meta.model_name.clone(),
-                model_version: meta.version.clone(),
-                score: score.probability,
-                band: bands().band(score.probability),
-            },
-            role: Role::Champion,
-            features: model.features().raw_values(&lead),
-            event_time_ms: event,
-            scored_at_ms: event + 40,
-            latency_ms: 40.0 + (i % 50) as f64,
-            source: None,
-        });
+        out.extend(score_lead(model, &lead, event, i));
     }
     out
 }
@@ -273,6 +278,8 @@ struct Report {
     shadow_pairs: Option<i64>,
     shadow_mad: Option<f64>,
     p50: Option<f64>,
+    /// Labelled leads, AUC and conversion rate by band, for outcome reports.
+    outcomes: Option<(i64, Option<f64>, BTreeMap<String, f64>)>,
     /// Everything but emitted_at.
     value: Vec<(String, Value)>,
 }
@@ -336,6 +343,20 @@ fn report(v: Value) -> Report {
         shadow_pairs: sub("shadow", "pairs").map(|v| long(&v)),
         shadow_mad: sub("shadow", "mean_abs_diff").and_then(|v| double(&v)),
         p50: sub("latency", "p50_ms").and_then(|v| double(&v)),
+        outcomes: match field(&fields, "outcomes") {
+            Value::Record(o) => Some((
+                long(field(o, "labelled")),
+                double(field(o, "auc")),
+                match field(o, "conversion_rate_by_band") {
+                    Value::Map(m) => m
+                        .iter()
+                        .map(|(k, v)| (k.clone(), double(v).unwrap()))
+                        .collect(),
+                    other => panic!("not a map: {other:?}"),
+                },
+            )),
+            _ => None,
+        },
         value: fields
             .into_iter()
             .filter(|(n, _)| n != "emitted_at")
@@ -470,6 +491,18 @@ async fn injected_drift_is_flagged_on_its_feature_and_clean_windows_stay_quiet()
 
     let hourly: Vec<&Report> = reports.iter().filter(|r| r.kind == "hourly").collect();
     assert_eq!(hourly.len(), (last + 1) as usize, "one report per window");
+    // The first day (windows 0 to 23) is rolled up into one daily report.
+    let daily: Vec<&Report> = reports.iter().filter(|r| r.kind == "daily").collect();
+    assert_eq!(
+        daily.len(),
+        1,
+        "{:?}",
+        daily.iter().map(|r| r.start).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        (daily[0].start, daily[0].scored),
+        (T0, 24 * per_window as i64)
+    );
     for r in &hourly {
         assert_eq!(r.scored, per_window as i64, "window {}", r.start);
         assert_eq!(r.late, 0);
@@ -889,4 +922,117 @@ async fn alerts_reach_slack_email_and_pagerduty_by_severity_through_receiver_fai
             .unwrap()
             .contains("Fingerprint: lead-scoring/psi/page_views")
     }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_of_a_windows_leads_give_conversion_by_band_and_auc() {
+    let model = model();
+    let input = Input::create(1).await;
+    let run = Run::create().await;
+    let mut g = Generator::new(GeneratorConfig {
+        seed: 21,
+        id_prefix: unique("it-outcome"),
+        ..Default::default()
+    });
+    let mut truth = std::collections::HashMap::new();
+    let mut scores = Vec::new();
+    for w in 0..2 {
+        let mut i = 0;
+        while i < 300 {
+            let generated = g.next_lead();
+            let event = T0 + w * HOUR + i * 10_000;
+            if let Some(s) = score_lead(&model, &generated.lead, event, i) {
+                truth.insert(s.lead_id.clone(), generated.converts);
+                scores.push(s);
+                i += 1;
+            }
+        }
+    }
+    // The CRM: every score in lead_scores (as the sink writes it); two leads in three have an outcome.
+    let pg = leadscore_postgres::connect(&leadscore_e2e::config().postgres.url)
+        .await
+        .unwrap();
+    let mut expected: BTreeMap<i64, Vec<leadscore_drift::outcomes::Labelled>> = BTreeMap::new();
+    for (i, s) in scores.iter().enumerate() {
+        let status = match (i % 3, truth[&s.lead_id]) {
+            (0, _) => "contacted",
+            (_, true) => "converted",
+            (_, false) => "lost",
+        };
+        pg.execute(
+            "INSERT INTO public.leads (lead_id, status) VALUES ($1, $2)",
+            &[&s.lead_id, &status],
+        )
+        .await
+        .unwrap();
+        let ts = |ms: i64| chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms).unwrap();
+        pg.execute(
+            "INSERT INTO public.lead_scores (lead_id, score, band, model_name, model_version, model_role, event_time, scored_at, latency_ms) \
+             VALUES ($1, $2, $3, $4, $5, 'champion', $6, $7, $8)",
+            &[
+                &s.lead_id,
+                &s.model.score,
+                &s.model.band.as_str(),
+                &s.model.model_name,
+                &s.model.model_version,
+                &ts(s.event_time_ms),
+                &ts(s.scored_at_ms),
+                &s.latency_ms,
+            ],
+        )
+        .await
+        .unwrap();
+        if status != "contacted" {
+            expected
+                .entry((s.event_time_ms - T0) / HOUR)
+                .or_default()
+                .push(leadscore_drift::outcomes::Labelled {
+                    score: s.model.score,
+                    band: s.model.band.as_str().into(),
+                    converted: status == "converted",
+                });
+        }
+    }
+    produce_scores(&input, &scores, 0).await;
+    flush_to(&input, &model, 1, 1).await;
+    let extra = [("LEADSCORE__DRIFT__OUTCOMES_AFTER_MS", "1".to_string())];
+    let (child, _) = start(&input, &run, "outcomes-0", &extra);
+    // Two window reports, then two outcome reports.
+    let reports = hourly_reports(&run, 4, Duration::from_secs(120)).await;
+    stop(child);
+    let outcome_reports: Vec<&Report> = reports.iter().filter(|r| r.outcomes.is_some()).collect();
+    assert_eq!(outcome_reports.len(), 2, "{reports:?}");
+    for r in outcome_reports {
+        let w = (r.start - T0) / HOUR;
+        let want = leadscore_drift::outcomes::summarize(&expected[&w]);
+        let (labelled, auc, by_band) = r.outcomes.clone().unwrap();
+        assert_eq!(labelled as u64, want.labelled, "window {w}");
+        assert_eq!(labelled, 200);
+        let (got, want_auc) = (auc.unwrap(), want.auc.unwrap());
+        assert!(
+            (got - want_auc).abs() < 1e-12,
+            "window {w}: AUC {got} != {want_auc}"
+        );
+        // The model ranks better than chance on the generator's hidden truth.
+        assert!(got > 0.6, "window {w}: AUC {got}");
+        assert_eq!(by_band.len(), want.conversion_rate_by_band.len());
+        for (band, rate) in &want.conversion_rate_by_band {
+            assert!(
+                (by_band[band] - rate).abs() < 1e-12,
+                "window {w} band {band}"
+            );
+        }
+    }
+    let ids: Vec<&str> = scores.iter().map(|s| s.lead_id.as_str()).collect();
+    pg.execute(
+        "DELETE FROM public.lead_scores WHERE lead_id = ANY($1)",
+        &[&ids],
+    )
+    .await
+    .unwrap();
+    pg.execute("DELETE FROM public.leads WHERE lead_id = ANY($1)", &[&ids])
+        .await
+        .unwrap();
+    delete_topics(&[&input.scores, &input.shadow]).await;
+    delete_topics(&run.topics()).await;
 }
