@@ -207,100 +207,6 @@ fn merger_key(group: &str) -> String {
     format!("{group}/merger")
 }
 
-/// A checkpoint as stored: partition, offset, bytes.
-type Stored = (i32, i64, Vec<u8>);
-
-/// Reads the latest committed checkpoint of every key in the state topic.
-fn read_checkpoints(
-    kafka: &KafkaConfig,
-    cfg: &DriftConfig,
-    timeout: Duration,
-) -> Result<HashMap<String, Stored>> {
-    let consumer: BaseConsumer = leadscore_kafka::client_config(kafka)
-        .set("group.id", format!("{}-restore", cfg.group_id))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()
-        .map_err(kerr("creating the checkpoint reader"))?;
-    let md = consumer
-        .fetch_metadata(Some(&cfg.state_topic), timeout)
-        .map_err(kerr(format!("metadata of {}", cfg.state_topic)))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(Error::Config(format!(
-            "state topic {} does not exist; run `leadscore topics apply`",
-            cfg.state_topic
-        )));
-    }
-    let mut ends = BTreeMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(&cfg.state_topic, *p, timeout)
-            .map_err(kerr(format!("watermarks of {}/{p}", cfg.state_topic)))?;
-        if high > low {
-            ends.insert(*p, high);
-            tpl.add_partition_offset(&cfg.state_topic, *p, Offset::Beginning)
-                .map_err(kerr("checkpoint assignment"))?;
-        }
-    }
-    let mut latest = HashMap::new();
-    if ends.is_empty() {
-        return Ok(latest);
-    }
-    consumer
-        .assign(&tpl)
-        .map_err(kerr("assigning the state topic"))?;
-    let deadline = Instant::now() + timeout * 4;
-    let prefix = format!("{}/", cfg.group_id);
-    while !ends.is_empty() {
-        if Instant::now() > deadline {
-            return Err(Error::Config(format!(
-                "reading checkpoints from {} took longer than {:?}",
-                cfg.state_topic,
-                timeout * 4
-            )));
-        }
-        let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
-            // read_committed stops at the last stable offset; control records count too.
-            for (p, end) in ends.clone() {
-                if let Ok(pos) = consumer.position()
-                    && let Some(Offset::Offset(o)) =
-                        pos.find_partition(&cfg.state_topic, p).map(|e| e.offset())
-                    && o >= end
-                {
-                    ends.remove(&p);
-                }
-            }
-            continue;
-        };
-        let msg = msg.map_err(kerr("reading checkpoints"))?;
-        if let Some(key) = msg.key().and_then(|k| std::str::from_utf8(k).ok())
-            && key.starts_with(&prefix)
-        {
-            match msg.payload() {
-                Some(v) => {
-                    latest.insert(key.to_string(), (msg.partition(), msg.offset(), v.to_vec()));
-                }
-                None => {
-                    latest.remove(key);
-                }
-            }
-        }
-        if ends
-            .get(&msg.partition())
-            .is_some_and(|end| msg.offset() + 1 >= *end)
-        {
-            ends.remove(&msg.partition());
-        }
-    }
-    Ok(latest)
-}
-
 /// Which kind of input a topic is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Input {
@@ -466,7 +372,13 @@ impl Aggregator {
                 c2.transactional_id()
             )))?;
             // After init_transactions: an earlier incarnation's open transaction is aborted.
-            let checkpoints = read_checkpoints(&kc, &c2, timeout)?;
+            let checkpoints = leadscore_kafka::latest::read_latest(
+                &kc,
+                &c2.state_topic,
+                &format!("{}/", c2.group_id),
+                timeout,
+            )
+            .map_err(|e| Error::Config(format!("restoring checkpoints: {e}")))?;
             Ok::<_, Error>((consumer, producer, checkpoints))
         })
         .await
@@ -504,15 +416,13 @@ impl Aggregator {
                 }
                 let key = source_key(&cfg.group_id, topic, p);
                 let state: SourceState = match checkpoints.get(&key) {
-                    Some((sp, so, bytes)) => {
-                        serde_json::from_slice(bytes).map_err(|e| Error::State {
-                            what: "checkpoint",
-                            topic: cfg.state_topic.clone(),
-                            partition: *sp,
-                            offset: *so,
-                            reason: e.to_string(),
-                        })?
-                    }
+                    Some(st) => serde_json::from_slice(&st.value).map_err(|e| Error::State {
+                        what: "checkpoint",
+                        topic: cfg.state_topic.clone(),
+                        partition: st.partition,
+                        offset: st.offset,
+                        reason: e.to_string(),
+                    })?,
                     None => SourceState::default(),
                 };
                 let offset = state.next_offset.map_or(Offset::Beginning, Offset::Offset);
@@ -543,15 +453,13 @@ impl Aggregator {
         let merger = if cfg.merge {
             let key = merger_key(&cfg.group_id);
             let m: Merger = match checkpoints.get(&key) {
-                Some((sp, so, bytes)) => {
-                    serde_json::from_slice(bytes).map_err(|e| Error::State {
-                        what: "checkpoint",
-                        topic: cfg.state_topic.clone(),
-                        partition: *sp,
-                        offset: *so,
-                        reason: e.to_string(),
-                    })?
-                }
+                Some(st) => serde_json::from_slice(&st.value).map_err(|e| Error::State {
+                    what: "checkpoint",
+                    topic: cfg.state_topic.clone(),
+                    partition: st.partition,
+                    offset: st.offset,
+                    reason: e.to_string(),
+                })?,
                 None => Merger::default(),
             };
             let offset = m.next_offset.map_or(Offset::Beginning, Offset::Offset);

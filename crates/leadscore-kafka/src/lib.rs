@@ -5,6 +5,8 @@
 //! [`leadscore_topics::Plan`]. The decision of what to change is made by the
 //! pure `leadscore-topics` crate; this crate only talks to the brokers.
 
+pub mod latest;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,9 +61,12 @@ pub enum Error {
         /// Broker error code.
         code: RDKafkaErrorCode,
     },
-    /// A blocking metadata task panicked or was cancelled.
+    /// A blocking metadata task panicked or was cancelled, or a read did not finish in time.
     #[error("metadata task did not complete: {0}")]
     Join(String),
+    /// A topic the caller needs does not exist.
+    #[error("topic {0} does not exist; run `leadscore topics apply`")]
+    Missing(String),
 }
 
 /// Result alias for this crate.
