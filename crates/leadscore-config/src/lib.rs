@@ -53,6 +53,75 @@ pub struct Config {
     pub drift: DriftConfig,
     /// Where alerts go: Slack, email, PagerDuty.
     pub alerting: AlertingConfig,
+    /// The retrain trigger.
+    pub retrain: RetrainConfig,
+}
+
+/// The retrain trigger: policies, gates, topics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrainConfig {
+    /// Window reports to watch.
+    pub metrics_topic: String,
+    /// Alerts to watch (critical PSI alerts ask at once).
+    pub alerts_topic: String,
+    /// Where requests go (also read: every request, manual ones included, restarts the cooldown).
+    pub requests_topic: String,
+    /// Checkpoints (internal, compacted).
+    pub state_topic: String,
+    /// Consumer group and checkpoint key prefix.
+    pub group_id: String,
+    /// Transactional id; two triggers with the same id fence each other.
+    pub transactional_id: String,
+    /// Models on the schedule.
+    pub models: Vec<String>,
+    /// PSI above this for `sustained_windows` consecutive hourly windows asks for a retrain.
+    pub psi_sustained: f64,
+    /// Consecutive windows for the sustained rule.
+    pub sustained_windows: u32,
+    /// PSI above this in one window asks at once.
+    pub psi_immediate: f64,
+    /// Scheduled period while a champion is young, ms (default 7 d).
+    pub young_every_ms: i64,
+    /// Scheduled period afterwards, ms (default 30 d).
+    pub mature_every_ms: i64,
+    /// How long a champion is young, ms (default 90 d).
+    pub young_for_ms: i64,
+    /// No request sooner than this after the last, ms (default 7 d; manual requests ignore it).
+    pub cooldown_ms: i64,
+    /// Fewest labelled rows in the data window.
+    pub min_labelled_rows: u64,
+    /// The data window, months back from the newest lead (as the training job counts).
+    pub data_window_months: i32,
+    /// How often the schedule is checked, ms.
+    pub tick_ms: u64,
+    /// Health and metrics endpoints.
+    pub http_listen: String,
+}
+
+impl Default for RetrainConfig {
+    fn default() -> Self {
+        Self {
+            metrics_topic: "leadscore.metrics.v1".into(),
+            alerts_topic: "leadscore.alerts.v1".into(),
+            requests_topic: "leadscore.retrain.requests.v1".into(),
+            state_topic: "leadscore.retrain.state.v1".into(),
+            group_id: "leadscore-retrain".into(),
+            transactional_id: "leadscore-retrain".into(),
+            models: vec!["lead-scoring".into()],
+            psi_sustained: 0.25,
+            sustained_windows: 3,
+            psi_immediate: 0.5,
+            young_every_ms: 7 * 86_400_000,
+            mature_every_ms: 30 * 86_400_000,
+            young_for_ms: 90 * 86_400_000,
+            cooldown_ms: 7 * 86_400_000,
+            min_labelled_rows: 10_000,
+            data_window_months: 6,
+            tick_ms: 60_000,
+            http_listen: "127.0.0.1:9466".into(),
+        }
+    }
 }
 
 /// The drift aggregator: windows, checkpoints, reference models and alert thresholds.
@@ -667,6 +736,41 @@ impl Config {
             return invalid(
                 "drift.thresholds.alpha",
                 format!("{} is not in (0, 1)", t.alpha),
+            );
+        }
+        let r = &self.retrain;
+        if r.sustained_windows == 0 {
+            return invalid("retrain.sustained_windows", "must be at least 1".into());
+        }
+        if !(0.0 < r.psi_sustained && r.psi_sustained <= r.psi_immediate) {
+            return invalid(
+                "retrain.psi_sustained",
+                format!(
+                    "need 0 < psi_sustained ({}) <= psi_immediate ({})",
+                    r.psi_sustained, r.psi_immediate
+                ),
+            );
+        }
+        if r.young_every_ms <= 0
+            || r.mature_every_ms <= 0
+            || r.cooldown_ms < 0
+            || r.young_for_ms < 0
+        {
+            return invalid(
+                "retrain.young_every_ms",
+                "schedule periods must be > 0 and cooldown / young_for >= 0".into(),
+            );
+        }
+        if r.data_window_months <= 0 {
+            return invalid("retrain.data_window_months", "must be at least 1".into());
+        }
+        if r.tick_ms == 0 {
+            return invalid("retrain.tick_ms", "must be greater than zero".into());
+        }
+        if r.http_listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(
+                "retrain.http_listen",
+                format!("`{}` is not host:port", r.http_listen),
             );
         }
         let a = &self.alerting;

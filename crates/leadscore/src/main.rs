@@ -15,6 +15,7 @@ mod connectors;
 mod crm;
 mod demo;
 mod drift;
+mod retrain;
 mod schemas;
 mod scorer;
 mod topics;
@@ -53,6 +54,8 @@ enum Command {
     Scorer,
     /// Run the drift aggregator (windowed drift reports and alerts from the scores).
     Drift,
+    /// Run the retrain trigger, or `retrain request` a new model version by hand.
+    Retrain(retrain::RetrainArgs),
     /// Avro schemas in schemas/ and the schema registry.
     #[command(subcommand)]
     Schemas(schemas::SchemasCommand),
@@ -64,6 +67,7 @@ impl Command {
         match self {
             Command::Scorer => Some("leadscore-scorer"),
             Command::Drift => Some("leadscore-drift"),
+            Command::Retrain(a) if a.is_service() => Some("leadscore-retrain"),
             _ => None,
         }
     }
@@ -129,6 +133,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(args, &config).await,
         Command::Scorer => scorer::run(config).await,
         Command::Drift => drift::run(config).await,
+        Command::Retrain(args) => retrain::run(args, config).await,
         Command::Bench(cmd) => bench::run(cmd, &config).await,
     }
 }

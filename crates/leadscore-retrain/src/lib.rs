@@ -1,0 +1,634 @@
+//! The retrain trigger (`leadscore retrain`).
+//!
+//! Reads hourly window reports (`leadscore.metrics.v1`), alerts
+//! (`leadscore.alerts.v1`) and retrain requests
+//! (`leadscore.retrain.requests.v1`, its own and manual ones, which restart
+//! the cooldown); checks the schedule every `tick_ms`. Each candidate the
+//! policies raise ([`leadscore_lifecycle::retrain`]) goes through the gates:
+//! cooldown, then the labelled rows of the data window counted in the CRM
+//! database. A request is produced in one Kafka transaction with the
+//! trigger's checkpoint (per-model state and input positions, in the
+//! compacted state topic) and the consumer offsets, so a crash never sends a
+//! request twice or forgets a streak. Every decision is logged and counted
+//! (`leadscore_retrain_decisions_total{trigger, outcome}`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use apache_avro::types::Value;
+use leadscore_config::{KafkaConfig, RetrainConfig};
+use leadscore_lifecycle::retrain::{
+    Candidate, Decision, Evidence, ModelState, Policy, ReportView, Request, Trigger, request_time,
+};
+use leadscore_registry::{Decoder, Encoder, Registry};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// Errors that stop the trigger (it restarts from its last checkpoint).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kafka call failed.
+    #[error("kafka: {context}: {source}")]
+    Kafka {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: KafkaError,
+    },
+    /// The schema registry failed.
+    #[error("schema registry: {0}")]
+    Registry(#[from] leadscore_registry::Error),
+    /// Reading checkpoints or topics failed.
+    #[error(transparent)]
+    Topics(#[from] leadscore_kafka::Error),
+    /// The checkpoint could not be read or written.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// The CRM database could not be asked.
+    #[error("CRM database: {0}")]
+    Crm(String),
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn kerr(context: impl Into<String>) -> impl FnOnce(KafkaError) -> Error {
+    let context = context.into();
+    move |source| Error::Kafka { context, source }
+}
+
+/// The policy of the config.
+pub fn policy(cfg: &RetrainConfig) -> Policy {
+    Policy {
+        psi_sustained: cfg.psi_sustained,
+        sustained_windows: cfg.sustained_windows,
+        psi_immediate: cfg.psi_immediate,
+        young_every_ms: cfg.young_every_ms,
+        mature_every_ms: cfg.mature_every_ms,
+        young_for_ms: cfg.young_for_ms,
+        cooldown_ms: cfg.cooldown_ms,
+        min_labelled_rows: cfg.min_labelled_rows,
+    }
+}
+
+/// Labelled leads (converted or lost) created in the data window: the
+/// `months` before the newest lead, as the training job selects them.
+pub const LABELLED_SQL: &str = "SELECT count(*) FROM public.leads \
+     WHERE status IN ('converted', 'lost') \
+       AND created_at >= (SELECT max(created_at) FROM public.leads) - make_interval(months => $1)";
+
+/// Counts the labelled rows of the data window in the CRM.
+pub async fn labelled_rows(client: &leadscore_postgres::Client, months: i32) -> Result<u64> {
+    let row = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.query_one(LABELLED_SQL, &[&months]),
+    )
+    .await
+    .map_err(|_| Error::Crm("the labelled-rows count timed out".into()))?
+    .map_err(|e| Error::Crm(e.to_string()))?;
+    let n: i64 = row.try_get(0).map_err(|e| Error::Crm(e.to_string()))?;
+    Ok(n.max(0) as u64)
+}
+
+/// Counters of decisions and inputs.
+#[derive(Default)]
+pub struct Metrics {
+    decisions: Mutex<BTreeMap<(String, String), u64>>,
+    reports: std::sync::atomic::AtomicU64,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+impl Metrics {
+    /// New metrics.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn decision(&self, trigger: Trigger, outcome: &str) {
+        if let Ok(mut d) = self.decisions.lock() {
+            *d.entry((trigger.as_str().into(), outcome.into()))
+                .or_default() += 1;
+        }
+        opentelemetry::global::meter("leadscore-retrain")
+            .u64_counter("leadscore.retrain.decisions")
+            .build()
+            .add(
+                1,
+                &[
+                    opentelemetry::KeyValue::new("trigger", trigger.as_str()),
+                    opentelemetry::KeyValue::new("outcome", outcome.to_string()),
+                ],
+            );
+    }
+
+    /// Decisions of a trigger and outcome so far.
+    pub fn decisions(&self, trigger: &str, outcome: &str) -> u64 {
+        self.decisions
+            .lock()
+            .ok()
+            .and_then(|d| d.get(&(trigger.to_string(), outcome.to_string())).copied())
+            .unwrap_or(0)
+    }
+
+    /// Prometheus text.
+    pub fn render(&self) -> String {
+        let mut out = String::from(
+            "# HELP leadscore_retrain_decisions_total Retrain decisions by trigger and outcome.\n# TYPE leadscore_retrain_decisions_total counter\n",
+        );
+        if let Ok(d) = self.decisions.lock() {
+            for ((t, o), n) in d.iter() {
+                out.push_str(&format!(
+                    "leadscore_retrain_decisions_total{{trigger=\"{t}\",outcome=\"{o}\"}} {n}\n"
+                ));
+            }
+        }
+        out.push_str(&format!(
+            "# HELP leadscore_retrain_reports_total Hourly window reports read.\n# TYPE leadscore_retrain_reports_total counter\nleadscore_retrain_reports_total {}\n",
+            self.reports.load(std::sync::atomic::Ordering::Relaxed)
+        ));
+        out.push_str(&format!(
+            "# HELP leadscore_retrain_ready Whether the trigger is running.\n# TYPE leadscore_retrain_ready gauge\nleadscore_retrain_ready {}\n",
+            u8::from(self.ready.load(std::sync::atomic::Ordering::Relaxed))
+        ));
+        out
+    }
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` until `shutdown`.
+pub async fn serve(
+    addr: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(m): State<Arc<Metrics>>| async move {
+                if m.ready.load(std::sync::atomic::Ordering::Relaxed) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(m): State<Arc<Metrics>>| async move { m.render() }),
+        )
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "health and metrics endpoints listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// The checkpoint: every model's state and the next offset of every input partition.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Checkpoint {
+    format: u32,
+    models: BTreeMap<String, ModelState>,
+    positions: BTreeMap<String, i64>,
+}
+
+/// A candidate from a firing critical PSI alert.
+fn alert_candidate(value: &Value) -> Option<Candidate> {
+    let Value::Record(fields) = value else {
+        return None;
+    };
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| match v {
+                Value::Union(_, inner) => inner.as_ref(),
+                other => other,
+            })
+    };
+    let string = |name: &str| match get(name)? {
+        Value::String(s) | Value::Enum(_, s) => Some(s.clone()),
+        _ => None,
+    };
+    let double = |name: &str| match get(name)? {
+        Value::Double(d) => Some(*d),
+        _ => None,
+    };
+    let kind = string("kind")?;
+    if string("status")? != "firing"
+        || string("severity")? != "critical"
+        || !(kind == "psi" || kind == "score_psi")
+    {
+        return None;
+    }
+    let feature = string("feature");
+    let value = double("value")?;
+    Some(Candidate {
+        model_name: string("model_name")?,
+        trigger: Trigger::Drift,
+        reason: format!(
+            "critical alert: {}",
+            string("message").unwrap_or_else(|| format!("{kind} {value:.3}"))
+        ),
+        evidence: vec![Evidence {
+            kind,
+            feature,
+            value,
+            threshold: double("threshold")?,
+            window_start_ms: match get("window_start") {
+                Some(Value::TimestampMillis(t)) => Some(*t),
+                _ => None,
+            },
+        }],
+        requested_by: None,
+    })
+}
+
+/// The running trigger.
+pub struct RetrainTrigger {
+    cfg: RetrainConfig,
+    policy: Policy,
+    consumer: BaseConsumer,
+    producer: FutureProducer,
+    decoder: Decoder,
+    encoder: Encoder,
+    crm_url: String,
+    crm: Option<leadscore_postgres::Client>,
+    state: Checkpoint,
+    dirty: bool,
+    metrics: Arc<Metrics>,
+    rt: tokio::runtime::Handle,
+    timeout: Duration,
+}
+
+impl RetrainTrigger {
+    /// Restores the checkpoint, assigns the inputs at its positions, readies the producer.
+    pub async fn start(
+        cfg: RetrainConfig,
+        kafka: &KafkaConfig,
+        registry: Registry,
+        crm_url: String,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let timeout = Duration::from_millis(kafka.request_timeout_ms.max(5_000));
+        let encoder = Encoder::for_subject(
+            &registry,
+            &leadscore_schemas::value_subject(&cfg.requests_topic),
+            leadscore_schemas::find("RetrainRequest.avsc")
+                .map_err(leadscore_registry::Error::from)?
+                .text,
+        )
+        .await?;
+        let (kc, c2) = (kafka.clone(), cfg.clone());
+        let (consumer, producer, state) = tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = leadscore_kafka::client_config(&kc)
+                .set("group.id", &c2.group_id)
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("isolation.level", "read_committed")
+                .create()
+                .map_err(kerr("creating the consumer"))?;
+            let producer: FutureProducer = leadscore_kafka::client_config(&kc)
+                .set("transactional.id", &c2.transactional_id)
+                .set("enable.idempotence", "true")
+                .create()
+                .map_err(kerr("creating the producer"))?;
+            producer.init_transactions(timeout).map_err(kerr(format!(
+                "init transactions as {}",
+                c2.transactional_id
+            )))?;
+            let key = format!("{}/state", c2.group_id);
+            let stored = leadscore_kafka::latest::read_latest(&kc, &c2.state_topic, &key, timeout)?;
+            let state: Checkpoint = match stored.get(&key) {
+                Some(s) => serde_json::from_slice(&s.value).map_err(|e| {
+                    Error::Checkpoint(format!(
+                        "{}/{}@{} is unreadable: {e}",
+                        c2.state_topic, s.partition, s.offset
+                    ))
+                })?,
+                None => Checkpoint::default(),
+            };
+            let mut tpl = TopicPartitionList::new();
+            for topic in [&c2.metrics_topic, &c2.alerts_topic, &c2.requests_topic] {
+                let md = consumer
+                    .fetch_metadata(Some(topic), timeout)
+                    .map_err(kerr(format!("metadata of {topic}")))?;
+                let ids: Vec<i32> = md
+                    .topics()
+                    .iter()
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect();
+                if ids.is_empty() {
+                    return Err(leadscore_kafka::Error::Missing(topic.clone()).into());
+                }
+                for p in ids {
+                    let offset = state
+                        .positions
+                        .get(&format!("{topic}/{p}"))
+                        .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+                    tpl.add_partition_offset(topic, p, offset)
+                        .map_err(kerr("assignment"))?;
+                }
+            }
+            consumer.assign(&tpl).map_err(kerr("assigning inputs"))?;
+            Ok::<_, Error>((consumer, producer, state))
+        })
+        .await
+        .map_err(|e| Error::Checkpoint(format!("startup task: {e}")))??;
+        tracing::info!(models = ?state.models.keys().collect::<Vec<_>>(), "retrain trigger state restored");
+        metrics
+            .ready
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(Self {
+            policy: policy(&cfg),
+            cfg,
+            consumer,
+            producer,
+            decoder: Decoder::new(registry),
+            encoder,
+            crm_url,
+            crm: None,
+            state,
+            dirty: false,
+            metrics,
+            rt: tokio::runtime::Handle::current(),
+            timeout,
+        })
+    }
+
+    /// Runs until `shutdown`; blocking.
+    pub fn run(mut self, shutdown: &CancellationToken) -> Result<()> {
+        let tick = Duration::from_millis(self.cfg.tick_ms);
+        let mut last_tick: Option<Instant> = None;
+        let mut last_checkpoint = Instant::now();
+        while !shutdown.is_cancelled() {
+            if let Some(msg) = self.consumer.poll(Duration::from_millis(100)) {
+                match msg {
+                    Ok(m) => {
+                        let (topic, partition, offset) =
+                            (m.topic().to_string(), m.partition(), m.offset());
+                        let payload = m.payload().map(<[u8]>::to_vec);
+                        drop(m);
+                        self.state
+                            .positions
+                            .insert(format!("{topic}/{partition}"), offset + 1);
+                        self.dirty = true;
+                        if let Some(p) = payload {
+                            self.handle(&topic, &p)?;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "consumer error (retried by librdkafka)"),
+                }
+            }
+            if last_tick.is_none_or(|t| t.elapsed() >= tick) {
+                last_tick = Some(Instant::now());
+                let now = chrono::Utc::now().timestamp_millis();
+                for model in self.cfg.models.clone() {
+                    let state = self.state.models.entry(model.clone()).or_default();
+                    let before = state.clone();
+                    let candidate = state.on_tick(&model, now, &self.policy);
+                    self.dirty |= *state != before;
+                    if let Some(c) = candidate {
+                        self.decide(c)?;
+                    }
+                }
+            }
+            if self.dirty && last_checkpoint.elapsed() >= Duration::from_secs(5) {
+                self.commit(None)?;
+                last_checkpoint = Instant::now();
+            }
+        }
+        if self.dirty {
+            self.commit(None)?;
+        }
+        tracing::info!("retrain trigger stopped");
+        Ok(())
+    }
+
+    fn handle(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
+        let value = match self.rt.block_on(self.decoder.decode(payload)) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(%topic, error = %e, "unreadable record skipped");
+                return Ok(());
+            }
+        };
+        if topic == self.cfg.requests_topic {
+            if let Some((model, at)) = request_time(&value) {
+                self.state.models.entry(model).or_default().requested(at);
+            }
+        } else if topic == self.cfg.metrics_topic {
+            if let Some(r) = ReportView::from_value(&value) {
+                self.metrics
+                    .reports
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let state = self.state.models.entry(r.model_name.clone()).or_default();
+                if let Some(c) = state.on_report(&r, &self.policy) {
+                    self.decide(c)?;
+                }
+            }
+        } else if let Some(c) = alert_candidate(&value) {
+            self.decide(c)?;
+        }
+        Ok(())
+    }
+
+    fn labelled(&mut self) -> Result<u64> {
+        let months = self.cfg.data_window_months;
+        let url = self.crm_url.clone();
+        let client = &mut self.crm;
+        self.rt.block_on(async {
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                let c = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    leadscore_postgres::connect(&url),
+                )
+                .await
+                .map_err(|_| Error::Crm("connecting timed out".into()))?
+                .map_err(|e| Error::Crm(e.to_string()))?;
+                *client = Some(c);
+            }
+            match client.as_ref() {
+                Some(c) => labelled_rows(c, months).await,
+                None => Err(Error::Crm("no connection".into())),
+            }
+        })
+    }
+
+    fn decide(&mut self, c: Candidate) -> Result<()> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let labelled = match self.labelled() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(model = %c.model_name, trigger = c.trigger.as_str(), reason = %c.reason, error = %e, "not now: the CRM cannot say how much labelled data there is");
+                self.metrics.decision(c.trigger, "crm_unavailable");
+                return Ok(());
+            }
+        };
+        let state = self.state.models.entry(c.model_name.clone()).or_default();
+        match state.gate(c, now, labelled, &self.policy) {
+            Decision::NotNow(c, why) => {
+                tracing::info!(model = %c.model_name, trigger = c.trigger.as_str(), reason = %c.reason, refusal = %why, "retrain: not now");
+                self.metrics.decision(c.trigger, why.as_str());
+                Ok(())
+            }
+            Decision::Request(c) => {
+                let request = Request {
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                    candidate: c,
+                    requested_at_ms: now,
+                };
+                self.state
+                    .models
+                    .entry(request.candidate.model_name.clone())
+                    .or_default()
+                    .requested(now);
+                self.commit(Some(&request))?;
+                tracing::warn!(model = %request.candidate.model_name, trigger = request.candidate.trigger.as_str(), request_id = %request.request_id, labelled, reason = %request.candidate.reason, "retrain requested");
+                self.metrics
+                    .decision(request.candidate.trigger, "requested");
+                Ok(())
+            }
+        }
+    }
+
+    /// One transaction: the request (if any), the checkpoint and the offsets.
+    fn commit(&mut self, request: Option<&Request>) -> Result<()> {
+        let checkpoint = serde_json::to_vec(&Checkpoint {
+            format: 1,
+            ..self.state.clone()
+        })
+        .map_err(|e| Error::Checkpoint(e.to_string()))?;
+        let request_bytes = request
+            .map(|r| self.encoder.encode(r.to_value()))
+            .transpose()?;
+        let mut offsets = TopicPartitionList::new();
+        for (tp, o) in &self.state.positions {
+            if let Some((topic, p)) = tp.rsplit_once('/')
+                && let Ok(p) = p.parse::<i32>()
+            {
+                offsets
+                    .add_partition_offset(topic, p, Offset::Offset(*o))
+                    .map_err(kerr("offsets"))?;
+            }
+        }
+        let key = format!("{}/state", self.cfg.group_id);
+        self.producer
+            .begin_transaction()
+            .map_err(kerr("begin transaction"))?;
+        if let (Some(r), Some(bytes)) = (request, &request_bytes) {
+            self.producer
+                .send_result(
+                    FutureRecord::to(&self.cfg.requests_topic)
+                        .key(r.candidate.model_name.as_str())
+                        .payload(bytes.as_slice()),
+                )
+                .map_err(|(e, _)| kerr("produce the request")(e))?;
+        }
+        self.producer
+            .send_result(
+                FutureRecord::to(&self.cfg.state_topic)
+                    .key(key.as_str())
+                    .payload(checkpoint.as_slice()),
+            )
+            .map_err(|(e, _)| kerr("produce the checkpoint")(e))?;
+        if offsets.count() > 0 {
+            let group = self
+                .consumer
+                .group_metadata()
+                .ok_or_else(|| Error::Checkpoint("the consumer has no group metadata".into()))?;
+            self.producer
+                .send_offsets_to_transaction(&offsets, &group, self.timeout)
+                .map_err(kerr("send offsets"))?;
+        }
+        self.producer
+            .commit_transaction(self.timeout)
+            .map_err(kerr(format!("commit ({})", self.cfg.transactional_id)))?;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+/// An operator's request.
+#[derive(Debug, Clone, Copy)]
+pub struct Manual<'a> {
+    /// Model to retrain.
+    pub model: &'a str,
+    /// Why.
+    pub reason: &'a str,
+    /// Operator id (never an email).
+    pub by: Option<&'a str>,
+    /// Send even with too little labelled data.
+    pub force: bool,
+}
+
+/// Publishes a manual request (not transactional: an operator's command), after checking the data.
+/// `Ok(Err(why))` when the data gate refuses it.
+pub async fn request_manually(
+    cfg: &RetrainConfig,
+    kafka: &KafkaConfig,
+    registry: &Registry,
+    crm: &leadscore_postgres::Client,
+    m: Manual<'_>,
+) -> Result<Result<Request, String>> {
+    let Manual {
+        model,
+        reason,
+        by,
+        force,
+    } = m;
+    let labelled = labelled_rows(crm, cfg.data_window_months).await?;
+    let p = policy(cfg);
+    let candidate = Candidate {
+        model_name: model.to_string(),
+        trigger: Trigger::Manual,
+        reason: reason.to_string(),
+        evidence: Vec::new(),
+        requested_by: by.map(str::to_string),
+    };
+    let now = chrono::Utc::now().timestamp_millis();
+    let candidate = match ModelState::default().gate(candidate, now, labelled, &p) {
+        Decision::Request(c) => c,
+        Decision::NotNow(c, why) if force => {
+            tracing::warn!(refusal = %why, "forced past the gate");
+            c
+        }
+        Decision::NotNow(_, why) => return Ok(Err(why.to_string())),
+    };
+    let request = Request {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        candidate,
+        requested_at_ms: now,
+    };
+    let encoder = Encoder::for_subject(
+        registry,
+        &leadscore_schemas::value_subject(&cfg.requests_topic),
+        leadscore_schemas::find("RetrainRequest.avsc")
+            .map_err(leadscore_registry::Error::from)?
+            .text,
+    )
+    .await?;
+    let bytes = encoder.encode(request.to_value())?;
+    let producer: FutureProducer = leadscore_kafka::client_config(kafka)
+        .set("enable.idempotence", "true")
+        .create()
+        .map_err(kerr("creating the producer"))?;
+    producer
+        .send(
+            FutureRecord::to(&cfg.requests_topic)
+                .key(model)
+                .payload(bytes.as_slice()),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| kerr(format!("producing to {}", cfg.requests_topic))(e))?;
+    Ok(Ok(request))
+}

@@ -1,0 +1,344 @@
+//! The retrain trigger against the real broker, registry and CRM database:
+//! sustained drift asks once, the cooldown refuses a second ask (also after a
+//! SIGKILL and restart), an operator's request skips the cooldown, the
+//! schedule asks when due, and too little labelled data refuses with the reason.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use apache_avro::types::Value;
+use leadscore_drift::FeatureDrift;
+use leadscore_drift::report::{WindowKind, WindowReport};
+use leadscore_e2e::{client, consumer, create_topic, delete_topics, receive, unique};
+use leadscore_registry::{Decoder, Encoder, Registry};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const H: i64 = 3_600_000;
+
+struct Topics {
+    metrics: String,
+    alerts: String,
+    requests: String,
+    state: String,
+    group: String,
+}
+
+impl Topics {
+    async fn create() -> Self {
+        let base = unique("it.retrain");
+        let t = Topics {
+            metrics: format!("{base}.metrics"),
+            alerts: format!("{base}.alerts"),
+            requests: format!("{base}.requests"),
+            state: format!("{base}.state"),
+            group: base,
+        };
+        for name in [&t.metrics, &t.alerts, &t.requests, &t.state] {
+            create_topic(name, 1).await;
+        }
+        t
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("LEADSCORE__RETRAIN__METRICS_TOPIC", self.metrics.clone()),
+            ("LEADSCORE__RETRAIN__ALERTS_TOPIC", self.alerts.clone()),
+            ("LEADSCORE__RETRAIN__REQUESTS_TOPIC", self.requests.clone()),
+            ("LEADSCORE__RETRAIN__STATE_TOPIC", self.state.clone()),
+            ("LEADSCORE__RETRAIN__GROUP_ID", self.group.clone()),
+            ("LEADSCORE__RETRAIN__TRANSACTIONAL_ID", self.group.clone()),
+            ("LEADSCORE__RETRAIN__TICK_MS", "200".into()),
+        ]
+    }
+
+    async fn delete(&self) {
+        delete_topics(&[&self.metrics, &self.alerts, &self.requests, &self.state]).await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(t: &Topics, extra: &[(&str, String)]) -> (Child, u16) {
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
+    cmd.arg("retrain")
+        .env(
+            "LEADSCORE__RETRAIN__HTTP_LISTEN",
+            format!("127.0.0.1:{port}"),
+        )
+        .env("LEADSCORE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in t.env() {
+        cmd.env(k, v);
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    (cmd.spawn().unwrap(), port)
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    for _ in 0..100 {
+        if child.try_wait().unwrap().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+async fn metrics_text(port: u16) -> String {
+    match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+async fn wait_for(port: u16, needle: &str) -> String {
+    for _ in 0..300 {
+        let text = metrics_text(port).await;
+        if text.contains(needle) {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{needle} never appeared on :{port}: {}",
+        metrics_text(port).await
+    );
+}
+
+fn report(model: &str, start: i64, industry_psi: f64) -> WindowReport {
+    let f = |name: &str, psi: f64| FeatureDrift {
+        feature: name.into(),
+        numeric: false,
+        sample_size: 1000,
+        psi,
+        kl: 0.0,
+        js: 0.0,
+        ks: None,
+        chi2: None,
+        new_category_rate: Some(0.0),
+        missing_rate: 0.0,
+        reference_missing_rate: 0.0,
+    };
+    WindowReport {
+        model_name: model.into(),
+        model_version: "1".into(),
+        kind: WindowKind::Hourly,
+        start_ms: start,
+        end_ms: start + H,
+        scored: 1000,
+        late_events: 0,
+        errors: 0,
+        features: vec![f("industry", industry_psi), f("country", 0.01)],
+        score_psi: Some(0.02),
+        shadow: None,
+        latency: None,
+        outcomes: None,
+        emitted_at_ms: start + H,
+    }
+}
+
+async fn produce_reports(t: &Topics, reports: &[WindowReport]) {
+    let registry = Registry::new(&leadscore_e2e::config().registry).unwrap();
+    let encoder = Encoder::for_subject(
+        &registry,
+        &leadscore_schemas::value_subject(&t.metrics),
+        leadscore_schemas::find("WindowReport.avsc").unwrap().text,
+    )
+    .await
+    .unwrap();
+    let producer: FutureProducer = client(&[]).create().unwrap();
+    for r in reports {
+        let bytes = encoder.encode(r.to_value()).unwrap();
+        producer
+            .send(
+                FutureRecord::to(&t.metrics)
+                    .key(r.model_name.as_str())
+                    .payload(&bytes),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+}
+
+/// (trigger, reason, evidence features, requested_by) of every request on the topic.
+async fn requests(
+    t: &Topics,
+    within: Duration,
+) -> Vec<(String, String, Vec<String>, Option<String>)> {
+    let registry = Registry::new(&leadscore_e2e::config().registry).unwrap();
+    let decoder = Decoder::new(registry);
+    let c = consumer(&t.requests, "read_committed");
+    let mut out = Vec::new();
+    for m in receive(&c, usize::MAX, within).await {
+        let Value::Record(fields) = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap()
+        else {
+            panic!("not a record")
+        };
+        let get = |n: &str| fields.iter().find(|(k, _)| k == n).unwrap().1.clone();
+        let s = |v: Value| match v {
+            Value::String(s) | Value::Enum(_, s) => s,
+            Value::Union(_, b) => match *b {
+                Value::String(s) => s,
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        };
+        let evidence =
+            match get("evidence") {
+                Value::Array(items) => items
+                    .into_iter()
+                    .filter_map(|e| match e {
+                        Value::Record(ef) => ef.into_iter().find(|(k, _)| k == "feature").and_then(
+                            |(_, v)| match v {
+                                Value::Union(_, b) => match *b {
+                                    Value::String(s) => Some(s),
+                                    _ => None,
+                                },
+                                _ => None,
+                            },
+                        ),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+        let by = match get("requested_by") {
+            Value::Union(_, b) => match *b {
+                Value::String(s) => Some(s),
+                _ => None,
+            },
+            _ => None,
+        };
+        out.push((s(get("trigger")), s(get("reason")), evidence, by));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sustained_drift_asks_once_and_the_cooldown_holds_across_a_restart() {
+    let t = Topics::create().await;
+    let model = unique("it-model");
+    let env = [
+        ("LEADSCORE__RETRAIN__MIN_LABELLED_ROWS", "0".to_string()),
+        ("LEADSCORE__RETRAIN__COOLDOWN_MS", H.to_string()),
+        ("LEADSCORE__RETRAIN__MODELS", "[]".to_string()),
+    ];
+    let (child, port) = start(&t, &env);
+    // Two windows above 0.25, then a third: the sustained rule asks.
+    produce_reports(&t, &[report(&model, 0, 0.3), report(&model, H, 0.3)]).await;
+    wait_for(port, "leadscore_retrain_reports_total 2").await;
+    assert!(
+        requests(&t, Duration::from_secs(1)).await.is_empty(),
+        "two windows are not sustained"
+    );
+    produce_reports(&t, &[report(&model, 2 * H, 0.3)]).await;
+    wait_for(port, "trigger=\"drift\",outcome=\"requested\"} 1").await;
+    let got = requests(&t, Duration::from_secs(3)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, "drift");
+    assert_eq!(got[0].2, ["industry"]);
+    assert!(got[0].1.contains("3 consecutive windows"), "{}", got[0].1);
+
+    // SIGKILL, restart: the state (cooldown) comes back from the checkpoint.
+    let mut child = child;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (child, port) = start(&t, &env);
+    produce_reports(&t, &[report(&model, 3 * H, 0.9)]).await;
+    wait_for(port, "trigger=\"drift\",outcome=\"cooldown\"} 1").await;
+    assert_eq!(
+        requests(&t, Duration::from_secs(2)).await.len(),
+        1,
+        "no second request in the cooldown"
+    );
+
+    // An operator's request skips the cooldown; too little data refuses it.
+    let cli = |min: &str, by: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
+        cmd.args([
+            "retrain",
+            "request",
+            "--reason",
+            "new pricing page",
+            "--model",
+            &model,
+            "--by",
+            by,
+        ])
+        .env("LEADSCORE__RETRAIN__MIN_LABELLED_ROWS", min)
+        .env("LEADSCORE_LOG", "error");
+        for (k, v) in t.env() {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = cli("1000000000000", "ops-1");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not enough data"));
+    let sent = cli("0", "ops-1");
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let got = requests(&t, Duration::from_secs(3)).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(
+        (got[1].0.as_str(), got[1].3.as_deref()),
+        ("manual", Some("ops-1"))
+    );
+    stop(child);
+    t.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedule_asks_when_due_unless_the_data_is_too_thin() {
+    let t = Topics::create().await;
+    let model = unique("it-scheduled");
+    let thin = [
+        (
+            "LEADSCORE__RETRAIN__MIN_LABELLED_ROWS",
+            "1000000000000".to_string(),
+        ),
+        ("LEADSCORE__RETRAIN__YOUNG_EVERY_MS", "1000".to_string()),
+        ("LEADSCORE__RETRAIN__COOLDOWN_MS", "0".to_string()),
+        ("LEADSCORE__RETRAIN__MODELS", format!("[\"{model}\"]")),
+    ];
+    let (child, port) = start(&t, &thin);
+    wait_for(port, "trigger=\"schedule\",outcome=\"not_enough_data\"}").await;
+    assert!(requests(&t, Duration::from_secs(1)).await.is_empty());
+    stop(child);
+
+    let due = [
+        ("LEADSCORE__RETRAIN__MIN_LABELLED_ROWS", "0".to_string()),
+        ("LEADSCORE__RETRAIN__YOUNG_EVERY_MS", "1000".to_string()),
+        ("LEADSCORE__RETRAIN__COOLDOWN_MS", "0".to_string()),
+        ("LEADSCORE__RETRAIN__MODELS", format!("[\"{model}\"]")),
+    ];
+    let (child, port) = start(&t, &due);
+    wait_for(port, "trigger=\"schedule\",outcome=\"requested\"}").await;
+    stop(child);
+    let got = requests(&t, Duration::from_secs(3)).await;
+    assert!(!got.is_empty());
+    assert!(got.iter().all(|r| r.0 == "schedule"));
+    assert!(got[0].1.starts_with("scheduled:"), "{}", got[0].1);
+    t.delete().await;
+}
