@@ -8,5 +8,8 @@
 //! the cooldown since the last request, and enough labelled rows in the
 //! training data window. Every decision, including "not now, because", is
 //! a value the service logs and counts.
+//!
+//! [`events`]: lifecycle events and what a training run's result means.
 
+pub mod events;
 pub mod retrain;
