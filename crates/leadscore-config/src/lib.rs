@@ -55,6 +55,57 @@ pub struct Config {
     pub alerting: AlertingConfig,
     /// The retrain trigger.
     pub retrain: RetrainConfig,
+    /// The training worker.
+    pub training: TrainingConfig,
+}
+
+/// The training worker: runs the training job for each retrain request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingConfig {
+    /// Requests to serve.
+    pub requests_topic: String,
+    /// Where the steps go.
+    pub lifecycle_topic: String,
+    /// Consumer group: one worker of the group serves a request at a time.
+    pub group_id: String,
+    /// Transactional id.
+    pub transactional_id: String,
+    /// Python interpreter with the training requirements.
+    pub python: String,
+    /// Directory holding the `leadscore_training` package.
+    pub dir: String,
+    /// Training data: a `postgres://` URL or a CSV path; unset: `postgres.url`.
+    pub data: Option<String>,
+    /// MLflow tracking server the job registers in.
+    pub mlflow_url: String,
+    /// Optuna trials.
+    pub trials: u32,
+    /// Further arguments to the training job (e.g. `["--min-rows", "10000"]`).
+    pub extra_args: Vec<String>,
+    /// Longest a training run may take, seconds; longer runs are killed and reported failed.
+    pub timeout_secs: u64,
+    /// Health and metrics endpoints.
+    pub http_listen: String,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        Self {
+            requests_topic: "leadscore.retrain.requests.v1".into(),
+            lifecycle_topic: "leadscore.model.lifecycle.v1".into(),
+            group_id: "leadscore-training".into(),
+            transactional_id: "leadscore-training".into(),
+            python: "python3".into(),
+            dir: "training".into(),
+            data: None,
+            mlflow_url: "http://127.0.0.1:5000".into(),
+            trials: 30,
+            extra_args: Vec::new(),
+            timeout_secs: 7_200,
+            http_listen: "127.0.0.1:9467".into(),
+        }
+    }
 }
 
 /// The retrain trigger: policies, gates, topics.
@@ -771,6 +822,20 @@ impl Config {
             return invalid(
                 "retrain.http_listen",
                 format!("`{}` is not host:port", r.http_listen),
+            );
+        }
+        if self.training.timeout_secs == 0 {
+            return invalid("training.timeout_secs", "must be greater than zero".into());
+        }
+        if self
+            .training
+            .http_listen
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+        {
+            return invalid(
+                "training.http_listen",
+                format!("`{}` is not host:port", self.training.http_listen),
             );
         }
         let a = &self.alerting;

@@ -67,7 +67,7 @@ impl Command {
         match self {
             Command::Scorer => Some("leadscore-scorer"),
             Command::Drift => Some("leadscore-drift"),
-            Command::Retrain(a) if a.is_service() => Some("leadscore-retrain"),
+            Command::Retrain(a) => a.service(),
             _ => None,
         }
     }

@@ -15,14 +15,20 @@ pub(crate) struct RetrainArgs {
 }
 
 impl RetrainArgs {
-    /// Whether this runs the service (not a one-off command).
-    pub(crate) fn is_service(&self) -> bool {
-        self.command.is_none()
+    /// The service this runs, if it is one (not a one-off command).
+    pub(crate) fn service(&self) -> Option<&'static str> {
+        match self.command {
+            None => Some("leadscore-retrain"),
+            Some(RetrainCommand::Worker) => Some("leadscore-training"),
+            Some(RetrainCommand::Request { .. }) => None,
+        }
     }
 }
 
 #[derive(Debug, Subcommand)]
 enum RetrainCommand {
+    /// Run the training worker: serve retrain requests with the training job, report lifecycle steps.
+    Worker,
     /// Ask for a new model version now (skips the cooldown, not the data check unless --force).
     Request {
         /// Why, for the record.
@@ -42,6 +48,9 @@ enum RetrainCommand {
 
 pub(crate) async fn run(args: RetrainArgs, config: Config) -> anyhow::Result<ExitCode> {
     let registry = leadscore_registry::Registry::new(&config.registry)?;
+    if let Some(RetrainCommand::Worker) = args.command {
+        return worker(config, registry).await;
+    }
     if let Some(RetrainCommand::Request {
         reason,
         model,
@@ -107,5 +116,44 @@ pub(crate) async fn run(args: RetrainArgs, config: Config) -> anyhow::Result<Exi
     http_stop.cancel();
     let _ = http.await;
     result.context("retrain task")?.context("retrain trigger")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn worker(
+    config: Config,
+    registry: leadscore_registry::Registry,
+) -> anyhow::Result<ExitCode> {
+    let cfg = config.training.clone();
+    let metrics = std::sync::Arc::new(leadscore_retrain::worker::WorkerMetrics::default());
+    let shutdown = CancellationToken::new();
+    crate::scorer::on_signal(shutdown.clone());
+    let http_stop = CancellationToken::new();
+    let addr: std::net::SocketAddr = cfg.http_listen.parse().context("training.http_listen")?;
+    let m2 = metrics.clone();
+    let stop2 = http_stop.clone();
+    let http = tokio::spawn(async move {
+        use axum::routing::get;
+        let app = axum::Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(|| async { "ready" }))
+            .route("/metrics", get(move || async move { m2.render() }));
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop2.cancelled().await })
+            .await
+    });
+    let worker = leadscore_retrain::worker::Worker::start(
+        cfg,
+        &config.kafka,
+        registry,
+        config.postgres.url.clone(),
+        metrics,
+    )
+    .await
+    .context("starting the training worker")?;
+    let result = worker.run(shutdown).await;
+    http_stop.cancel();
+    let _ = http.await;
+    result.context("training worker")?;
     Ok(ExitCode::SUCCESS)
 }

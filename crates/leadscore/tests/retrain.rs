@@ -342,3 +342,128 @@ async fn the_schedule_asks_when_due_unless_the_data_is_too_thin() {
     assert!(got[0].1.starts_with("scheduled:"), "{}", got[0].1);
     t.delete().await;
 }
+
+/// (stage, version, reason) of every lifecycle event of `model`.
+async fn lifecycle(topic: &str, model: &str, want: usize) -> Vec<(String, String, String)> {
+    let registry = Registry::new(&leadscore_e2e::config().registry).unwrap();
+    let decoder = Decoder::new(registry);
+    let c = consumer(topic, "read_committed");
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    while out.len() < want && tokio::time::Instant::now() < deadline {
+        for m in receive(&c, 1, Duration::from_secs(1)).await {
+            let v = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap();
+            let e = leadscore_lifecycle::events::LifecycleEvent::from_value(&v).unwrap();
+            if e.model_name == model {
+                out.push((e.stage.as_str().to_string(), e.version, e.reason));
+            }
+        }
+    }
+    out
+}
+
+fn start_worker(
+    requests: &str,
+    lifecycle: &str,
+    group: &str,
+    csv: &std::path::Path,
+    extra: &[&str],
+) -> Child {
+    let python = std::env::var("LEADSCORE_PYTHON")
+        .expect("LEADSCORE_PYTHON (from `deploy/local/stack env`) runs the training job");
+    let args = std::iter::once("--cv-splits")
+        .chain(std::iter::once("2"))
+        .chain(extra.iter().copied())
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Command::new(env!("CARGO_BIN_EXE_leadscore"))
+        .args(["retrain", "worker"])
+        .env("LEADSCORE__TRAINING__REQUESTS_TOPIC", requests)
+        .env("LEADSCORE__TRAINING__LIFECYCLE_TOPIC", lifecycle)
+        .env("LEADSCORE__TRAINING__GROUP_ID", group)
+        .env("LEADSCORE__TRAINING__TRANSACTIONAL_ID", group)
+        .env("LEADSCORE__TRAINING__PYTHON", python)
+        .env(
+            "LEADSCORE__TRAINING__DIR",
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../training"),
+        )
+        .env("LEADSCORE__TRAINING__DATA", csv)
+        .env("LEADSCORE__TRAINING__TRIALS", "2")
+        .env("LEADSCORE__TRAINING__EXTRA_ARGS", format!("[{args}]"))
+        .env(
+            "LEADSCORE__TRAINING__HTTP_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("LEADSCORE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_trains_registers_and_reports_each_request_once() {
+    let t = Topics::create().await;
+    let lifecycle_topic = format!("{}.lifecycle", t.group);
+    create_topic(&lifecycle_topic, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("leads.csv");
+    leadscore_e2e::write_leads_csv(&csv, 5, 4000);
+    let model = unique("it-trained");
+    let request = |reason: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
+        cmd.args([
+            "retrain", "request", "--force", "--reason", reason, "--model", &model,
+        ])
+        .env("LEADSCORE_LOG", "error");
+        for (k, v) in t.env() {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let group = format!("{}.worker", t.group);
+    // A margin of -1 lets any later version past the gate: the second becomes challenger.
+    let worker = start_worker(
+        &t.requests,
+        &lifecycle_topic,
+        &group,
+        &csv,
+        &["--min-rows", "500", "--gate-margin", "-1"],
+    );
+    request("first model");
+    request("second model");
+    let events = lifecycle(&lifecycle_topic, &model, 4).await;
+    stop(worker);
+    let stages: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        stages,
+        ["training", "promoted", "training", "registered"],
+        "{events:?}"
+    );
+    assert_eq!(events[1].1, "1");
+    assert_eq!(events[3].1, "2");
+    assert!(events[3].2.contains("validation AUC"), "{}", events[3].2);
+
+    // Restarted, the worker does not run committed requests again; a run that fails says why.
+    let worker = start_worker(
+        &t.requests,
+        &lifecycle_topic,
+        &group,
+        &csv,
+        &["--min-rows", "100000000"],
+    );
+    request("too little data");
+    let events = lifecycle(&lifecycle_topic, &model, 6).await;
+    stop(worker);
+    let stages: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(stages[4..], ["training", "failed"], "{events:?}");
+    assert!(events[5].2.contains("refusing to train"), "{}", events[5].2);
+    delete_topics(&[&lifecycle_topic]).await;
+    t.delete().await;
+}

@@ -1,0 +1,343 @@
+//! The training worker (`leadscore retrain worker`).
+//!
+//! Serves `leadscore.retrain.requests.v1` one request at a time: announces
+//! `training` on the lifecycle topic, runs the training job (the Python
+//! `leadscore_training.train`, as a subprocess here and as a Kubernetes Job
+//! from the Helm chart), and publishes its outcome (`registered` as
+//! challenger, `promoted` for a first model, `rejected` by the evaluation
+//! gate, or `failed`) in one Kafka transaction with the request's offset.
+//! A request whose outcome is committed is never run again; a crash during
+//! a run re-runs it (its `training` event repeats, with the same event id).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use apache_avro::types::Value;
+use leadscore_config::{KafkaConfig, TrainingConfig};
+use leadscore_lifecycle::events::{LifecycleEvent, Stage, training_outcome};
+use leadscore_registry::{Decoder, Encoder, Registry};
+use rdkafka::Message;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Error, Result, kerr};
+
+/// Counters of the worker.
+#[derive(Default)]
+pub struct WorkerMetrics {
+    /// Runs by outcome: registered, promoted, rejected, failed.
+    pub outcomes: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// A run is in progress.
+    pub busy: AtomicBool,
+    /// Seconds the last run took.
+    pub last_run_secs: AtomicU64,
+}
+
+impl WorkerMetrics {
+    /// Prometheus text.
+    pub fn render(&self) -> String {
+        let mut out = String::from(
+            "# HELP leadscore_training_runs_total Training runs by outcome.\n# TYPE leadscore_training_runs_total counter\n",
+        );
+        if let Ok(m) = self.outcomes.lock() {
+            for (k, v) in m.iter() {
+                out.push_str(&format!(
+                    "leadscore_training_runs_total{{outcome=\"{k}\"}} {v}\n"
+                ));
+            }
+        }
+        out.push_str(&format!(
+            "# HELP leadscore_training_busy A run is in progress.\n# TYPE leadscore_training_busy gauge\nleadscore_training_busy {}\n# HELP leadscore_training_last_run_seconds Duration of the last run.\n# TYPE leadscore_training_last_run_seconds gauge\nleadscore_training_last_run_seconds {}\n",
+            u8::from(self.busy.load(Ordering::Relaxed)),
+            self.last_run_secs.load(Ordering::Relaxed)
+        ));
+        out
+    }
+}
+
+/// A request as the worker reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// Idempotency key.
+    pub request_id: String,
+    /// Model to train.
+    pub model_name: String,
+    /// drift, schedule or manual.
+    pub trigger: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl Job {
+    /// Reads a `RetrainRequest` value.
+    pub fn from_value(value: &Value) -> Option<Self> {
+        let Value::Record(fields) = value else {
+            return None;
+        };
+        let s = |name: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| match v {
+                    Value::String(s) | Value::Enum(_, s) => Some(s.clone()),
+                    _ => None,
+                })
+        };
+        Some(Self {
+            request_id: s("request_id")?,
+            model_name: s("model_name")?,
+            trigger: s("trigger")?,
+            reason: s("reason")?,
+        })
+    }
+}
+
+/// The worker.
+pub struct Worker {
+    cfg: TrainingConfig,
+    data: String,
+    consumer: StreamConsumer,
+    producer: FutureProducer,
+    decoder: Decoder,
+    encoder: Encoder,
+    metrics: Arc<WorkerMetrics>,
+    timeout: Duration,
+}
+
+impl Worker {
+    /// Builds the clients; `default_data` is used when `training.data` is unset.
+    pub async fn start(
+        cfg: TrainingConfig,
+        kafka: &KafkaConfig,
+        registry: Registry,
+        default_data: String,
+        metrics: Arc<WorkerMetrics>,
+    ) -> Result<Self> {
+        let timeout = Duration::from_millis(kafka.request_timeout_ms.max(5_000));
+        let encoder = Encoder::for_subject(
+            &registry,
+            &leadscore_schemas::value_subject(&cfg.lifecycle_topic),
+            leadscore_schemas::find("ModelLifecycleEvent.avsc")
+                .map_err(leadscore_registry::Error::from)?
+                .text,
+        )
+        .await?;
+        let consumer: StreamConsumer = leadscore_kafka::client_config(kafka)
+            .set("group.id", &cfg.group_id)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            // A run holds its request for its whole duration.
+            .set(
+                "max.poll.interval.ms",
+                ((cfg.timeout_secs + 120) * 1000)
+                    .min(i32::MAX as u64)
+                    .to_string(),
+            )
+            .create()
+            .map_err(kerr("creating the consumer"))?;
+        consumer
+            .subscribe(&[&cfg.requests_topic])
+            .map_err(kerr("subscribing"))?;
+        let producer: FutureProducer = leadscore_kafka::client_config(kafka)
+            .set("transactional.id", &cfg.transactional_id)
+            .set("enable.idempotence", "true")
+            .create()
+            .map_err(kerr("creating the producer"))?;
+        let p2 = producer.clone();
+        tokio::task::spawn_blocking(move || p2.init_transactions(timeout))
+            .await
+            .map_err(|e| Error::Checkpoint(format!("init task: {e}")))?
+            .map_err(kerr("init transactions"))?;
+        Ok(Self {
+            data: cfg.data.clone().unwrap_or(default_data),
+            cfg,
+            consumer,
+            producer,
+            decoder: Decoder::new(registry),
+            encoder,
+            metrics,
+            timeout,
+        })
+    }
+
+    /// Serves requests until `shutdown` (a run in progress is killed and re-run after a restart).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        tracing::info!(topic = %self.cfg.requests_topic, "training worker waiting for requests");
+        loop {
+            let msg = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                m = self.consumer.recv() => m,
+            };
+            let msg = match msg {
+                Ok(m) => m.detach(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "consumer error (retried)");
+                    continue;
+                }
+            };
+            let mut offsets = TopicPartitionList::new();
+            offsets
+                .add_partition_offset(
+                    msg.topic(),
+                    msg.partition(),
+                    Offset::Offset(msg.offset() + 1),
+                )
+                .map_err(kerr("offsets"))?;
+            let job = match msg.payload() {
+                Some(p) => match self.decoder.decode(p).await {
+                    Ok(v) => Job::from_value(&v),
+                    Err(e) => {
+                        tracing::error!(offset = msg.offset(), error = %e, "unreadable request skipped");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let events = match job {
+                Some(job) => {
+                    tokio::select! {
+                        () = shutdown.cancelled() => {
+                            tracing::warn!(request = %job.request_id, "shutting down during a run; the request will be run again");
+                            return Ok(());
+                        }
+                        e = self.serve(&job) => vec![e?],
+                    }
+                }
+                None => Vec::new(),
+            };
+            self.publish(events, Some(&offsets)).await?;
+        }
+    }
+
+    async fn serve(&self, job: &Job) -> Result<LifecycleEvent> {
+        let now = || chrono::Utc::now().timestamp_millis();
+        tracing::info!(request = %job.request_id, model = %job.model_name, trigger = %job.trigger, "training started");
+        self.publish(
+            vec![LifecycleEvent {
+                event_id: format!("{}/training", job.request_id),
+                model_name: job.model_name.clone(),
+                version: String::new(),
+                stage: Stage::Training,
+                canary_percent: 0,
+                champion_version: None,
+                challenger_version: None,
+                reason: format!(
+                    "request {} ({}): {}",
+                    job.request_id, job.trigger, job.reason
+                ),
+                at_ms: now(),
+            }],
+            None,
+        )
+        .await?;
+        self.metrics.busy.store(true, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let out_dir = std::env::temp_dir().join(format!("leadscore-train-{}", job.request_id));
+        let mut cmd = tokio::process::Command::new(&self.cfg.python);
+        cmd.current_dir(&self.cfg.dir)
+            .args([
+                "-m",
+                "leadscore_training.train",
+                "--data",
+                &self.data,
+                "--out",
+            ])
+            .arg(&out_dir)
+            .args([
+                "--model-name",
+                &job.model_name,
+                "--mlflow",
+                &self.cfg.mlflow_url,
+            ])
+            .args(["--trials", &self.cfg.trials.to_string()])
+            .args(&self.cfg.extra_args)
+            .kill_on_drop(true);
+        let output =
+            tokio::time::timeout(Duration::from_secs(self.cfg.timeout_secs), cmd.output()).await;
+        self.metrics.busy.store(false, Ordering::Relaxed);
+        self.metrics
+            .last_run_secs
+            .store(started.elapsed().as_secs(), Ordering::Relaxed);
+        let _ = std::fs::remove_dir_all(&out_dir);
+        let event = match output {
+            Ok(Ok(o)) => training_outcome(
+                &job.request_id,
+                &job.model_name,
+                o.status.success(),
+                &String::from_utf8_lossy(&o.stdout),
+                &String::from_utf8_lossy(&o.stderr),
+                now(),
+            ),
+            Ok(Err(e)) => training_outcome(
+                &job.request_id,
+                &job.model_name,
+                false,
+                "",
+                &format!(
+                    "ERROR cannot start {} in {}: {e}",
+                    self.cfg.python, self.cfg.dir
+                ),
+                now(),
+            ),
+            Err(_) => training_outcome(
+                &job.request_id,
+                &job.model_name,
+                false,
+                "",
+                &format!(
+                    "ERROR killed after training.timeout_secs = {}",
+                    self.cfg.timeout_secs
+                ),
+                now(),
+            ),
+        };
+        if let Ok(mut m) = self.metrics.outcomes.lock() {
+            *m.entry(event.stage.as_str().to_string()).or_default() += 1;
+        }
+        tracing::info!(request = %job.request_id, model = %job.model_name, stage = event.stage.as_str(), version = %event.version, reason = %event.reason, secs = started.elapsed().as_secs(), "training finished");
+        Ok(event)
+    }
+
+    /// Publishes events, with the request's offsets when given, in one transaction.
+    async fn publish(
+        &self,
+        events: Vec<LifecycleEvent>,
+        offsets: Option<&TopicPartitionList>,
+    ) -> Result<()> {
+        let records: Vec<(String, Vec<u8>)> = events
+            .iter()
+            .map(|e| Ok((e.model_name.clone(), self.encoder.encode(e.to_value())?)))
+            .collect::<Result<_>>()?;
+        let producer = self.producer.clone();
+        let topic = self.cfg.lifecycle_topic.clone();
+        let offsets = offsets.cloned();
+        let group = self.consumer.group_metadata();
+        let timeout = self.timeout;
+        tokio::task::spawn_blocking(move || {
+            producer
+                .begin_transaction()
+                .map_err(kerr("begin transaction"))?;
+            for (key, bytes) in &records {
+                producer
+                    .send_result(
+                        FutureRecord::to(&topic)
+                            .key(key.as_str())
+                            .payload(bytes.as_slice()),
+                    )
+                    .map_err(|(e, _)| kerr("produce a lifecycle event")(e))?;
+            }
+            if let (Some(o), Some(g)) = (&offsets, &group) {
+                producer
+                    .send_offsets_to_transaction(o, g, timeout)
+                    .map_err(kerr("send offsets"))?;
+            }
+            producer.commit_transaction(timeout).map_err(kerr("commit"))
+        })
+        .await
+        .map_err(|e| Error::Checkpoint(format!("publish task: {e}")))?
+    }
+}
