@@ -10,6 +10,9 @@
 //! a value the service logs and counts.
 //!
 //! [`events`]: lifecycle events and what a training run's result means.
+//!
+//! [`rollout`]: shadow, canary steps, promotion and rollback of a challenger.
 
 pub mod events;
 pub mod retrain;
+pub mod rollout;
