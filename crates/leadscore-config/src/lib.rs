@@ -57,6 +57,75 @@ pub struct Config {
     pub retrain: RetrainConfig,
     /// The training worker.
     pub training: TrainingConfig,
+    /// The lifecycle controller.
+    pub lifecycle: LifecycleConfig,
+}
+
+/// The lifecycle controller: rollout rules, topics, MLflow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// Lifecycle events, read and written.
+    pub lifecycle_topic: String,
+    /// Window reports (shadow pairs, scores, latency, outcomes per version).
+    pub metrics_topic: String,
+    /// Operators' commands (promote, rollback), from `leadscore model`.
+    pub commands_topic: String,
+    /// Checkpoints (internal, compacted).
+    pub state_topic: String,
+    /// Consumer group and checkpoint key prefix.
+    pub group_id: String,
+    /// Transactional id: a second controller with the same id fences the first.
+    pub transactional_id: String,
+    /// Models under control.
+    pub models: Vec<String>,
+    /// MLflow tracking server (aliases champion, challenger, canary).
+    pub mlflow_url: String,
+    /// Least time in shadow, ms (default 24 h).
+    pub shadow_min_ms: i64,
+    /// Least shadow pairs before the first canary step.
+    pub shadow_min_pairs: u64,
+    /// Canary steps, percent.
+    pub steps: Vec<i32>,
+    /// Least time per canary step, ms (default 6 h).
+    pub step_min_ms: i64,
+    /// Least candidate scores per step.
+    pub step_min_scores: u64,
+    /// Automatic rollback above this error rate.
+    pub max_error_rate: f64,
+    /// Automatic rollback when p95 latency is more than this share above the champion's.
+    pub max_latency_regression: f64,
+    /// Automatic rollback when High-band conversion is more than this share below the champion's.
+    pub max_kpi_drop: f64,
+    /// How often steps are decided, ms.
+    pub tick_ms: u64,
+    /// Health and metrics endpoints.
+    pub http_listen: String,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            lifecycle_topic: "leadscore.model.lifecycle.v1".into(),
+            metrics_topic: "leadscore.metrics.v1".into(),
+            commands_topic: "leadscore.model.commands.v1".into(),
+            state_topic: "leadscore.lifecycle.state.v1".into(),
+            group_id: "leadscore-lifecycle".into(),
+            transactional_id: "leadscore-lifecycle".into(),
+            models: vec!["lead-scoring".into()],
+            mlflow_url: "http://127.0.0.1:5000".into(),
+            shadow_min_ms: 24 * 3_600_000,
+            shadow_min_pairs: 1_000,
+            steps: vec![10, 50, 100],
+            step_min_ms: 6 * 3_600_000,
+            step_min_scores: 500,
+            max_error_rate: 0.02,
+            max_latency_regression: 0.5,
+            max_kpi_drop: 0.1,
+            tick_ms: 5_000,
+            http_listen: "127.0.0.1:9468".into(),
+        }
+    }
 }
 
 /// The training worker: runs the training job for each retrain request.
@@ -822,6 +891,25 @@ impl Config {
             return invalid(
                 "retrain.http_listen",
                 format!("`{}` is not host:port", r.http_listen),
+            );
+        }
+        let l = &self.lifecycle;
+        if l.steps.is_empty()
+            || l.steps.iter().any(|s| !(1..=100).contains(s))
+            || l.steps.windows(2).any(|w| w[0] >= w[1])
+        {
+            return invalid(
+                "lifecycle.steps",
+                format!("{:?}: need increasing percentages in 1..=100", l.steps),
+            );
+        }
+        if l.tick_ms == 0 {
+            return invalid("lifecycle.tick_ms", "must be greater than zero".into());
+        }
+        if l.http_listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(
+                "lifecycle.http_listen",
+                format!("`{}` is not host:port", l.http_listen),
             );
         }
         if self.training.timeout_secs == 0 {

@@ -65,6 +65,72 @@ pub struct VersionWindow {
     pub shadow_pairs: BTreeMap<String, u64>,
 }
 
+impl VersionWindow {
+    /// Reads an hourly `WindowReport` (or outcome report): `(model, version, window start, figures)`.
+    pub fn from_report(value: &apache_avro::types::Value) -> Option<(String, String, i64, Self)> {
+        use apache_avro::types::Value;
+        fn field<'a>(fields: &'a [(String, Value)], name: &str) -> Option<&'a Value> {
+            fields
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| match v {
+                    Value::Union(_, inner) => inner.as_ref(),
+                    other => other,
+                })
+        }
+        let Value::Record(fields) = value else {
+            return None;
+        };
+        let string = |name: &str| match field(fields, name)? {
+            Value::String(s) | Value::Enum(_, s) => Some(s.clone()),
+            _ => None,
+        };
+        if string("window_kind")? != "hourly" {
+            return None;
+        }
+        let long = |v: Option<&Value>| match v? {
+            Value::Long(l) | Value::TimestampMillis(l) => Some(*l),
+            _ => None,
+        };
+        let double = |v: Option<&Value>| match v? {
+            Value::Double(d) => Some(*d),
+            _ => None,
+        };
+        let record = |name: &str| match field(fields, name) {
+            Some(Value::Record(r)) => Some(r.clone()),
+            _ => None,
+        };
+        let mut w = VersionWindow {
+            scored: long(field(fields, "scored")).unwrap_or(0).max(0) as u64,
+            errors: long(field(fields, "errors")).unwrap_or(0).max(0) as u64,
+            p95_ms: record("latency").and_then(|l| double(field(&l, "p95_ms"))),
+            high_conversion: None,
+            shadow_pairs: BTreeMap::new(),
+        };
+        if let Some(o) = record("outcomes") {
+            // An outcome report repeats the window: only the conversion counts.
+            w.scored = 0;
+            if let Some(Value::Map(m)) = field(&o, "conversion_rate_by_band") {
+                w.high_conversion = m.get("High").and_then(|v| double(Some(v)));
+            }
+        }
+        if let Some(sh) = record("shadow")
+            && let Some(Value::String(v)) = field(&sh, "challenger_version")
+        {
+            w.shadow_pairs.insert(
+                v.clone(),
+                long(field(&sh, "pairs")).unwrap_or(0).max(0) as u64,
+            );
+        }
+        Some((
+            string("model_name")?,
+            string("model_version")?,
+            long(field(fields, "window_start"))?,
+            w,
+        ))
+    }
+}
+
 /// Where a model's rollout stands.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub enum Phase {

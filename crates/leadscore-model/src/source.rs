@@ -223,6 +223,64 @@ impl Mlflow {
         Ok(body.to_vec())
     }
 
+    async fn send(&self, what: &str, req: reqwest::RequestBuilder) -> Result<()> {
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.err(format!("{what}: unreachable: {e}")))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let text = resp.text().await.unwrap_or_default();
+        Err(self.err(format!(
+            "{what}: HTTP {status}: {}",
+            text.chars().take(300).collect::<String>()
+        )))
+    }
+
+    /// Points `alias` of `name` at `version`.
+    pub async fn set_alias(&self, name: &str, alias: &str, version: &str) -> Result<()> {
+        let body = serde_json::json!({"name": name, "alias": alias, "version": version});
+        self.send(
+            &format!("set {name}@{alias} to v{version}"),
+            self.http
+                .post(format!(
+                    "{}/api/2.0/mlflow/registered-models/alias",
+                    self.base
+                ))
+                .json(&body),
+        )
+        .await
+    }
+
+    /// Removes `alias` of `name`; removing an alias that does not exist is not an error.
+    pub async fn delete_alias(&self, name: &str, alias: &str) -> Result<()> {
+        let what = format!("remove {name}@{alias}");
+        let result = self
+            .send(
+                &what,
+                self.http
+                    .delete(format!(
+                        "{}/api/2.0/mlflow/registered-models/alias",
+                        self.base
+                    ))
+                    .query(&[("name", name), ("alias", alias)])
+                    .json(&serde_json::json!({"name": name, "alias": alias})),
+            )
+            .await;
+        match result {
+            Err(Error::Registry { reason, .. })
+                if reason.contains("404")
+                    || reason.contains("RESOURCE_DOES_NOT_EXIST")
+                    || reason.contains("not found") =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
     /// The version an alias or number selects.
     pub async fn version(&self, name: &str, selector: &Selector) -> Result<ModelVersion> {
         let (what, body) = match selector {

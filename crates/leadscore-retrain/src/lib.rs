@@ -29,6 +29,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+pub mod controller;
 pub mod worker;
 
 /// Errors that stop the trigger (it restarts from its last checkpoint).

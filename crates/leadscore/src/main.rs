@@ -15,6 +15,7 @@ mod connectors;
 mod crm;
 mod demo;
 mod drift;
+mod model;
 mod retrain;
 mod schemas;
 mod scorer;
@@ -54,6 +55,9 @@ enum Command {
     Scorer,
     /// Run the drift aggregator (windowed drift reports and alerts from the scores).
     Drift,
+    /// Model lifecycle: run the controller, or promote, roll back and inspect rollouts.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
     /// Run the retrain trigger, or `retrain request` a new model version by hand.
     Retrain(retrain::RetrainArgs),
     /// Avro schemas in schemas/ and the schema registry.
@@ -68,6 +72,7 @@ impl Command {
             Command::Scorer => Some("leadscore-scorer"),
             Command::Drift => Some("leadscore-drift"),
             Command::Retrain(a) => a.service(),
+            Command::Model(m) => m.service(),
             _ => None,
         }
     }
@@ -134,6 +139,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Scorer => scorer::run(config).await,
         Command::Drift => drift::run(config).await,
         Command::Retrain(args) => retrain::run(args, config).await,
+        Command::Model(cmd) => model::run(cmd, config).await,
         Command::Bench(cmd) => bench::run(cmd, &config).await,
     }
 }

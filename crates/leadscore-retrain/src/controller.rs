@@ -1,0 +1,386 @@
+//! The lifecycle controller (`leadscore model controller`).
+//!
+//! Follows the lifecycle topic (a version registered as challenger starts a
+//! rollout), the window reports (per-version figures) and operators'
+//! commands, and drives each model's [`Rollout`]: shadow, canary steps,
+//! promotion, automatic rollback. Each step sets the MLflow aliases first
+//! (scorers follow them on the lifecycle event), then publishes its events
+//! in one Kafka transaction with the controller's checkpoint and offsets. A
+//! restarted controller resumes from the checkpoint at the same step; a
+//! second controller with the same transactional id fences the first.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use leadscore_config::{KafkaConfig, LifecycleConfig};
+use leadscore_lifecycle::events::LifecycleEvent;
+use leadscore_lifecycle::rollout::{Action, Rollout, RolloutPolicy, VersionWindow};
+use leadscore_model::source::Mlflow;
+use leadscore_registry::{Decoder, Encoder, Registry};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Error, Result, kerr};
+
+/// The policy of the config.
+pub fn policy(cfg: &LifecycleConfig) -> RolloutPolicy {
+    RolloutPolicy {
+        shadow_min_ms: cfg.shadow_min_ms,
+        shadow_min_pairs: cfg.shadow_min_pairs,
+        steps: cfg.steps.clone(),
+        step_min_ms: cfg.step_min_ms,
+        step_min_scores: cfg.step_min_scores,
+        max_error_rate: cfg.max_error_rate,
+        max_latency_regression: cfg.max_latency_regression,
+        max_kpi_drop: cfg.max_kpi_drop,
+    }
+}
+
+/// An operator's command on the commands topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// `promote` or `rollback`.
+    pub command: String,
+    /// Model.
+    pub model: String,
+    /// Operator id.
+    pub by: String,
+}
+
+/// The controller's checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ControllerState {
+    /// Format version.
+    pub format: u32,
+    /// Rollouts by model.
+    pub rollouts: BTreeMap<String, Rollout>,
+    /// Next offset per input partition (`topic/partition`).
+    pub positions: BTreeMap<String, i64>,
+}
+
+/// Checkpoint key of a controller group.
+pub fn state_key(group: &str) -> String {
+    format!("{group}/state")
+}
+
+/// The running controller.
+pub struct Controller {
+    cfg: LifecycleConfig,
+    policy: RolloutPolicy,
+    consumer: BaseConsumer,
+    producer: FutureProducer,
+    decoder: Decoder,
+    encoder: Encoder,
+    mlflow: Mlflow,
+    state: ControllerState,
+    dirty: bool,
+    ready: Arc<AtomicBool>,
+    rt: tokio::runtime::Handle,
+    timeout: Duration,
+}
+
+impl Controller {
+    /// Restores the checkpoint, assigns the inputs at its positions, readies the producer.
+    pub async fn start(
+        cfg: LifecycleConfig,
+        kafka: &KafkaConfig,
+        registry: Registry,
+        ready: Arc<AtomicBool>,
+    ) -> Result<Self> {
+        let timeout = Duration::from_millis(kafka.request_timeout_ms.max(5_000));
+        let encoder = Encoder::for_subject(
+            &registry,
+            &leadscore_schemas::value_subject(&cfg.lifecycle_topic),
+            leadscore_schemas::find("ModelLifecycleEvent.avsc")
+                .map_err(leadscore_registry::Error::from)?
+                .text,
+        )
+        .await?;
+        let mlflow = Mlflow::new(&cfg.mlflow_url).map_err(|e| Error::Checkpoint(e.to_string()))?;
+        let (kc, c2) = (kafka.clone(), cfg.clone());
+        let (consumer, producer, state) = tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = leadscore_kafka::client_config(&kc)
+                .set("group.id", &c2.group_id)
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .set("isolation.level", "read_committed")
+                .create()
+                .map_err(kerr("creating the consumer"))?;
+            let producer: FutureProducer = leadscore_kafka::client_config(&kc)
+                .set("transactional.id", &c2.transactional_id)
+                .set("enable.idempotence", "true")
+                .create()
+                .map_err(kerr("creating the producer"))?;
+            producer.init_transactions(timeout).map_err(kerr(format!(
+                "init transactions as {}",
+                c2.transactional_id
+            )))?;
+            let key = state_key(&c2.group_id);
+            let stored = leadscore_kafka::latest::read_latest(&kc, &c2.state_topic, &key, timeout)?;
+            let state: ControllerState = match stored.get(&key) {
+                Some(s) => serde_json::from_slice(&s.value).map_err(|e| {
+                    Error::Checkpoint(format!(
+                        "{}/{}@{} is unreadable: {e}",
+                        c2.state_topic, s.partition, s.offset
+                    ))
+                })?,
+                None => ControllerState::default(),
+            };
+            let mut tpl = TopicPartitionList::new();
+            for topic in [&c2.lifecycle_topic, &c2.metrics_topic, &c2.commands_topic] {
+                let md = consumer
+                    .fetch_metadata(Some(topic), timeout)
+                    .map_err(kerr(format!("metadata of {topic}")))?;
+                let ids: Vec<i32> = md
+                    .topics()
+                    .iter()
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect();
+                if ids.is_empty() {
+                    return Err(leadscore_kafka::Error::Missing(topic.clone()).into());
+                }
+                for p in ids {
+                    let offset = state
+                        .positions
+                        .get(&format!("{topic}/{p}"))
+                        .map_or(Offset::Beginning, |o| Offset::Offset(*o));
+                    tpl.add_partition_offset(topic, p, offset)
+                        .map_err(kerr("assignment"))?;
+                }
+            }
+            consumer.assign(&tpl).map_err(kerr("assigning inputs"))?;
+            Ok::<_, Error>((consumer, producer, state))
+        })
+        .await
+        .map_err(|e| Error::Checkpoint(format!("startup task: {e}")))??;
+        for (m, r) in &state.rollouts {
+            tracing::info!(model = %m, phase = ?r.phase, champion = ?r.champion, "rollout restored");
+        }
+        ready.store(true, Ordering::Relaxed);
+        Ok(Self {
+            policy: policy(&cfg),
+            cfg,
+            consumer,
+            producer,
+            decoder: Decoder::new(registry),
+            encoder,
+            mlflow,
+            state,
+            dirty: false,
+            ready,
+            rt: tokio::runtime::Handle::current(),
+            timeout,
+        })
+    }
+
+    fn rollout(&mut self, model: &str) -> Option<&mut Rollout> {
+        if !self.cfg.models.iter().any(|m| m == model) {
+            return None;
+        }
+        Some(
+            self.state
+                .rollouts
+                .entry(model.to_string())
+                .or_insert_with(|| Rollout::new(model)),
+        )
+    }
+
+    /// Runs until `shutdown`; blocking.
+    pub fn run(mut self, shutdown: &CancellationToken) -> Result<()> {
+        let tick = Duration::from_millis(self.cfg.tick_ms);
+        let mut last_tick = Instant::now();
+        let mut last_checkpoint = Instant::now();
+        while !shutdown.is_cancelled() {
+            if let Some(msg) = self.consumer.poll(Duration::from_millis(100)) {
+                match msg {
+                    Ok(m) => {
+                        let (topic, partition, offset) =
+                            (m.topic().to_string(), m.partition(), m.offset());
+                        let payload = m.payload().map(<[u8]>::to_vec);
+                        drop(m);
+                        self.state
+                            .positions
+                            .insert(format!("{topic}/{partition}"), offset + 1);
+                        self.dirty = true;
+                        if let Some(p) = payload {
+                            self.handle(&topic, &p)?;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "consumer error (retried by librdkafka)"),
+                }
+            }
+            if last_tick.elapsed() >= tick {
+                last_tick = Instant::now();
+                let now = chrono::Utc::now().timestamp_millis();
+                for model in self.cfg.models.clone() {
+                    let policy = self.policy.clone();
+                    self.step(&model, |r| Ok(r.on_tick(&policy, now)))?;
+                }
+            }
+            if self.dirty && last_checkpoint.elapsed() >= Duration::from_secs(5) {
+                self.commit(&[])?;
+                last_checkpoint = Instant::now();
+            }
+        }
+        if self.dirty {
+            self.commit(&[])?;
+        }
+        self.ready.store(false, Ordering::Relaxed);
+        tracing::info!("lifecycle controller stopped");
+        Ok(())
+    }
+
+    fn handle(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
+        let now = chrono::Utc::now().timestamp_millis();
+        if topic == self.cfg.commands_topic {
+            let cmd: Command = match serde_json::from_slice(payload) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable command skipped");
+                    return Ok(());
+                }
+            };
+            let policy = self.policy.clone();
+            let by = cmd.by.clone();
+            let outcome = match cmd.command.as_str() {
+                "promote" => self.step(&cmd.model, |r| {
+                    r.promote_now(&by, &policy, now).map_err(Some)
+                }),
+                "rollback" => self.step(&cmd.model, |r| {
+                    r.rollback_now(&by, &policy, now).map_err(Some)
+                }),
+                other => {
+                    tracing::warn!(command = other, "unknown command skipped");
+                    Ok(())
+                }
+            };
+            return outcome;
+        }
+        let value = match self.rt.block_on(self.decoder.decode(payload)) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(%topic, error = %e, "unreadable record skipped");
+                return Ok(());
+            }
+        };
+        if topic == self.cfg.lifecycle_topic {
+            if let Some(e) = LifecycleEvent::from_value(&value) {
+                let policy = self.policy.clone();
+                self.step(&e.model_name.clone(), |r| Ok(r.on_event(&e, &policy, now)))?;
+            }
+        } else if let Some((model, version, start, w)) = VersionWindow::from_report(&value)
+            && let Some(r) = self.rollout(&model)
+        {
+            r.on_window(&version, start, w);
+        }
+        Ok(())
+    }
+
+    /// Applies a decision: on success the aliases are set and the events published; on an MLflow
+    /// failure the rollout is left as it was and the step is retried at the next tick.
+    fn step(
+        &mut self,
+        model: &str,
+        decide: impl FnOnce(&mut Rollout) -> std::result::Result<Vec<Action>, Option<String>>,
+    ) -> Result<()> {
+        let Some(r) = self.rollout(model) else {
+            return Ok(());
+        };
+        let before = r.clone();
+        let actions = match decide(r) {
+            Ok(a) => a,
+            Err(why) => {
+                if let Some(why) = why {
+                    tracing::warn!(model, reason = %why, "command refused");
+                }
+                return Ok(());
+            }
+        };
+        if actions.is_empty() {
+            return Ok(());
+        }
+        let mut events = Vec::new();
+        for a in actions {
+            match a {
+                Action::Alias { alias, version } => {
+                    let done = match &version {
+                        Some(v) => self.rt.block_on(self.mlflow.set_alias(model, alias, v)),
+                        None => self.rt.block_on(self.mlflow.delete_alias(model, alias)),
+                    };
+                    if let Err(e) = done {
+                        tracing::error!(model, alias, ?version, error = %e, "MLflow alias not changed; the step is retried");
+                        self.state.rollouts.insert(model.to_string(), before);
+                        return Ok(());
+                    }
+                }
+                Action::Event(e) => events.push(e),
+            }
+        }
+        for e in &events {
+            tracing::warn!(model, version = %e.version, stage = e.stage.as_str(), canary_percent = e.canary_percent, reason = %e.reason, "lifecycle step");
+        }
+        self.commit(&events)
+    }
+
+    /// One transaction: events, checkpoint, offsets.
+    fn commit(&mut self, events: &[LifecycleEvent]) -> Result<()> {
+        let checkpoint = serde_json::to_vec(&ControllerState {
+            format: 1,
+            ..self.state.clone()
+        })
+        .map_err(|e| Error::Checkpoint(e.to_string()))?;
+        let encoded: Vec<(String, Vec<u8>)> = events
+            .iter()
+            .map(|e| Ok((e.model_name.clone(), self.encoder.encode(e.to_value())?)))
+            .collect::<Result<_>>()?;
+        let mut offsets = TopicPartitionList::new();
+        for (tp, o) in &self.state.positions {
+            if let Some((topic, p)) = tp.rsplit_once('/')
+                && let Ok(p) = p.parse::<i32>()
+            {
+                offsets
+                    .add_partition_offset(topic, p, Offset::Offset(*o))
+                    .map_err(kerr("offsets"))?;
+            }
+        }
+        let key = state_key(&self.cfg.group_id);
+        self.producer
+            .begin_transaction()
+            .map_err(kerr("begin transaction"))?;
+        for (model, bytes) in &encoded {
+            self.producer
+                .send_result(
+                    FutureRecord::to(&self.cfg.lifecycle_topic)
+                        .key(model.as_str())
+                        .payload(bytes.as_slice()),
+                )
+                .map_err(|(e, _)| kerr("produce a lifecycle event")(e))?;
+        }
+        self.producer
+            .send_result(
+                FutureRecord::to(&self.cfg.state_topic)
+                    .key(key.as_str())
+                    .payload(checkpoint.as_slice()),
+            )
+            .map_err(|(e, _)| kerr("produce the checkpoint")(e))?;
+        if offsets.count() > 0 {
+            let group = self
+                .consumer
+                .group_metadata()
+                .ok_or_else(|| Error::Checkpoint("the consumer has no group metadata".into()))?;
+            self.producer
+                .send_offsets_to_transaction(&offsets, &group, self.timeout)
+                .map_err(kerr("send offsets"))?;
+        }
+        self.producer
+            .commit_transaction(self.timeout)
+            .map_err(kerr(format!("commit ({})", self.cfg.transactional_id)))?;
+        self.dirty = false;
+        Ok(())
+    }
+}

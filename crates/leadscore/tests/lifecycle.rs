@@ -1,0 +1,327 @@
+//! The lifecycle controller against the real broker, registry and MLflow:
+//! a registered challenger goes shadow -> canary 10/50/100 -> champion
+//! (resuming at the right step after a SIGKILL), one command rolls the
+//! promotion back, and a slower canary is rolled back automatically.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use leadscore_drift::report::{LatencySummary, ShadowAgreement, WindowKind, WindowReport};
+use leadscore_e2e::{client, consumer, create_topic, delete_topics, receive, unique};
+use leadscore_lifecycle::events::{LifecycleEvent, Stage};
+use leadscore_model::source::{Mlflow, Selector};
+use leadscore_registry::{Decoder, Encoder, Registry};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const H: i64 = 3_600_000;
+
+struct Topics {
+    lifecycle: String,
+    metrics: String,
+    commands: String,
+    state: String,
+    group: String,
+}
+
+impl Topics {
+    async fn create() -> Self {
+        let base = unique("it.lifecycle");
+        let t = Topics {
+            lifecycle: format!("{base}.lifecycle"),
+            metrics: format!("{base}.metrics"),
+            commands: format!("{base}.commands"),
+            state: format!("{base}.state"),
+            group: base,
+        };
+        for name in [&t.lifecycle, &t.metrics, &t.commands, &t.state] {
+            create_topic(name, 1).await;
+        }
+        t
+    }
+
+    fn env(&self, model: &str) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "LEADSCORE__LIFECYCLE__LIFECYCLE_TOPIC",
+                self.lifecycle.clone(),
+            ),
+            ("LEADSCORE__LIFECYCLE__METRICS_TOPIC", self.metrics.clone()),
+            (
+                "LEADSCORE__LIFECYCLE__COMMANDS_TOPIC",
+                self.commands.clone(),
+            ),
+            ("LEADSCORE__LIFECYCLE__STATE_TOPIC", self.state.clone()),
+            ("LEADSCORE__LIFECYCLE__GROUP_ID", self.group.clone()),
+            ("LEADSCORE__LIFECYCLE__TRANSACTIONAL_ID", self.group.clone()),
+            ("LEADSCORE__LIFECYCLE__MODELS", format!("[\"{model}\"]")),
+            ("LEADSCORE__LIFECYCLE__MLFLOW_URL", mlflow_url()),
+            ("LEADSCORE__LIFECYCLE__SHADOW_MIN_MS", "0".into()),
+            ("LEADSCORE__LIFECYCLE__SHADOW_MIN_PAIRS", "100".into()),
+            ("LEADSCORE__LIFECYCLE__STEP_MIN_MS", "0".into()),
+            ("LEADSCORE__LIFECYCLE__STEP_MIN_SCORES", "50".into()),
+            ("LEADSCORE__LIFECYCLE__TICK_MS", "200".into()),
+            ("LEADSCORE_LOG", "warn".into()),
+        ]
+    }
+}
+
+fn mlflow_url() -> String {
+    std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn leadscore(args: &[&str], env: &[(&'static str, String)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn start(t: &Topics, model: &str) -> Child {
+    leadscore(&["model", "controller"], &t.env(model))
+        .env(
+            "LEADSCORE__LIFECYCLE__HTTP_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+async fn encoder(topic: &str, file: &str) -> Encoder {
+    let registry = Registry::new(&leadscore_e2e::config().registry).unwrap();
+    Encoder::for_subject(
+        &registry,
+        &leadscore_schemas::value_subject(topic),
+        leadscore_schemas::find(file).unwrap().text,
+    )
+    .await
+    .unwrap()
+}
+
+async fn send(topic: &str, key: &str, bytes: Vec<u8>) {
+    let producer: FutureProducer = client(&[]).create().unwrap();
+    producer
+        .send(
+            FutureRecord::to(topic).key(key).payload(&bytes),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
+/// What the training worker would publish.
+async fn worker_event(t: &Topics, model: &str, id: &str, version: &str, stage: Stage) {
+    let e = LifecycleEvent {
+        event_id: format!("{id}/{}", stage.as_str()),
+        model_name: model.into(),
+        version: version.into(),
+        stage,
+        canary_percent: 0,
+        champion_version: None,
+        challenger_version: None,
+        reason: "trained".into(),
+        at_ms: chrono::Utc::now().timestamp_millis(),
+    };
+    let enc = encoder(&t.lifecycle, "ModelLifecycleEvent.avsc").await;
+    send(&t.lifecycle, model, enc.encode(e.to_value()).unwrap()).await;
+}
+
+/// An hourly report of `version` for the current hour.
+async fn report(
+    t: &Topics,
+    model: &str,
+    version: &str,
+    scored: u64,
+    p95: f64,
+    shadow: Option<(&str, u64)>,
+) {
+    let start = chrono::Utc::now().timestamp_millis() / H * H;
+    let r = WindowReport {
+        model_name: model.into(),
+        model_version: version.into(),
+        kind: WindowKind::Hourly,
+        start_ms: start,
+        end_ms: start + H,
+        scored,
+        late_events: 0,
+        errors: 0,
+        features: Vec::new(),
+        score_psi: None,
+        shadow: shadow.map(|(v, n)| ShadowAgreement {
+            challenger_version: v.into(),
+            pairs: n,
+            mean_abs_diff: 0.01,
+            band_agreement: 0.95,
+        }),
+        latency: Some(LatencySummary {
+            p50_ms: p95 / 2.0,
+            p95_ms: p95,
+            p99_ms: p95,
+            max_ms: p95,
+        }),
+        outcomes: None,
+        emitted_at_ms: start,
+    };
+    let enc = encoder(&t.metrics, "WindowReport.avsc").await;
+    send(&t.metrics, model, enc.encode(r.to_value()).unwrap()).await;
+}
+
+/// (stage, version, canary percent, reason) of the controller's events, waiting for `want`.
+async fn steps(t: &Topics, want: usize) -> Vec<(String, String, i32, String)> {
+    let decoder = Decoder::new(Registry::new(&leadscore_e2e::config().registry).unwrap());
+    let c = consumer(&t.lifecycle, "read_committed");
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while out.len() < want && tokio::time::Instant::now() < deadline {
+        out.clear();
+        let c = consumer(&t.lifecycle, "read_committed");
+        for m in receive(&c, usize::MAX, Duration::from_secs(2)).await {
+            let v = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap();
+            let e = LifecycleEvent::from_value(&v).unwrap();
+            if e.event_id.starts_with("rollout/") {
+                out.push((
+                    e.stage.as_str().to_string(),
+                    e.version,
+                    e.canary_percent,
+                    e.reason,
+                ));
+            }
+        }
+    }
+    drop(c);
+    out
+}
+
+async fn alias(model: &str, alias: &str) -> Option<String> {
+    let m = Mlflow::new(&mlflow_url()).unwrap();
+    m.version(model, &Selector::Alias(alias.into()))
+        .await
+        .ok()
+        .map(|v| v.version)
+}
+
+fn kill(mut child: Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn term(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    for _ in 0..100 {
+        if child.try_wait().unwrap().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenger_is_rolled_out_to_champion_and_a_slower_one_is_rolled_back() {
+    let t = Topics::create().await;
+    let model = unique("it-rollout");
+    // Two real versions in MLflow: v1 champion, v2 a better-or-equal challenger.
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("leads.csv");
+    leadscore_e2e::write_leads_csv(&csv, 9, 3000);
+    leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &model, &mlflow_url(), "0.02");
+    leadscore_e2e::train_and_register(&csv, &dir.path().join("v2"), &model, &mlflow_url(), "-1");
+    assert_eq!(alias(&model, "champion").await.as_deref(), Some("1"));
+
+    let controller = start(&t, &model);
+    worker_event(&t, &model, "req-1", "1", Stage::Promoted).await;
+    worker_event(&t, &model, "req-2", "2", Stage::Registered).await;
+    // Shadow pairs on the champion's report start the canary.
+    report(&t, &model, "1", 1000, 100.0, Some(("2", 150))).await;
+    let got = steps(&t, 2).await;
+    assert_eq!(
+        got.iter().map(|s| (s.0.as_str(), s.2)).collect::<Vec<_>>(),
+        [("shadow", 0), ("canary", 10)],
+        "{got:?}"
+    );
+    assert_eq!(alias(&model, "canary").await.as_deref(), Some("2"));
+
+    // SIGKILL mid-rollout: the restarted controller resumes at canary 10.
+    kill(controller);
+    let controller = start(&t, &model);
+    let status = leadscore(&["model", "status"], &t.env(&model))
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(
+        status.contains("canary") && status.contains(" 10"),
+        "{status}"
+    );
+    // The canary scores as fast as the champion: 50%, 100%, champion.
+    report(&t, &model, "2", 60, 105.0, None).await;
+    report(&t, &model, "1", 900, 100.0, Some(("2", 150))).await;
+    let got = steps(&t, 6).await;
+    let seen: Vec<(&str, i32)> = got.iter().map(|s| (s.0.as_str(), s.2)).collect();
+    assert_eq!(
+        seen,
+        [
+            ("shadow", 0),
+            ("canary", 10),
+            ("canary", 50),
+            ("canary", 100),
+            ("promoted", 0),
+            ("archived", 0)
+        ],
+        "{got:?}"
+    );
+    assert_eq!(alias(&model, "champion").await.as_deref(), Some("2"));
+    assert_eq!(alias(&model, "canary").await, None);
+    assert_eq!(alias(&model, "challenger").await, None);
+
+    // One command: v1 is champion again.
+    let out = leadscore(
+        &["model", "rollback", "--model", &model, "--by", "ops-1"],
+        &t.env(&model),
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rolled_back"));
+    assert_eq!(alias(&model, "champion").await.as_deref(), Some("1"));
+
+    // v2 comes back as challenger, but its canary is four times slower: rolled back automatically.
+    report(&t, &model, "2", 60, 400.0, None).await;
+    worker_event(&t, &model, "req-3", "2", Stage::Registered).await;
+    let got = steps(&t, 10).await;
+    let last = got.last().unwrap();
+    assert_eq!(
+        (last.0.as_str(), last.1.as_str()),
+        ("rolled_back", "2"),
+        "{got:?}"
+    );
+    assert!(
+        last.3.contains("automatic rollback") && last.3.contains("p95 latency"),
+        "{}",
+        last.3
+    );
+    assert_eq!(alias(&model, "champion").await.as_deref(), Some("1"));
+    assert_eq!(alias(&model, "canary").await, None);
+    term(controller);
+    delete_topics(&[&t.lifecycle, &t.metrics, &t.commands, &t.state]).await;
+}
