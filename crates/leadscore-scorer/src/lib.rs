@@ -82,6 +82,32 @@ pub struct Models {
     pub challenger: Option<Arc<ModelHandle>>,
     /// Canary candidate.
     pub canary: Option<Arc<ModelHandle>>,
+    /// Share of leads the canary serves, percent; changed by lifecycle events while running.
+    pub canary_percent: Arc<CanaryPercent>,
+}
+
+/// The canary share, readable by every batch and set by lifecycle events.
+#[derive(Debug, Default)]
+pub struct CanaryPercent(std::sync::atomic::AtomicU64);
+
+impl CanaryPercent {
+    /// A share of `percent`.
+    pub fn new(percent: f64) -> Self {
+        Self(std::sync::atomic::AtomicU64::new(percent.to_bits()))
+    }
+
+    /// The share now, percent.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Sets the share (clamped to 0..=100); the next batch uses it.
+    pub fn set(&self, percent: f64) {
+        self.0.store(
+            percent.clamp(0.0, 100.0).to_bits(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
 }
 
 /// Client context of the scorer's consumer: turns librdkafka statistics into the consumer-lag gauge.
@@ -153,7 +179,10 @@ pub fn consumer_config(
     c
 }
 
-/// Settings of the lifecycle-topic consumer: its own group per replica, new events only.
+/// Settings of the lifecycle-topic consumer: a group of its own per process
+/// that commits nothing and starts at the beginning, so every start replays
+/// the compacted topic (the latest event per model) and comes up with the
+/// current canary share before following new events.
 pub fn lifecycle_consumer_config(
     kafka: &leadscore_config::KafkaConfig,
     cfg: &ScorerConfig,
@@ -161,10 +190,15 @@ pub fn lifecycle_consumer_config(
     let mut c = leadscore_kafka::client_config(kafka);
     c.set(
         "group.id",
-        format!("{}-lifecycle-{}", cfg.group_id, cfg.instance_id),
+        format!(
+            "{}-lifecycle-{}-{}",
+            cfg.group_id,
+            cfg.instance_id,
+            std::process::id()
+        ),
     )
-    .set("enable.auto.commit", "true")
-    .set("auto.offset.reset", "latest")
+    .set("enable.auto.commit", "false")
+    .set("auto.offset.reset", "earliest")
     .set("isolation.level", "read_committed");
     c
 }
@@ -415,7 +449,7 @@ pub async fn run(
             partitions = ranges.len(),
             outcome = tracing::field::Empty,
         );
-        let prepared = prepare(&cfg, &codecs, &models, &bands, &batch, &metrics)
+        let prepared = prepare(&codecs, &models, &bands, &batch, &metrics)
             .instrument(span.clone())
             .await;
         drop(batch);
@@ -668,7 +702,6 @@ fn classify(context: &'static str, e: KafkaError, transactional_id: &str) -> TxE
 
 /// Decodes and scores a batch: no side effects, so a failed transaction can simply re-read it.
 async fn prepare(
-    cfg: &ScorerConfig,
     codecs: &Codecs,
     models: &Models,
     bands: &BandThresholds,
@@ -690,7 +723,7 @@ async fn prepare(
     let batch_models = BatchModels {
         champion: &champion,
         challenger: challenger.as_deref(),
-        canary: canary.as_deref().map(|m| (m, cfg.canary_percent)),
+        canary: canary.as_deref().map(|m| (m, models.canary_percent.get())),
     };
     metrics.stage(Stage::Decode, started.elapsed());
     let started = std::time::Instant::now();

@@ -101,11 +101,24 @@ async fn refresh(slot: &Followed, metrics: &Metrics) -> Result<(), leadscore_mod
     Ok(())
 }
 
-/// Wakes `wake` for every record on the lifecycle topic (its content is re-read from the registry of record).
+/// What the scorer follows on the lifecycle topic.
+pub struct LifecycleFollow {
+    /// Registered model name whose events count.
+    pub model_name: String,
+    /// The canary share to keep in step with the events.
+    pub canary_percent: Arc<crate::CanaryPercent>,
+    /// Decodes the events.
+    pub decoder: leadscore_registry::Decoder,
+}
+
+/// Wakes `wake` for every record on the lifecycle topic (the models are
+/// re-read from the registry of record) and applies the canary share an
+/// event of our model carries: the share of a `canary` step, 0 otherwise.
 pub async fn lifecycle(
     consumer: StreamConsumer,
     topic: String,
     wake: Arc<Notify>,
+    follow: Option<LifecycleFollow>,
     shutdown: CancellationToken,
 ) {
     if let Err(e) = consumer.subscribe(&[&topic]) {
@@ -118,6 +131,9 @@ pub async fn lifecycle(
             m = consumer.recv() => match m {
                 Ok(m) => {
                     tracing::info!(partition = m.partition(), offset = m.offset(), "lifecycle event: re-resolving models");
+                    if let (Some(f), Some(payload)) = (&follow, m.payload()) {
+                        apply(f, payload).await;
+                    }
                     wake.notify_one();
                 }
                 Err(e) => {
@@ -126,5 +142,34 @@ pub async fn lifecycle(
                 }
             }
         }
+    }
+}
+
+async fn apply(f: &LifecycleFollow, payload: &[u8]) {
+    use apache_avro::types::Value;
+    let Ok(Value::Record(fields)) = f.decoder.decode(payload).await else {
+        return;
+    };
+    let get = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+    let Some(Value::String(model)) = get("model_name") else {
+        return;
+    };
+    if *model != f.model_name {
+        return;
+    }
+    let stage = match get("stage") {
+        Some(Value::Enum(_, s)) => s.as_str(),
+        _ => return,
+    };
+    // Steps that say nothing about serving (training, registered, ...) leave the share alone.
+    let percent = match (stage, get("canary_percent")) {
+        ("canary", Some(Value::Int(p))) => f64::from(*p),
+        ("promoted" | "rolled_back" | "shadow", _) => 0.0,
+        _ => return,
+    };
+    let before = f.canary_percent.get();
+    if before != percent {
+        f.canary_percent.set(percent);
+        tracing::warn!(model = %model, stage, from = before, to = percent, "canary share changed");
     }
 }

@@ -21,6 +21,23 @@ async fn load(url: &str, role: &str) -> anyhow::Result<Arc<ModelHandle>> {
     Ok(Arc::new(ModelHandle::new(model)))
 }
 
+/// The canary model. An MLflow alias that does not exist yet (no rollout
+/// under way) is not an error: the champion stands in at the configured share
+/// until the lifecycle controller sets the alias and a `canary` step.
+async fn canary(url: &str, champion: &str) -> anyhow::Result<Arc<ModelHandle>> {
+    match load(url, "canary").await {
+        Ok(h) => Ok(h),
+        Err(e) if url.starts_with("mlflow+") && url.contains('@') => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "no canary version yet; the champion stands in until a rollout sets one"
+            );
+            load(champion, "canary (champion standing in)").await
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Cancels `token` on SIGTERM or Ctrl-C.
 pub(crate) fn on_signal(token: CancellationToken) {
     tokio::spawn(async move {
@@ -57,9 +74,10 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
             None => None,
         },
         canary: match &cfg.canary_model {
-            Some(u) => Some(load(u, "canary").await?),
+            Some(u) => Some(canary(u, &cfg.champion_model).await?),
             None => None,
         },
+        canary_percent: Arc::new(leadscore_scorer::CanaryPercent::new(cfg.canary_percent)),
     };
     let registry = leadscore_registry::Registry::new(&config.registry)?;
     let metrics = Metrics::new();
@@ -114,10 +132,20 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
             leadscore_scorer::lifecycle_consumer_config(&config.kafka, &cfg)
                 .create()
                 .context("creating the lifecycle consumer")?;
+        // The canary share follows the controller's steps for the champion's registered model.
+        let follow = models
+            .canary
+            .as_ref()
+            .map(|_| leadscore_scorer::watch::LifecycleFollow {
+                model_name: models.champion.get().metadata().model_name.clone(),
+                canary_percent: models.canary_percent.clone(),
+                decoder: leadscore_registry::Decoder::new(registry.clone()),
+            });
         tokio::spawn(leadscore_scorer::watch::lifecycle(
             lc,
             cfg.lifecycle_topic.clone(),
             wake,
+            follow,
             shutdown.clone(),
         ));
     }

@@ -967,3 +967,103 @@ async fn canary_serves_its_share_by_stable_hash_and_the_champion_goes_to_shadow(
     }
     t.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canary_share_follows_the_lifecycle_controllers_steps_while_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
+    std::fs::copy(bundled.join("model.onnx"), dir.path().join("model.onnx")).unwrap();
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bundled.join("metadata.json")).unwrap())
+            .unwrap();
+    let model_name = meta["model_name"].as_str().unwrap().to_string();
+    meta["version"] = json!("canary-2");
+    std::fs::write(dir.path().join("metadata.json"), meta.to_string()).unwrap();
+
+    let t = Topics::create(1).await;
+    let lifecycle = format!("{}.lifecycle", t.input);
+    create_topic(&lifecycle, 1).await;
+    let canary_dir = dir.path().to_str().unwrap().to_string();
+    let (mut scorer, _) = start_scorer_with(
+        &t,
+        &unique("it-canary-steps"),
+        "k",
+        false,
+        &[
+            ("LEADSCORE__SCORER__CANARY_MODEL", canary_dir.as_str()),
+            ("LEADSCORE__SCORER__CANARY_PERCENT", "0"),
+            ("LEADSCORE__SCORER__LIFECYCLE_TOPIC", lifecycle.as_str()),
+        ],
+    );
+    let config = leadscore_config::Config::load(None).unwrap();
+    let registry = Registry::new(&config.registry).unwrap();
+    let decoder = Decoder::new(registry.clone());
+    let step = |percent: i32, stage: &str| {
+        let stage = match stage {
+            "canary" => leadscore_lifecycle::events::Stage::Canary,
+            _ => leadscore_lifecycle::events::Stage::Promoted,
+        };
+        leadscore_lifecycle::events::LifecycleEvent {
+            event_id: unique("rollout/test"),
+            model_name: model_name.clone(),
+            version: "canary-2".into(),
+            stage,
+            canary_percent: percent,
+            champion_version: None,
+            challenger_version: None,
+            reason: "test step".into(),
+            at_ms: 0,
+        }
+    };
+    let encoder = leadscore_registry::Encoder::for_subject(
+        &registry,
+        &leadscore_schemas::value_subject(&lifecycle),
+        leadscore_schemas::find("ModelLifecycleEvent.avsc")
+            .unwrap()
+            .text,
+    )
+    .await
+    .unwrap();
+    let scores = consumer(&t.scores, "read_committed");
+    // Each phase: a step on the lifecycle topic, then fresh leads; the share of canary scores follows.
+    for (phase, (percent, stage)) in [(0, "promoted"), (50, "canary"), (0, "promoted")]
+        .into_iter()
+        .enumerate()
+    {
+        produce(
+            &lifecycle,
+            vec![(
+                Some(model_name.clone()),
+                encoder.encode(step(percent, stage).to_value()).unwrap(),
+            )],
+        )
+        .await;
+        // The scorer applies the step on receipt; give it a moment before the leads.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let ls = leads(&format!("steps{phase}"), 200, 20 + phase as u64);
+        produce(
+            &t.input,
+            ls.iter()
+                .map(|l| (Some(l.lead_id.clone()), create_event(l)))
+                .collect(),
+        )
+        .await;
+        let versions = scored_versions(&scores, &decoder, ls.len()).await;
+        let canary = ls
+            .iter()
+            .filter(|l| versions.get(&l.lead_id) == Some(&vec!["canary-2".to_string()]))
+            .count();
+        let expected = ls
+            .iter()
+            .filter(|l| leadscore_scorer::process::canary_bucket(&l.lead_id) < f64::from(percent))
+            .count();
+        assert_eq!(canary, expected, "phase {phase} at {percent}%");
+        if percent == 50 {
+            assert!(canary > 50, "about half of 200: {canary}");
+        }
+    }
+    scorer.kill().unwrap();
+    scorer.wait().unwrap();
+    delete_topics(&[&lifecycle]).await;
+    t.delete().await;
+}
