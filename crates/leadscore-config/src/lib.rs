@@ -99,6 +99,10 @@ pub struct LifecycleConfig {
     pub max_kpi_drop: f64,
     /// How often steps are decided, ms.
     pub tick_ms: u64,
+    /// After a promotion, open leads are re-scored through this input topic (the scorer's).
+    pub rescore_topic: String,
+    /// Re-scoring rate, leads per second; 0 disables re-scoring after promotion.
+    pub rescore_rate: u32,
     /// Health and metrics endpoints.
     pub http_listen: String,
 }
@@ -123,6 +127,8 @@ impl Default for LifecycleConfig {
             max_latency_regression: 0.5,
             max_kpi_drop: 0.1,
             tick_ms: 5_000,
+            rescore_topic: "crm.public.leads".into(),
+            rescore_rate: 200,
             http_listen: "127.0.0.1:9468".into(),
         }
     }

@@ -82,6 +82,18 @@ pub struct Controller {
     ready: Arc<AtomicBool>,
     rt: tokio::runtime::Handle,
     timeout: Duration,
+    rescore: Option<RescoreWith>,
+}
+
+/// What re-scoring after a promotion needs.
+#[derive(Clone)]
+pub struct RescoreWith {
+    /// Kafka.
+    pub kafka: KafkaConfig,
+    /// The schema registry.
+    pub registry: Registry,
+    /// The CRM database URL.
+    pub crm_url: String,
 }
 
 impl Controller {
@@ -91,6 +103,7 @@ impl Controller {
         kafka: &KafkaConfig,
         registry: Registry,
         ready: Arc<AtomicBool>,
+        rescore: Option<RescoreWith>,
     ) -> Result<Self> {
         let timeout = Duration::from_millis(kafka.request_timeout_ms.max(5_000));
         let encoder = Encoder::for_subject(
@@ -162,6 +175,7 @@ impl Controller {
             tracing::info!(model = %m, phase = ?r.phase, champion = ?r.champion, "rollout restored");
         }
         ready.store(true, Ordering::Relaxed);
+        let cfg_rate_positive = cfg.rescore_rate > 0;
         Ok(Self {
             policy: policy(&cfg),
             cfg,
@@ -175,6 +189,7 @@ impl Controller {
             ready,
             rt: tokio::runtime::Handle::current(),
             timeout,
+            rescore: rescore.filter(|_| cfg_rate_positive),
         })
     }
 
@@ -324,7 +339,20 @@ impl Controller {
         for e in &events {
             tracing::warn!(model, version = %e.version, stage = e.stage.as_str(), canary_percent = e.canary_percent, reason = %e.reason, "lifecycle step");
         }
-        self.commit(&events)
+        self.commit(&events)?;
+        let promoted = events
+            .iter()
+            .any(|e| e.stage == leadscore_lifecycle::events::Stage::Promoted);
+        if promoted && let Some(with) = self.rescore.clone() {
+            let (topic, rate, model) = (
+                self.cfg.rescore_topic.clone(),
+                self.cfg.rescore_rate,
+                model.to_string(),
+            );
+            self.rt
+                .spawn(async move { rescore_after_promotion(with, topic, rate, model).await });
+        }
+        Ok(())
     }
 
     /// One transaction: events, checkpoint, offsets.
@@ -382,5 +410,28 @@ impl Controller {
             .map_err(kerr(format!("commit ({})", self.cfg.transactional_id)))?;
         self.dirty = false;
         Ok(())
+    }
+}
+
+/// Re-scores open leads with the new champion; progress and outcome go to the log.
+async fn rescore_after_promotion(with: RescoreWith, topic: String, rate: u32, model: String) {
+    let crm = match leadscore_postgres::connect(&with.crm_url).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(%model, error = %e, "re-scoring after promotion skipped: the CRM database is unreachable; run `leadscore model rescore`");
+            return;
+        }
+    };
+    tracing::info!(%model, %topic, rate, "re-scoring open leads with the new champion");
+    let done =
+        crate::rescore::rescore_open_leads(&with.kafka, &with.registry, &crm, &topic, rate, |p| {
+            tracing::info!(%model, sent = p.sent, total = p.total, "re-scoring open leads");
+        })
+        .await;
+    match done {
+        Ok(p) => tracing::info!(%model, sent = p.sent, "re-scoring open leads done"),
+        Err(e) => {
+            tracing::error!(%model, error = %e, "re-scoring open leads failed; run `leadscore model rescore`")
+        }
     }
 }

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 pub mod controller;
+pub mod rescore;
 pub mod worker;
 
 /// Errors that stop the trigger (it restarts from its last checkpoint).

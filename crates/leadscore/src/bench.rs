@@ -52,72 +52,7 @@ pub(crate) struct BenchArgs {
 }
 
 fn envelope(lead: &Lead, ts_ms: i64) -> Value {
-    let opt_s = |v: &Option<String>| match v {
-        Some(s) => Value::Union(1, Box::new(Value::String(s.clone()))),
-        None => Value::Union(0, Box::new(Value::Null)),
-    };
-    let null = || Value::Union(0, Box::new(Value::Null));
-    let row = Value::Record(vec![
-        ("lead_id".into(), Value::String(lead.lead_id.clone())),
-        ("company_size".into(), opt_s(&lead.company_size)),
-        ("industry".into(), opt_s(&lead.industry)),
-        (
-            "page_views".into(),
-            lead.page_views
-                .map_or_else(null, |v| Value::Union(1, Box::new(Value::Int(v)))),
-        ),
-        (
-            "time_on_site".into(),
-            lead.time_on_site
-                .map_or_else(null, |v| Value::Union(1, Box::new(Value::Double(v)))),
-        ),
-        (
-            "form_completion_time".into(),
-            lead.form_completion_time
-                .map_or_else(null, |v| Value::Union(1, Box::new(Value::Double(v)))),
-        ),
-        ("referral_source".into(), opt_s(&lead.referral_source)),
-        ("country".into(), opt_s(&lead.country)),
-        (
-            "created_at".into(),
-            Value::String(lead.created_at.to_rfc3339()),
-        ),
-        (
-            "updated_at".into(),
-            Value::String(lead.updated_at.to_rfc3339()),
-        ),
-        ("status".into(), Value::String("new".into())),
-        ("converted_at".into(), null()),
-    ]);
-    let source = Value::Record(vec![
-        ("version".into(), Value::String("3.6.1.Final".into())),
-        ("connector".into(), Value::String("postgresql".into())),
-        ("name".into(), Value::String("crm".into())),
-        ("ts_ms".into(), Value::Long(ts_ms)),
-        (
-            "snapshot".into(),
-            Value::Union(0, Box::new(Value::String("false".into()))),
-        ),
-        ("db".into(), Value::String("crm".into())),
-        ("sequence".into(), null()),
-        ("ts_us".into(), null()),
-        ("ts_ns".into(), null()),
-        ("schema".into(), Value::String("public".into())),
-        ("table".into(), Value::String("leads".into())),
-        ("txId".into(), null()),
-        ("lsn".into(), null()),
-        ("xmin".into(), null()),
-    ]);
-    Value::Record(vec![
-        ("before".into(), null()),
-        ("after".into(), Value::Union(1, Box::new(row))),
-        ("source".into(), source),
-        ("transaction".into(), null()),
-        ("op".into(), Value::String("c".into())),
-        ("ts_ms".into(), null()),
-        ("ts_us".into(), null()),
-        ("ts_ns".into(), null()),
-    ])
+    leadscore_cdc::envelope(lead, "c", ts_ms)
 }
 
 pub(crate) async fn create_topics(

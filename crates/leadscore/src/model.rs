@@ -26,6 +26,12 @@ pub(crate) enum ModelCommand {
     Rollback(Target),
     /// Where each model's rollout stands.
     Status,
+    /// Re-score every open lead (new, contacted, qualified) through the scorer, rate-limited.
+    Rescore {
+        /// Leads per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -82,7 +88,12 @@ pub(crate) async fn run(cmd: ModelCommand, config: Config) -> anyhow::Result<Exi
                     .await
             });
             tracing::info!(models = ?cfg.models, steps = ?cfg.steps, "lifecycle controller starting");
-            let controller = Controller::start(cfg, &config.kafka, registry, ready)
+            let rescore = leadscore_retrain::controller::RescoreWith {
+                kafka: config.kafka.clone(),
+                registry: registry.clone(),
+                crm_url: config.postgres.url.clone(),
+            };
+            let controller = Controller::start(cfg, &config.kafka, registry, ready, Some(rescore))
                 .await
                 .context("starting the lifecycle controller")?;
             let token = shutdown.clone();
@@ -130,6 +141,23 @@ pub(crate) async fn run(cmd: ModelCommand, config: Config) -> anyhow::Result<Exi
                     r.canary_percent(&policy)
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        ModelCommand::Rescore { rate } => {
+            let crm = leadscore_postgres::connect(&config.postgres.url).await?;
+            let p = leadscore_retrain::rescore::rescore_open_leads(
+                &config.kafka,
+                &registry,
+                &crm,
+                &cfg.rescore_topic,
+                rate,
+                |p| eprintln!("re-scoring: {} of {} open leads sent", p.sent, p.total),
+            )
+            .await?;
+            println!(
+                "{} open leads sent to {} for re-scoring",
+                p.sent, cfg.rescore_topic
+            );
             Ok(ExitCode::SUCCESS)
         }
         ModelCommand::Promote(t) | ModelCommand::Rollback(t) if t.by.contains('@') => {

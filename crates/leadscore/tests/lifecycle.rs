@@ -62,6 +62,8 @@ impl Topics {
             ("LEADSCORE__LIFECYCLE__STEP_MIN_MS", "0".into()),
             ("LEADSCORE__LIFECYCLE__STEP_MIN_SCORES", "50".into()),
             ("LEADSCORE__LIFECYCLE__TICK_MS", "200".into()),
+            // Re-scoring after promotion is tested on its own (it would send every open CRM lead).
+            ("LEADSCORE__LIFECYCLE__RESCORE_RATE", "0".into()),
             ("LEADSCORE_LOG", "warn".into()),
         ]
     }
@@ -324,4 +326,129 @@ async fn a_challenger_is_rolled_out_to_champion_and_a_slower_one_is_rolled_back(
     assert_eq!(alias(&model, "canary").await, None);
     term(controller);
     delete_topics(&[&t.lifecycle, &t.metrics, &t.commands, &t.state]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescoring_sends_every_open_lead_through_the_scorer_keyed_like_debezium() {
+    let prefix = unique("it-rescore");
+    let generated: Vec<leadscore_crm::Generated> =
+        leadscore_crm::Generator::new(leadscore_crm::GeneratorConfig {
+            seed: 77,
+            id_prefix: prefix.clone(),
+            end: chrono::Utc::now(),
+            ..Default::default()
+        })
+        .take(80)
+        .collect();
+    let open: std::collections::BTreeSet<String> = generated
+        .iter()
+        .filter(|g| !g.lead.status.is_outcome())
+        .map(|g| g.lead.lead_id.clone())
+        .collect();
+    assert!(
+        !open.is_empty() && open.len() < generated.len(),
+        "a mix of open and closed leads"
+    );
+    let url = leadscore_e2e::config().postgres.url;
+    let mut pg = leadscore_postgres::connect(&url).await.unwrap();
+    leadscore_postgres::upsert_leads(&mut pg, &generated)
+        .await
+        .unwrap();
+
+    let base = unique("it.rescore");
+    let (input, scores, shadow, dlq) = (
+        format!("{base}.in"),
+        format!("{base}.scores"),
+        format!("{base}.shadow"),
+        format!("{base}.dlq"),
+    );
+    for t in [&input, &scores, &shadow, &dlq] {
+        create_topic(t, 3).await;
+    }
+    let out = leadscore(
+        &["model", "rescore", "--rate", "5000"],
+        &[
+            ("LEADSCORE__LIFECYCLE__RESCORE_TOPIC", input.clone()),
+            ("LEADSCORE_LOG", "error".into()),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Our open leads are on the input topic, keyed like Debezium, without PII.
+    let sent = receive(
+        &consumer(&input, "read_committed"),
+        usize::MAX,
+        Duration::from_secs(5),
+    )
+    .await;
+    let ours: Vec<_> = sent
+        .iter()
+        .filter(|m| String::from_utf8_lossy(rdkafka::Message::key(*m).unwrap()).contains(&prefix))
+        .collect();
+    assert_eq!(ours.len(), open.len());
+    for m in &ours {
+        let key = String::from_utf8_lossy(rdkafka::Message::key(*m).unwrap()).to_string();
+        let id: serde_json::Value = serde_json::from_str(&key).unwrap();
+        assert!(open.contains(id["lead_id"].as_str().unwrap()), "{key}");
+        let payload = leadscore_e2e::payload(m);
+        for g in &generated {
+            let text = String::from_utf8_lossy(payload);
+            assert!(
+                !text.contains(&g.pii.email) && !text.contains(&g.pii.full_name),
+                "PII in a re-score event"
+            );
+        }
+    }
+    // The scorer scores exactly those (op r = snapshot read).
+    let mut scorer = leadscore(
+        &["scorer"],
+        &[
+            ("LEADSCORE__SCORER__INPUT_TOPIC", input.clone()),
+            ("LEADSCORE__SCORER__SCORES_TOPIC", scores.clone()),
+            ("LEADSCORE__SCORER__SHADOW_TOPIC", shadow.clone()),
+            ("LEADSCORE__SCORER__DLQ_TOPIC", dlq.clone()),
+            ("LEADSCORE__SCORER__GROUP_ID", unique("it-rescore")),
+            (
+                "LEADSCORE__SCORER__CHAMPION_MODEL",
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../models/default")
+                    .display()
+                    .to_string(),
+            ),
+            ("LEADSCORE__SCORER__LIFECYCLE_TOPIC", String::new()),
+            (
+                "LEADSCORE__SCORER__HTTP_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            ("LEADSCORE_LOG", "warn".into()),
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .unwrap();
+    let scored = receive(
+        &consumer(&scores, "read_committed"),
+        sent.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let _ = scorer.kill();
+    let _ = scorer.wait();
+    let scored_ours: std::collections::BTreeSet<String> = scored
+        .iter()
+        .map(|m| String::from_utf8_lossy(rdkafka::Message::key(m).unwrap()).to_string())
+        .filter(|k| k.starts_with(&prefix))
+        .collect();
+    assert_eq!(scored_ours, open);
+    let ids: Vec<&str> = generated.iter().map(|g| g.lead.lead_id.as_str()).collect();
+    pg.execute("DELETE FROM public.leads WHERE lead_id = ANY($1)", &[&ids])
+        .await
+        .unwrap();
+    delete_topics(&[&input, &scores, &shadow, &dlq]).await;
 }
