@@ -298,6 +298,7 @@ struct Core {
     rt: tokio::runtime::Handle,
     features: BTreeMap<String, RawValue>,
     outcomes: Option<Outcomes>,
+    profile_failures: HashMap<String, Instant>,
 }
 
 /// Where outcomes come from: the CRM database.
@@ -494,6 +495,7 @@ impl Aggregator {
                 rt: tokio::runtime::Handle::current(),
                 features: BTreeMap::new(),
                 outcomes: postgres_url.map(|url| Outcomes { url, client: None }),
+                profile_failures: HashMap::new(),
             },
         })
     }
@@ -563,6 +565,8 @@ impl Aggregator {
             None => Vec::new(),
         };
         for c in &completed {
+            // The merger may see a version its partitions' instances profiled first.
+            self.core.ensure_profile(&c.model_name, &c.model_version);
             let Some((report, features)) = self.core.report(c, now_ms) else {
                 continue;
             };
@@ -765,7 +769,8 @@ impl Core {
             }
             return Ok(());
         }
-        let Some(source) = self.sources.get_mut(&(topic.to_string(), m.partition())) else {
+        let key = (topic.to_string(), m.partition());
+        let Some(source) = self.sources.get_mut(&key) else {
             return Ok(());
         };
         source.state.next_offset = Some(m.offset() + 1);
@@ -785,26 +790,36 @@ impl Core {
         let size = self.cfg.window_ms;
         let observed = match input {
             Input::Scores => match decode::lead_score(datum, &mut self.features) {
-                Ok(s) => source.state.observe_score(
-                    &self.profiles,
-                    size,
-                    &ScoreEvent {
-                        model_name: s.model_name,
-                        model_version: s.model_version,
-                        event_ms: s.event_time_ms,
-                        features: &self.features,
-                        score: s.score,
-                        latency_ms: s.latency_ms,
-                    },
-                ),
+                Ok(s) => {
+                    self.ensure_profile(s.model_name, s.model_version);
+                    let Some(source) = self.sources.get_mut(&key) else {
+                        return Ok(());
+                    };
+                    source.state.observe_score(
+                        &self.profiles,
+                        size,
+                        &ScoreEvent {
+                            model_name: s.model_name,
+                            model_version: s.model_version,
+                            event_ms: s.event_time_ms,
+                            features: &self.features,
+                            score: s.score,
+                            latency_ms: s.latency_ms,
+                        },
+                    )
+                }
                 Err(e) => {
-                    tracing::warn!(source = %source.name, offset = m.offset(), error = %e, "unreadable score skipped");
+                    tracing::warn!(source = %topic, partition = m.partition(), offset = m.offset(), error = %e, "unreadable score skipped");
                     self.metrics.add(Event::Malformed, 1);
                     return Ok(());
                 }
             },
             _ => match decode::shadow_score(datum) {
                 Ok(s) => {
+                    self.ensure_profile(s.live_name, s.live_version);
+                    let Some(source) = self.sources.get_mut(&key) else {
+                        return Ok(());
+                    };
                     let o = source.state.observe_shadow(
                         &self.profiles,
                         size,
@@ -825,7 +840,7 @@ impl Core {
                     o
                 }
                 Err(e) => {
-                    tracing::warn!(source = %source.name, offset = m.offset(), error = %e, "unreadable shadow score skipped");
+                    tracing::warn!(source = %topic, partition = m.partition(), offset = m.offset(), error = %e, "unreadable shadow score skipped");
                     self.metrics.add(Event::Malformed, 1);
                     return Ok(());
                 }
@@ -840,6 +855,40 @@ impl Core {
             1,
         );
         Ok(())
+    }
+
+    /// Loads the reference profile of a version seen for the first time from
+    /// MLflow (`drift.mlflow_url`), once; a failure is retried after a minute.
+    fn ensure_profile(&mut self, model_name: &str, version: &str) {
+        if self.profiles.contains_key(version) {
+            return;
+        }
+        let Some(base) = self.cfg.mlflow_url.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        if self
+            .profile_failures
+            .get(version)
+            .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60))
+        {
+            return;
+        }
+        let url = format!("mlflow+{base}/{model_name}/{version}");
+        match self.rt.block_on(load_profiles(std::slice::from_ref(&url))) {
+            Ok((profiles, _)) if profiles.contains_key(version) => {
+                self.profiles.extend(profiles);
+                self.profile_failures.remove(version);
+            }
+            Ok(_) => {
+                tracing::warn!(%url, "the registered version's metadata names another version; not profiled");
+                self.profile_failures.insert(version.to_string(), now);
+            }
+            Err(e) => {
+                tracing::warn!(%url, error = %e, "no reference profile for this version yet; its scores are not counted (retried in a minute)");
+                self.profile_failures.insert(version.to_string(), now);
+            }
+        }
     }
 
     fn report(

@@ -290,6 +290,8 @@ pub struct DriftConfig {
     pub transaction_timeout_ms: u64,
     /// Model URLs whose metadata gives the reference distributions (directory or MLflow).
     pub models: Vec<String>,
+    /// MLflow tracking server (`http://host:port`) to fetch the reference of a version seen for the first time.
+    pub mlflow_url: Option<String>,
     /// How long after a window is reported its leads' outcomes are summarised
     /// (conversion by band, AUC, from the CRM's `leads` and `lead_scores`), ms; 0 disables.
     pub outcomes_after_ms: i64,
@@ -329,6 +331,7 @@ impl Default for DriftConfig {
             checkpoint_ms: 5_000,
             transaction_timeout_ms: 60_000,
             models: vec!["models/default".into()],
+            mlflow_url: None,
             outcomes_after_ms: 14 * 86_400_000,
             thresholds: DriftThresholds::default(),
             http_listen: "127.0.0.1:9465".into(),
@@ -836,10 +839,10 @@ impl Config {
                     .into(),
             );
         }
-        if d.models.is_empty() {
+        if d.models.is_empty() && d.mlflow_url.is_none() {
             return invalid(
                 "drift.models",
-                "name at least one model URL to take reference distributions from".into(),
+                "name at least one model URL (or drift.mlflow_url) to take reference distributions from".into(),
             );
         }
         if d.http_listen.parse::<std::net::SocketAddr>().is_err() {

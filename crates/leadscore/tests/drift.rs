@@ -1036,3 +1036,46 @@ async fn outcomes_of_a_windows_leads_give_conversion_by_band_and_auc() {
     delete_topics(&[&input.scores, &input.shadow]).await;
     delete_topics(&run.topics()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_first_seen_in_the_scores_is_profiled_from_mlflow() {
+    let mlflow =
+        std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
+    let name = unique("it-drift-mlflow");
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("leads.csv");
+    leadscore_e2e::write_leads_csv(&csv, 13, 3000);
+    leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &name, &mlflow, "0.02");
+
+    let model = model();
+    let input = Input::create(1).await;
+    let run = Run::create().await;
+    let mut g = generator(31, DriftSpec::default());
+    let mut scores = Vec::new();
+    for w in 0..2 {
+        for mut s in window_scores(&model, &mut g, w, 300) {
+            (s.model.model_name, s.model.model_version) = (name.clone(), "1".into());
+            scores.push(s);
+        }
+    }
+    produce_scores(&input, &scores, 0).await;
+    flush_to(&input, &model, 1, 1).await;
+    let (child, port) = start(
+        &input,
+        &run,
+        "mlflow-0",
+        &[("LEADSCORE__DRIFT__MLFLOW_URL", mlflow.clone())],
+    );
+    let reports = hourly_reports(&run, 2, Duration::from_secs(120)).await;
+    let metrics = http_get(port, "/metrics").await;
+    stop(child);
+    let ours: Vec<&Report> = reports
+        .iter()
+        .filter(|r| r.version == "1" && r.kind == "hourly")
+        .collect();
+    assert_eq!(ours.len(), 2, "{reports:?}");
+    assert!(ours.iter().all(|r| r.scored == 300 && !r.psi.is_empty()));
+    assert_eq!(metric(&metrics, "unprofiled"), 0, "{metrics}");
+    delete_topics(&[&input.scores, &input.shadow]).await;
+    delete_topics(&run.topics()).await;
+}
