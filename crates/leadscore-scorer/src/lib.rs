@@ -84,6 +84,10 @@ pub struct Models {
     pub canary: Option<Arc<ModelHandle>>,
     /// Share of leads the canary serves, percent; changed by lifecycle events while running.
     pub canary_percent: Arc<CanaryPercent>,
+    /// The challenger slot holds the champion until its alias exists: not scored.
+    pub challenger_stand_in: Arc<std::sync::atomic::AtomicBool>,
+    /// The canary slot holds the champion until its alias exists: not scored.
+    pub canary_stand_in: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The canary share, readable by every batch and set by lifecycle events.
@@ -722,8 +726,19 @@ async fn prepare(
     let canary = models.canary.as_ref().map(|h| h.get());
     let batch_models = BatchModels {
         champion: &champion,
-        challenger: challenger.as_deref(),
-        canary: canary.as_deref().map(|m| (m, models.canary_percent.get())),
+        challenger: challenger.as_deref().filter(|_| {
+            !models
+                .challenger_stand_in
+                .load(std::sync::atomic::Ordering::Relaxed)
+        }),
+        canary: canary
+            .as_deref()
+            .filter(|_| {
+                !models
+                    .canary_stand_in
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .map(|m| (m, models.canary_percent.get())),
     };
     metrics.stage(Stage::Decode, started.elapsed());
     let started = std::time::Instant::now();

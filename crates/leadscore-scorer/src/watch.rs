@@ -23,6 +23,8 @@ pub struct Followed {
     pub handle: Arc<ModelHandle>,
     /// Where it comes from.
     pub source: ModelSource,
+    /// Set while the slot holds a stand-in; cleared once the alias resolves.
+    pub stand_in: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Re-resolves followed aliases whenever `wake` fires or `every` passes.
@@ -62,7 +64,22 @@ pub async fn follow(
         }
         for slot in &slots {
             if let Err(e) = refresh(slot, &metrics).await {
-                tracing::warn!(role = slot.role, error = %e, "model refresh failed; the current model stays in service");
+                let text = e.to_string();
+                let removed = text.contains("RESOURCE_DOES_NOT_EXIST") || text.contains("404");
+                match &slot.stand_in {
+                    // The alias was removed (a rollout ended): the role stops scoring until it is set again.
+                    Some(flag) if removed => {
+                        if !flag.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            tracing::warn!(
+                                role = slot.role,
+                                "alias removed; this role stops scoring until a rollout sets it again"
+                            );
+                        }
+                    }
+                    _ => {
+                        tracing::warn!(role = slot.role, error = %e, "model refresh failed; the current model stays in service")
+                    }
+                }
             }
         }
     }
@@ -80,6 +97,12 @@ async fn refresh(slot: &Followed, metrics: &Metrics) -> Result<(), leadscore_mod
     let current = slot.handle.get().metadata().version.clone();
     let version = Mlflow::new(base)?.version(name, selector).await?;
     if version.version == current {
+        // The alias names what the slot holds (again): the role scores.
+        if let Some(flag) = &slot.stand_in
+            && flag.swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::info!(role = slot.role, version = %current, "alias set again; this role scores");
+        }
         return Ok(());
     }
     // Pin the exact version the alias named when we looked.
@@ -89,6 +112,9 @@ async fn refresh(slot: &Followed, metrics: &Metrics) -> Result<(), leadscore_mod
         selector: Selector::Version(version.version.clone()),
     };
     let old = slot.handle.reload(&pinned).await?;
+    if let Some(flag) = &slot.stand_in {
+        flag.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
     tracing::info!(
         role = slot.role,
         from = %old.metadata().label(),

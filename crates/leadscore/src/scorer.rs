@@ -2,6 +2,7 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -21,18 +22,26 @@ async fn load(url: &str, role: &str) -> anyhow::Result<Arc<ModelHandle>> {
     Ok(Arc::new(ModelHandle::new(model)))
 }
 
-/// The canary model. An MLflow alias that does not exist yet (no rollout
-/// under way) is not an error: the champion stands in at the configured share
-/// until the lifecycle controller sets the alias and a `canary` step.
-async fn canary(url: &str, champion: &str) -> anyhow::Result<Arc<ModelHandle>> {
-    match load(url, "canary").await {
+/// The challenger or canary model. An MLflow alias that does not exist yet
+/// (no rollout under way) is not an error: the champion stands in, and a
+/// stand-in is never scored (the scorer skips a role whose version is the
+/// champion's) until the lifecycle controller sets the alias.
+async fn stand_in(
+    url: &str,
+    role: &str,
+    champion: &str,
+    flag: &AtomicBool,
+) -> anyhow::Result<Arc<ModelHandle>> {
+    match load(url, role).await {
         Ok(h) => Ok(h),
         Err(e) if url.starts_with("mlflow+") && url.contains('@') => {
             tracing::warn!(
+                role,
                 error = format!("{e:#}"),
-                "no canary version yet; the champion stands in until a rollout sets one"
+                "no version for this alias yet; the champion stands in (unscored) until a rollout sets one"
             );
-            load(champion, "canary (champion standing in)").await
+            flag.store(true, Ordering::Relaxed);
+            load(champion, role).await
         }
         Err(e) => Err(e),
     }
@@ -67,17 +76,23 @@ pub(crate) fn on_signal(token: CancellationToken) {
 pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let cfg = config.scorer.clone();
     leadscore_model::init_runtime(None).context("ONNX Runtime")?;
+    let challenger_stand_in = Arc::new(AtomicBool::new(false));
+    let canary_stand_in = Arc::new(AtomicBool::new(false));
     let models = Models {
         champion: load(&cfg.champion_model, "champion").await?,
         challenger: match &cfg.challenger_model {
-            Some(u) => Some(load(u, "challenger").await?),
+            Some(u) => {
+                Some(stand_in(u, "challenger", &cfg.champion_model, &challenger_stand_in).await?)
+            }
             None => None,
         },
         canary: match &cfg.canary_model {
-            Some(u) => Some(canary(u, &cfg.champion_model).await?),
+            Some(u) => Some(stand_in(u, "canary", &cfg.champion_model, &canary_stand_in).await?),
             None => None,
         },
         canary_percent: Arc::new(leadscore_scorer::CanaryPercent::new(cfg.canary_percent)),
+        challenger_stand_in: challenger_stand_in.clone(),
+        canary_stand_in: canary_stand_in.clone(),
     };
     let registry = leadscore_registry::Registry::new(&config.registry)?;
     let metrics = Metrics::new();
@@ -106,16 +121,28 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         role: "champion",
         handle: models.champion.clone(),
         source: ModelSource::parse(&cfg.champion_model)?,
+        stand_in: None,
     }];
-    for (role, handle, url) in [
-        ("challenger", &models.challenger, &cfg.challenger_model),
-        ("canary", &models.canary, &cfg.canary_model),
+    for (role, handle, url, flag) in [
+        (
+            "challenger",
+            &models.challenger,
+            &cfg.challenger_model,
+            &models.challenger_stand_in,
+        ),
+        (
+            "canary",
+            &models.canary,
+            &cfg.canary_model,
+            &models.canary_stand_in,
+        ),
     ] {
         if let (Some(h), Some(u)) = (handle, url) {
             followed.push(leadscore_scorer::watch::Followed {
                 role,
                 handle: h.clone(),
                 source: ModelSource::parse(u)?,
+                stand_in: Some(flag.clone()),
             });
         }
     }
