@@ -178,7 +178,7 @@ pub struct ReportView {
 }
 
 impl ReportView {
-    /// Reads a `WindowReport` value; `None` for roll-ups and outcome reports (only hourly drift counts).
+    /// Reads a `WindowReport` value; `None` for daily and weekly roll-ups and outcome reports (only base windows count).
     pub fn from_value(value: &Value) -> Option<Self> {
         let Value::Record(fields) = value else {
             return None;
@@ -196,7 +196,7 @@ impl ReportView {
             Value::String(s) | Value::Enum(_, s) => Some(s.clone()),
             _ => None,
         };
-        if string("window_kind")? != "hourly" {
+        if matches!(string("window_kind")?.as_str(), "daily" | "weekly") {
             return None;
         }
         let Value::Array(features) = get("features")? else {

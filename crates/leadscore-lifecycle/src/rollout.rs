@@ -85,7 +85,7 @@ impl VersionWindow {
             Value::String(s) | Value::Enum(_, s) => Some(s.clone()),
             _ => None,
         };
-        if string("window_kind")? != "hourly" {
+        if matches!(string("window_kind")?.as_str(), "daily" | "weekly") {
             return None;
         }
         let long = |v: Option<&Value>| match v? {
@@ -143,6 +143,9 @@ pub enum Phase {
         version: String,
         /// Since, ms.
         since_ms: i64,
+        /// Windows starting after this one count for this step.
+        #[serde(default)]
+        after_window_ms: Option<i64>,
     },
     /// The candidate serves `steps[step]` percent of leads.
     Canary {
@@ -152,6 +155,9 @@ pub enum Phase {
         step: usize,
         /// Since, ms.
         since_ms: i64,
+        /// Windows starting after this one count for this step.
+        #[serde(default)]
+        after_window_ms: Option<i64>,
     },
 }
 
@@ -184,6 +190,9 @@ pub struct Rollout {
     pub windows: BTreeMap<String, BTreeMap<i64, VersionWindow>>,
     /// Events published so far (for unique event ids).
     pub sequence: u64,
+    /// Start of the newest window reported, ms: a step counts only windows after the one current when it began.
+    #[serde(default)]
+    pub latest_window_ms: Option<i64>,
 }
 
 /// Prefix of the event ids the controller writes (it skips them when reading the topic back).
@@ -252,6 +261,7 @@ impl Rollout {
                 self.phase = Phase::Shadow {
                     version: version.clone(),
                     since_ms: now_ms,
+                    after_window_ms: self.latest_window_ms,
                 };
                 vec![
                     Action::Alias {
@@ -273,6 +283,7 @@ impl Rollout {
 
     /// Figures of one version in one window (from a window report or an outcome report).
     pub fn on_window(&mut self, version: &str, start_ms: i64, w: VersionWindow) {
+        self.latest_window_ms = Some(self.latest_window_ms.map_or(start_ms, |l| l.max(start_ms)));
         let slot = self
             .windows
             .entry(version.to_string())
@@ -296,14 +307,15 @@ impl Rollout {
         }
     }
 
-    /// Why the candidate is worse than the champion over the windows since `since_ms`, if it is.
-    fn regression(&self, candidate: &str, since_ms: i64, p: &RolloutPolicy) -> Option<String> {
+    /// Why the candidate is worse than the champion over the windows after `after`, if it is.
+    fn regression(&self, candidate: &str, after: Option<i64>, p: &RolloutPolicy) -> Option<String> {
         let champion = self.champion.as_deref()?;
         let empty = BTreeMap::new();
         let cand = self.windows.get(candidate).unwrap_or(&empty);
         let champ = self.windows.get(champion).unwrap_or(&empty);
         let since = |m: &BTreeMap<i64, VersionWindow>| {
-            m.range(since_ms - 3_600_000..)
+            m.iter()
+                .filter(|(k, _)| after.is_none_or(|a| **k > a))
                 .map(|(k, v)| (*k, v.clone()))
                 .collect::<Vec<_>>()
         };
@@ -432,13 +444,18 @@ impl Rollout {
     pub fn on_tick(&mut self, p: &RolloutPolicy, now_ms: i64) -> Vec<Action> {
         match self.phase.clone() {
             Phase::Steady => Vec::new(),
-            Phase::Shadow { version, since_ms } => {
+            Phase::Shadow {
+                version,
+                since_ms,
+                after_window_ms,
+            } => {
                 let pairs: u64 = self
                     .champion
                     .as_ref()
                     .and_then(|c| self.windows.get(c))
                     .map(|ws| {
-                        ws.range(since_ms - 3_600_000..)
+                        ws.iter()
+                            .filter(|(k, _)| after_window_ms.is_none_or(|a| **k > a))
                             .filter_map(|(_, w)| w.shadow_pairs.get(&version))
                             .sum()
                     })
@@ -450,6 +467,7 @@ impl Rollout {
                     version: version.clone(),
                     step: 0,
                     since_ms: now_ms,
+                    after_window_ms: self.latest_window_ms,
                 };
                 vec![
                     Action::Alias {
@@ -472,8 +490,9 @@ impl Rollout {
                 version,
                 step,
                 since_ms,
+                after_window_ms,
             } => {
-                if let Some(why) = self.regression(&version, since_ms, p) {
+                if let Some(why) = self.regression(&version, after_window_ms, p) {
                     return self.abort(
                         &version,
                         format!("automatic rollback of v{version}: {why}"),
@@ -485,7 +504,8 @@ impl Rollout {
                     .windows
                     .get(&version)
                     .map(|ws| {
-                        ws.range(since_ms - 3_600_000..)
+                        ws.iter()
+                            .filter(|(k, _)| after_window_ms.is_none_or(|a| **k > a))
                             .map(|(_, w)| w.scored)
                             .sum()
                     })
@@ -498,6 +518,7 @@ impl Rollout {
                         version: version.clone(),
                         step: step + 1,
                         since_ms: now_ms,
+                        after_window_ms: self.latest_window_ms,
                     };
                     let reason = format!(
                         "{scored} canary scores at {}% without regression: canary at {}%",
@@ -676,6 +697,21 @@ mod tests {
             r.rollback_now("ops-1", &p, t).is_err(),
             "nothing earlier to go back to"
         );
+    }
+
+    #[test]
+    fn a_step_counts_only_windows_newer_than_its_start() {
+        let p = policy();
+        let mut r = rollout();
+        r.on_event(&registered("2"), &p, 0);
+        r.on_window("1", 0, window(500, 100.0, Some(("2", 200))));
+        assert_eq!(stages(&r.on_tick(&p, 2 * H)), [(Stage::Canary, 10)]);
+        // The window that started the canary does not count for the next step.
+        r.on_window("2", 0, window(500, 100.0, None));
+        assert!(r.on_tick(&p, 10 * H).is_empty());
+        r.on_window("2", H, window(60, 100.0, None));
+        assert_eq!(stages(&r.on_tick(&p, 10 * H)), [(Stage::Canary, 50)]);
+        assert!(r.on_tick(&p, 20 * H).is_empty(), "no newer window yet");
     }
 
     #[test]

@@ -205,6 +205,27 @@ impl Controller {
         )
     }
 
+    /// A model first seen without a champion in the events (registered
+    /// outside the worker): its champion is what the MLflow alias names.
+    fn learn_champion(&mut self, model: &str) {
+        if self
+            .state
+            .rollouts
+            .get(model)
+            .is_some_and(|r| r.champion.is_some())
+        {
+            return;
+        }
+        let selector = leadscore_model::source::Selector::Alias("champion".into());
+        if let Ok(v) = self.rt.block_on(self.mlflow.version(model, &selector))
+            && let Some(r) = self.state.rollouts.get_mut(model)
+        {
+            tracing::info!(model, version = %v.version, "champion taken from the MLflow alias");
+            r.champion = Some(v.version);
+            self.dirty = true;
+        }
+    }
+
     /// Runs until `shutdown`; blocking.
     pub fn run(mut self, shutdown: &CancellationToken) -> Result<()> {
         let tick = Duration::from_millis(self.cfg.tick_ms);
@@ -303,6 +324,10 @@ impl Controller {
         model: &str,
         decide: impl FnOnce(&mut Rollout) -> std::result::Result<Vec<Action>, Option<String>>,
     ) -> Result<()> {
+        if self.rollout(model).is_none() {
+            return Ok(());
+        }
+        self.learn_champion(model);
         let Some(r) = self.rollout(model) else {
             return Ok(());
         };

@@ -65,7 +65,9 @@ pub async fn follow(
         for slot in &slots {
             if let Err(e) = refresh(slot, &metrics).await {
                 let text = e.to_string();
-                let removed = text.contains("RESOURCE_DOES_NOT_EXIST") || text.contains("404");
+                let removed = text.contains("RESOURCE_DOES_NOT_EXIST")
+                    || text.contains("404")
+                    || text.contains("not found");
                 match &slot.stand_in {
                     // The alias was removed (a rollout ended): the role stops scoring until it is set again.
                     Some(flag) if removed => {

@@ -142,16 +142,17 @@ async fn worker_event(t: &Topics, model: &str, id: &str, version: &str, stage: S
     send(&t.lifecycle, model, enc.encode(e.to_value()).unwrap()).await;
 }
 
-/// An hourly report of `version` for the current hour.
+/// An hourly report of `version` for the `n`th hour from now (each step counts only newer windows).
 async fn report(
     t: &Topics,
     model: &str,
     version: &str,
+    n: i64,
     scored: u64,
     p95: f64,
     shadow: Option<(&str, u64)>,
 ) {
-    let start = chrono::Utc::now().timestamp_millis() / H * H;
+    let start = (chrono::Utc::now().timestamp_millis() / H + n) * H;
     let r = WindowReport {
         model_name: model.into(),
         model_version: version.into(),
@@ -251,7 +252,7 @@ async fn a_challenger_is_rolled_out_to_champion_and_a_slower_one_is_rolled_back(
     worker_event(&t, &model, "req-1", "1", Stage::Promoted).await;
     worker_event(&t, &model, "req-2", "2", Stage::Registered).await;
     // Shadow pairs on the champion's report start the canary.
-    report(&t, &model, "1", 1000, 100.0, Some(("2", 150))).await;
+    report(&t, &model, "1", 0, 1000, 100.0, Some(("2", 150))).await;
     let got = steps(&t, 2).await;
     assert_eq!(
         got.iter().map(|s| (s.0.as_str(), s.2)).collect::<Vec<_>>(),
@@ -271,9 +272,12 @@ async fn a_challenger_is_rolled_out_to_champion_and_a_slower_one_is_rolled_back(
         status.contains("canary") && status.contains(" 10"),
         "{status}"
     );
-    // The canary scores as fast as the champion: 50%, 100%, champion.
-    report(&t, &model, "2", 60, 105.0, None).await;
-    report(&t, &model, "1", 900, 100.0, Some(("2", 150))).await;
+    // The canary scores as fast as the champion, window after window: 50%, 100%, champion.
+    for (n, want) in [(1, 3), (2, 4), (3, 6)] {
+        report(&t, &model, "2", n, 60, 105.0, None).await;
+        report(&t, &model, "1", n, 900, 100.0, None).await;
+        steps(&t, want).await;
+    }
     let got = steps(&t, 6).await;
     let seen: Vec<(&str, i32)> = got.iter().map(|s| (s.0.as_str(), s.2)).collect();
     assert_eq!(
@@ -308,8 +312,12 @@ async fn a_challenger_is_rolled_out_to_champion_and_a_slower_one_is_rolled_back(
     assert_eq!(alias(&model, "champion").await.as_deref(), Some("1"));
 
     // v2 comes back as challenger, but its canary is four times slower: rolled back automatically.
-    report(&t, &model, "2", 60, 400.0, None).await;
     worker_event(&t, &model, "req-3", "2", Stage::Registered).await;
+    steps(&t, 8).await;
+    report(&t, &model, "1", 4, 1000, 100.0, Some(("2", 150))).await;
+    steps(&t, 9).await;
+    report(&t, &model, "2", 5, 60, 400.0, None).await;
+    report(&t, &model, "1", 5, 900, 100.0, None).await;
     let got = steps(&t, 10).await;
     let last = got.last().unwrap();
     assert_eq!(

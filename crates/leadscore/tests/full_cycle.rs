@@ -1,0 +1,319 @@
+//! The whole loop on the real stack, time compressed through configuration:
+//! leads with injected drift -> scorer -> drift aggregator (warning, then
+//! critical) -> retrain trigger -> training worker (MLflow) -> lifecycle
+//! controller: shadow scores appear, canary 10/50/100, the challenger is
+//! promoted; every lifecycle step is on the topic.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use leadscore_crm::{DriftSpec, Generator, GeneratorConfig};
+use leadscore_e2e::{client, consumer, create_topic, delete_topics, receive, unique};
+use leadscore_lifecycle::events::LifecycleEvent;
+use leadscore_registry::{Decoder, Registry};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+fn free_port() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+fn spawn(args: &[&str], env: &[(String, String)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
+    cmd.args(args)
+        .env("LEADSCORE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn term(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    for _ in 0..100 {
+        if child.try_wait().unwrap().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn kv(pairs: &[(&str, String)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+/// A Debezium JSON create event at event time `ts_ms`.
+fn create_event(l: &leadscore_crm::Lead, ts_ms: i64) -> Vec<u8> {
+    serde_json::to_vec(&json!({"op": "c", "before": null, "after": {
+        "lead_id": l.lead_id, "company_size": l.company_size, "industry": l.industry,
+        "page_views": l.page_views, "time_on_site": l.time_on_site,
+        "form_completion_time": l.form_completion_time, "referral_source": l.referral_source,
+        "country": l.country, "created_at": l.created_at.to_rfc3339(), "updated_at": l.updated_at.to_rfc3339(),
+        "status": "new", "converted_at": null
+    }, "source": {"ts_ms": ts_ms}}))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_to_retraining_to_shadow_canary_and_promotion() {
+    let mlflow =
+        std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
+    let python = std::env::var("LEADSCORE_PYTHON")
+        .expect("LEADSCORE_PYTHON (from `deploy/local/stack env`) runs the training job");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let name = unique("it-cycle");
+    let base = unique("it.cycle");
+    let t = |s: &str| format!("{base}.{s}");
+    let topics = [
+        "in",
+        "scores",
+        "shadow",
+        "dlq",
+        "metrics",
+        "alerts",
+        "partials",
+        "dstate",
+        "requests",
+        "rstate",
+        "lifecycle",
+        "commands",
+        "lstate",
+    ];
+    for s in topics {
+        create_topic(
+            &t(s),
+            if ["in", "scores", "shadow"].contains(&s) {
+                2
+            } else {
+                1
+            },
+        )
+        .await;
+    }
+
+    // v1: the champion, trained on generated leads.
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("leads.csv");
+    leadscore_e2e::write_leads_csv(&csv, 41, 3000);
+    leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &name, &mlflow, "0.02");
+    let alias = |a: &str| format!("mlflow+{mlflow}/{name}@{a}");
+
+    let env = kv(&[
+        ("LEADSCORE__SCORER__INPUT_TOPIC", t("in")),
+        ("LEADSCORE__SCORER__SCORES_TOPIC", t("scores")),
+        ("LEADSCORE__SCORER__SHADOW_TOPIC", t("shadow")),
+        ("LEADSCORE__SCORER__DLQ_TOPIC", t("dlq")),
+        ("LEADSCORE__SCORER__GROUP_ID", format!("{base}-scorer")),
+        ("LEADSCORE__SCORER__CHAMPION_MODEL", alias("champion")),
+        ("LEADSCORE__SCORER__CHALLENGER_MODEL", alias("challenger")),
+        ("LEADSCORE__SCORER__CANARY_MODEL", alias("canary")),
+        ("LEADSCORE__SCORER__LIFECYCLE_TOPIC", t("lifecycle")),
+        ("LEADSCORE__SCORER__MODEL_POLL_SECS", "2".into()),
+        ("LEADSCORE__SCORER__MAX_BATCH", "200".into()),
+        ("LEADSCORE__SCORER__HTTP_LISTEN", free_port()),
+        // Drift: 2-second windows of event time.
+        ("LEADSCORE__DRIFT__SCORES_TOPIC", t("scores")),
+        ("LEADSCORE__DRIFT__SHADOW_TOPIC", t("shadow")),
+        ("LEADSCORE__DRIFT__METRICS_TOPIC", t("metrics")),
+        ("LEADSCORE__DRIFT__ALERTS_TOPIC", t("alerts")),
+        ("LEADSCORE__DRIFT__PARTIALS_TOPIC", t("partials")),
+        ("LEADSCORE__DRIFT__STATE_TOPIC", t("dstate")),
+        ("LEADSCORE__DRIFT__GROUP_ID", format!("{base}-drift")),
+        ("LEADSCORE__DRIFT__INSTANCE_ID", "cycle-0".into()),
+        (
+            "LEADSCORE__DRIFT__MODELS",
+            format!("[\"{}\"]", alias("champion")),
+        ),
+        ("LEADSCORE__DRIFT__MLFLOW_URL", mlflow.clone()),
+        ("LEADSCORE__DRIFT__WINDOW_MS", "2000".into()),
+        ("LEADSCORE__DRIFT__ROLLUPS_MS", "[]".into()),
+        ("LEADSCORE__DRIFT__LATENESS_MS", "0".into()),
+        ("LEADSCORE__DRIFT__IDLE_MS", "1000".into()),
+        ("LEADSCORE__DRIFT__CHECKPOINT_MS", "300".into()),
+        ("LEADSCORE__DRIFT__THRESHOLDS__MIN_SAMPLE", "100".into()),
+        ("LEADSCORE__DRIFT__HTTP_LISTEN", free_port()),
+        ("LEADSCORE__ALERTING__ENABLED", "false".into()),
+        // Retrain trigger: a critical window asks at once.
+        ("LEADSCORE__RETRAIN__METRICS_TOPIC", t("metrics")),
+        ("LEADSCORE__RETRAIN__ALERTS_TOPIC", t("alerts")),
+        ("LEADSCORE__RETRAIN__REQUESTS_TOPIC", t("requests")),
+        ("LEADSCORE__RETRAIN__STATE_TOPIC", t("rstate")),
+        ("LEADSCORE__RETRAIN__GROUP_ID", format!("{base}-retrain")),
+        (
+            "LEADSCORE__RETRAIN__TRANSACTIONAL_ID",
+            format!("{base}-retrain"),
+        ),
+        ("LEADSCORE__RETRAIN__MODELS", "[]".into()),
+        ("LEADSCORE__RETRAIN__MIN_LABELLED_ROWS", "0".into()),
+        ("LEADSCORE__RETRAIN__TICK_MS", "200".into()),
+        ("LEADSCORE__RETRAIN__HTTP_LISTEN", free_port()),
+        // Training worker: a margin of -1 registers the new version as challenger.
+        ("LEADSCORE__TRAINING__REQUESTS_TOPIC", t("requests")),
+        ("LEADSCORE__TRAINING__LIFECYCLE_TOPIC", t("lifecycle")),
+        ("LEADSCORE__TRAINING__GROUP_ID", format!("{base}-training")),
+        (
+            "LEADSCORE__TRAINING__TRANSACTIONAL_ID",
+            format!("{base}-training"),
+        ),
+        ("LEADSCORE__TRAINING__PYTHON", python),
+        (
+            "LEADSCORE__TRAINING__DIR",
+            repo.join("training").display().to_string(),
+        ),
+        ("LEADSCORE__TRAINING__DATA", csv.display().to_string()),
+        ("LEADSCORE__TRAINING__MLFLOW_URL", mlflow.clone()),
+        ("LEADSCORE__TRAINING__TRIALS", "2".into()),
+        (
+            "LEADSCORE__TRAINING__EXTRA_ARGS",
+            r#"["--cv-splits", "2", "--min-rows", "500", "--gate-margin", "-1"]"#.into(),
+        ),
+        ("LEADSCORE__TRAINING__HTTP_LISTEN", free_port()),
+        // Lifecycle controller: steps as soon as the figures are there.
+        ("LEADSCORE__LIFECYCLE__LIFECYCLE_TOPIC", t("lifecycle")),
+        ("LEADSCORE__LIFECYCLE__METRICS_TOPIC", t("metrics")),
+        ("LEADSCORE__LIFECYCLE__COMMANDS_TOPIC", t("commands")),
+        ("LEADSCORE__LIFECYCLE__STATE_TOPIC", t("lstate")),
+        (
+            "LEADSCORE__LIFECYCLE__GROUP_ID",
+            format!("{base}-lifecycle"),
+        ),
+        (
+            "LEADSCORE__LIFECYCLE__TRANSACTIONAL_ID",
+            format!("{base}-lifecycle"),
+        ),
+        ("LEADSCORE__LIFECYCLE__MODELS", format!("[\"{name}\"]")),
+        ("LEADSCORE__LIFECYCLE__MLFLOW_URL", mlflow.clone()),
+        ("LEADSCORE__LIFECYCLE__SHADOW_MIN_MS", "0".into()),
+        ("LEADSCORE__LIFECYCLE__SHADOW_MIN_PAIRS", "50".into()),
+        ("LEADSCORE__LIFECYCLE__STEP_MIN_MS", "0".into()),
+        ("LEADSCORE__LIFECYCLE__STEP_MIN_SCORES", "5".into()),
+        ("LEADSCORE__LIFECYCLE__MAX_LATENCY_REGRESSION", "100".into()),
+        ("LEADSCORE__LIFECYCLE__TICK_MS", "200".into()),
+        ("LEADSCORE__LIFECYCLE__RESCORE_RATE", "0".into()),
+        ("LEADSCORE__LIFECYCLE__HTTP_LISTEN", free_port()),
+    ]);
+    let mut services = vec![
+        spawn(&["scorer"], &env),
+        spawn(&["drift"], &env),
+        spawn(&["retrain"], &env),
+        spawn(&["retrain", "worker"], &env),
+        spawn(&["model", "controller"], &env),
+    ];
+
+    // Leads keep coming, 200 per 2-second window of event time: clean, a warning-level
+    // mix change, then a critical shift; then clean leads while the rollout runs.
+    let producer: FutureProducer = client(&[("linger.ms", "5")]).create().unwrap();
+    let decoder = Decoder::new(Registry::new(&leadscore_e2e::config().registry).unwrap());
+    let lifecycle = consumer(&t("lifecycle"), "read_committed");
+    let mut steps: Vec<(String, String, i32)> = Vec::new();
+    let mut ts = chrono::Utc::now().timestamp_millis() / 2000 * 2000;
+    let knob = |f: &dyn Fn(&mut DriftSpec) -> leadscore_crm::Result<()>| {
+        let mut d = DriftSpec::default();
+        f(&mut d).unwrap();
+        d
+    };
+    let plan: Vec<DriftSpec> = vec![
+        DriftSpec::default(),
+        DriftSpec::default(),
+        knob(&|d| d.add_mix("industry=Retail:4")),
+        knob(&|d| d.add_shift("page_views=+25")),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(400);
+    let mut window = 0u64;
+    while tokio::time::Instant::now() < deadline
+        && !steps.iter().any(|s| s.0 == "promoted" && s.1 == "2")
+    {
+        for s in &mut services {
+            assert!(
+                s.try_wait().unwrap().is_none(),
+                "a service stopped (see its log above)"
+            );
+        }
+        let spec = plan.get(window as usize).cloned().unwrap_or_default();
+        let mut g = Generator::new(GeneratorConfig {
+            seed: 500 + window,
+            id_prefix: format!("{name}-w{window}"),
+            drift: spec,
+            ..Default::default()
+        });
+        let mut sends = Vec::new();
+        for i in 0..200 {
+            let lead = g.next_lead().lead;
+            let bytes = create_event(&lead, ts + i * 10);
+            sends.push(
+                producer
+                    .send_result(
+                        FutureRecord::to(&t("in"))
+                            .key(lead.lead_id.as_str())
+                            .payload(&bytes),
+                    )
+                    .map_err(|(e, _)| e)
+                    .unwrap(),
+            );
+        }
+        for s in sends {
+            s.await.unwrap().unwrap();
+        }
+        ts += 2000;
+        window += 1;
+        for m in receive(&lifecycle, usize::MAX, Duration::from_millis(700)).await {
+            let v = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap();
+            let e = LifecycleEvent::from_value(&v).unwrap();
+            if e.model_name == name {
+                eprintln!(
+                    "lifecycle: {} v{} {}% ({})",
+                    e.stage.as_str(),
+                    e.version,
+                    e.canary_percent,
+                    e.reason
+                );
+                steps.push((e.stage.as_str().to_string(), e.version, e.canary_percent));
+            }
+        }
+    }
+    for s in services {
+        term(s);
+    }
+    let seen: Vec<(&str, i32)> = steps.iter().map(|s| (s.0.as_str(), s.2)).collect();
+    let want = [
+        ("training", 0),
+        ("registered", 0),
+        ("shadow", 0),
+        ("canary", 10),
+        ("canary", 50),
+        ("canary", 100),
+        ("promoted", 0),
+    ];
+    let mut it = seen.iter();
+    for w in want {
+        assert!(it.any(|s| *s == w), "{w:?} missing in order from {seen:?}");
+    }
+    // Shadow scores of the challenger appeared while it was in shadow.
+    let shadow = receive(
+        &consumer(&t("shadow"), "read_committed"),
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(!shadow.is_empty(), "no shadow scores");
+    for s in topics {
+        delete_topics(&[&t(s)]).await;
+    }
+}
