@@ -251,7 +251,8 @@ async fn a_challenger_is_rolled_out_to_champion_and_a_slower_one_is_rolled_back(
     let controller = start(&t, &model);
     worker_event(&t, &model, "req-1", "1", Stage::Promoted).await;
     worker_event(&t, &model, "req-2", "2", Stage::Registered).await;
-    // Shadow pairs on the champion's report start the canary.
+    // Shadow pairs on the champion's next report start the canary.
+    steps(&t, 1).await;
     report(&t, &model, "1", 0, 1000, 100.0, Some(("2", 150))).await;
     let got = steps(&t, 2).await;
     assert_eq!(
