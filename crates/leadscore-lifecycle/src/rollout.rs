@@ -504,8 +504,11 @@ impl Rollout {
                     .windows
                     .get(&version)
                     .map(|ws| {
+                        // Only windows the champion has reported too: the step is judged on them.
+                        let champion = self.champion.as_ref().and_then(|c| self.windows.get(c));
                         ws.iter()
                             .filter(|(k, _)| after_window_ms.is_none_or(|a| **k > a))
+                            .filter(|(k, _)| champion.is_none_or(|c| c.contains_key(k)))
                             .map(|(_, w)| w.scored)
                             .sum()
                     })
@@ -710,6 +713,11 @@ mod tests {
         r.on_window("2", 0, window(500, 100.0, None));
         assert!(r.on_tick(&p, 10 * H).is_empty());
         r.on_window("2", H, window(60, 100.0, None));
+        assert!(
+            r.on_tick(&p, 10 * H).is_empty(),
+            "the champion has not reported that window yet"
+        );
+        r.on_window("1", H, window(500, 100.0, None));
         assert_eq!(stages(&r.on_tick(&p, 10 * H)), [(Stage::Canary, 50)]);
         assert!(r.on_tick(&p, 20 * H).is_empty(), "no newer window yet");
     }

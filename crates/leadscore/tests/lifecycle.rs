@@ -275,8 +275,8 @@ async fn a_challenger_is_rolled_out_to_champion_and_a_slower_one_is_rolled_back(
     );
     // The canary scores as fast as the champion, window after window: 50%, 100%, champion.
     for (n, want) in [(1, 3), (2, 4), (3, 6)] {
-        report(&t, &model, "2", n, 60, 105.0, None).await;
         report(&t, &model, "1", n, 900, 100.0, None).await;
+        report(&t, &model, "2", n, 60, 105.0, None).await;
         steps(&t, want).await;
     }
     let got = steps(&t, 6).await;
@@ -317,8 +317,8 @@ async fn a_challenger_is_rolled_out_to_champion_and_a_slower_one_is_rolled_back(
     steps(&t, 8).await;
     report(&t, &model, "1", 4, 1000, 100.0, Some(("2", 150))).await;
     steps(&t, 9).await;
-    report(&t, &model, "2", 5, 60, 400.0, None).await;
     report(&t, &model, "1", 5, 900, 100.0, None).await;
+    report(&t, &model, "2", 5, 60, 400.0, None).await;
     let got = steps(&t, 10).await;
     let last = got.last().unwrap();
     assert_eq!(
