@@ -138,3 +138,27 @@ pub fn train_and_register(
         .unwrap();
     assert!(status.success(), "training job failed");
 }
+
+/// A free local TCP port (for a service's health endpoint).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Stops a service the way Kubernetes does: SIGTERM, up to 10 s for a graceful exit, then SIGKILL.
+pub fn terminate(mut child: std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    for _ in 0..100 {
+        if child.try_wait().unwrap().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

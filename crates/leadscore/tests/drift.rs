@@ -13,7 +13,9 @@ use std::time::Duration;
 use apache_avro::types::Value;
 use leadscore_aggregator::route::AlertMessage;
 use leadscore_crm::{DriftSpec, Generator, GeneratorConfig};
-use leadscore_e2e::{client, consumer, create_topic, delete_topics, receive, unique};
+use leadscore_e2e::{
+    client, consumer, create_topic, delete_topics, free_port, receive, terminate, unique,
+};
 use leadscore_model::{BandThresholds, Model};
 use leadscore_registry::{Decoder, Registry};
 use leadscore_scorer::records::{self, LeadScore, ModelScore, Reason, Role, ShadowScore};
@@ -79,14 +81,6 @@ impl Run {
     fn topics(&self) -> [&str; 4] {
         [&self.metrics, &self.alerts, &self.partials, &self.state]
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn start(input: &Input, run: &Run, instance: &str, extra: &[(&str, String)]) -> (Child, u16) {
@@ -394,20 +388,6 @@ async fn alerts(run: &Run, within: Duration) -> Vec<AlertMessage> {
     out
 }
 
-fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    for _ in 0..100 {
-        if child.try_wait().unwrap().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 fn knob(f: impl FnOnce(&mut DriftSpec) -> leadscore_crm::Result<()>) -> DriftSpec {
     let mut d = DriftSpec::default();
     f(&mut d).unwrap();
@@ -472,7 +452,7 @@ async fn injected_drift_is_flagged_on_its_feature_and_clean_windows_stay_quiet()
     let reports = hourly_reports(&run, (last + 1) as usize, Duration::from_secs(120)).await;
     let alerts = alerts(&run, Duration::from_secs(3)).await;
     let metrics = http_get(port, "/metrics").await;
-    stop(child);
+    terminate(child);
     // Every score is counted once (the flush records too), every shadow pair once.
     assert!(
         metrics.contains(&format!(
@@ -631,11 +611,11 @@ async fn a_sigkill_mid_window_and_a_restart_give_the_reports_of_an_uninterrupted
     flush_to(&input, &model, windows - 1, 3).await;
     let (child, _) = start(&input, &killed, "kill-0", &[]);
     let after_kill = all_reports(&killed, windows as usize).await;
-    stop(child);
+    terminate(child);
 
     let (child, _) = start(&input, &reference, "ref-0", &[]);
     let uninterrupted = all_reports(&reference, windows as usize).await;
-    stop(child);
+    terminate(child);
 
     assert_eq!(after_kill.len(), windows as usize);
     assert_same(&after_kill, &uninterrupted);
@@ -660,7 +640,7 @@ async fn instances_on_disjoint_partitions_merge_to_the_reports_of_one_instance()
 
     let (one, _) = start(&input, &single, "one-0", &[]);
     let from_one = all_reports(&single, windows as usize).await;
-    stop(one);
+    terminate(one);
 
     let left = [
         ("LEADSCORE__DRIFT__PARTITIONS", "[0, 1]".to_string()),
@@ -673,8 +653,8 @@ async fn instances_on_disjoint_partitions_merge_to_the_reports_of_one_instance()
     let (x, _) = start(&input, &split, "split-0", &left);
     let (y, _) = start(&input, &split, "split-1", &right);
     let from_two = all_reports(&split, windows as usize).await;
-    stop(x);
-    stop(y);
+    terminate(x);
+    terminate(y);
 
     assert_eq!(from_one.len(), windows as usize);
     assert_same(&from_one, &from_two);
@@ -868,7 +848,7 @@ async fn alerts_reach_slack_email_and_pagerduty_by_severity_through_receiver_fai
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop(child);
+    terminate(child);
     delete_topics(&[&input.scores, &input.shadow]).await;
     delete_topics(&run.topics()).await;
     let r = received.lock().unwrap();
@@ -999,7 +979,7 @@ async fn outcomes_of_a_windows_leads_give_conversion_by_band_and_auc() {
     let (child, _) = start(&input, &run, "outcomes-0", &extra);
     // Two window reports, then two outcome reports.
     let reports = hourly_reports(&run, 4, Duration::from_secs(120)).await;
-    stop(child);
+    terminate(child);
     let outcome_reports: Vec<&Report> = reports.iter().filter(|r| r.outcomes.is_some()).collect();
     assert_eq!(outcome_reports.len(), 2, "{reports:?}");
     for r in outcome_reports {
@@ -1068,7 +1048,7 @@ async fn a_version_first_seen_in_the_scores_is_profiled_from_mlflow() {
     );
     let reports = hourly_reports(&run, 2, Duration::from_secs(120)).await;
     let metrics = http_get(port, "/metrics").await;
-    stop(child);
+    terminate(child);
     let ours: Vec<&Report> = reports
         .iter()
         .filter(|r| r.version == "1" && r.kind == "hourly")

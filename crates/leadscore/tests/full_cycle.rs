@@ -11,19 +11,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use leadscore_crm::{DriftSpec, Generator, GeneratorConfig};
-use leadscore_e2e::{client, consumer, create_topic, delete_topics, receive, unique};
+use leadscore_e2e::{client, consumer, create_topic, delete_topics, receive, terminate, unique};
 use leadscore_lifecycle::events::LifecycleEvent;
 use leadscore_registry::{Decoder, Registry};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
+/// `127.0.0.1:<free port>`, for a service's health endpoint.
 fn free_port() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    format!("127.0.0.1:{port}")
+    format!("127.0.0.1:{}", leadscore_e2e::free_port())
 }
 
 fn spawn(args: &[&str], env: &[(String, String)]) -> Child {
@@ -36,20 +32,6 @@ fn spawn(args: &[&str], env: &[(String, String)]) -> Child {
         cmd.env(k, v);
     }
     cmd.spawn().unwrap()
-}
-
-fn term(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    for _ in 0..100 {
-        if child.try_wait().unwrap().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn kv(pairs: &[(&str, String)]) -> Vec<(String, String)> {
@@ -289,7 +271,7 @@ async fn drift_to_retraining_to_shadow_canary_and_promotion() {
         }
     }
     for s in services {
-        term(s);
+        terminate(s);
     }
     let seen: Vec<(&str, i32)> = steps.iter().map(|s| (s.0.as_str(), s.2)).collect();
     let want = [

@@ -9,7 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use leadscore_drift::report::{LatencySummary, ShadowAgreement, WindowKind, WindowReport};
-use leadscore_e2e::{client, consumer, create_topic, delete_topics, receive, unique};
+use leadscore_e2e::{
+    client, consumer, create_topic, delete_topics, free_port, receive, terminate, unique,
+};
 use leadscore_lifecycle::events::{LifecycleEvent, Stage};
 use leadscore_model::source::{Mlflow, Selector};
 use leadscore_registry::{Decoder, Encoder, Registry};
@@ -71,14 +73,6 @@ impl Topics {
 
 fn mlflow_url() -> String {
     std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn leadscore(args: &[&str], env: &[(&'static str, String)]) -> Command {
@@ -222,20 +216,6 @@ fn kill(mut child: Child) {
     child.wait().unwrap();
 }
 
-fn term(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    for _ in 0..100 {
-        if child.try_wait().unwrap().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_challenger_is_rolled_out_to_champion_and_a_slower_one_is_rolled_back() {
     let t = Topics::create().await;
@@ -333,7 +313,7 @@ async fn a_challenger_is_rolled_out_to_champion_and_a_slower_one_is_rolled_back(
     );
     assert_eq!(alias(&model, "champion").await.as_deref(), Some("1"));
     assert_eq!(alias(&model, "canary").await, None);
-    term(controller);
+    terminate(controller);
     delete_topics(&[&t.lifecycle, &t.metrics, &t.commands, &t.state]).await;
 }
 

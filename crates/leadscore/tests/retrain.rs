@@ -11,7 +11,9 @@ use std::time::Duration;
 use apache_avro::types::Value;
 use leadscore_drift::FeatureDrift;
 use leadscore_drift::report::{WindowKind, WindowReport};
-use leadscore_e2e::{client, consumer, create_topic, delete_topics, receive, unique};
+use leadscore_e2e::{
+    client, consumer, create_topic, delete_topics, free_port, receive, terminate, unique,
+};
 use leadscore_registry::{Decoder, Encoder, Registry};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -58,14 +60,6 @@ impl Topics {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start(t: &Topics, extra: &[(&str, String)]) -> (Child, u16) {
     let port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
@@ -84,20 +78,6 @@ fn start(t: &Topics, extra: &[(&str, String)]) -> (Child, u16) {
         cmd.env(k, v);
     }
     (cmd.spawn().unwrap(), port)
-}
-
-fn stop(mut child: Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    for _ in 0..100 {
-        if child.try_wait().unwrap().is_some() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 async fn metrics_text(port: u16) -> String {
@@ -305,7 +285,7 @@ async fn sustained_drift_asks_once_and_the_cooldown_holds_across_a_restart() {
         (got[1].0.as_str(), got[1].3.as_deref()),
         ("manual", Some("ops-1"))
     );
-    stop(child);
+    terminate(child);
     t.delete().await;
 }
 
@@ -325,7 +305,7 @@ async fn the_schedule_asks_when_due_unless_the_data_is_too_thin() {
     let (child, port) = start(&t, &thin);
     wait_for(port, "trigger=\"schedule\",outcome=\"not_enough_data\"}").await;
     assert!(requests(&t, Duration::from_secs(1)).await.is_empty());
-    stop(child);
+    terminate(child);
 
     let due = [
         ("LEADSCORE__RETRAIN__MIN_LABELLED_ROWS", "0".to_string()),
@@ -335,7 +315,7 @@ async fn the_schedule_asks_when_due_unless_the_data_is_too_thin() {
     ];
     let (child, port) = start(&t, &due);
     wait_for(port, "trigger=\"schedule\",outcome=\"requested\"}").await;
-    stop(child);
+    terminate(child);
     let got = requests(&t, Duration::from_secs(3)).await;
     assert!(!got.is_empty());
     assert!(got.iter().all(|r| r.0 == "schedule"));
@@ -439,7 +419,7 @@ async fn the_worker_trains_registers_and_reports_each_request_once() {
     request("first model");
     request("second model");
     let events = lifecycle(&lifecycle_topic, &model, 4).await;
-    stop(worker);
+    terminate(worker);
     let stages: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
     assert_eq!(
         stages,
@@ -460,7 +440,7 @@ async fn the_worker_trains_registers_and_reports_each_request_once() {
     );
     request("too little data");
     let events = lifecycle(&lifecycle_topic, &model, 6).await;
-    stop(worker);
+    terminate(worker);
     let stages: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
     assert_eq!(stages[4..], ["training", "failed"], "{events:?}");
     assert!(events[5].2.contains("refusing to train"), "{}", events[5].2);
