@@ -162,3 +162,27 @@ pub fn terminate(mut child: std::process::Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Encodes `value` with the schema file `schema` under `topic`'s value subject and sends it, keyed by `key`.
+pub async fn publish_avro(topic: &str, key: &str, schema: &str, value: apache_avro::types::Value) {
+    let registry = leadscore_registry::Registry::new(&config().registry).unwrap();
+    let encoder = leadscore_registry::Encoder::for_subject(
+        &registry,
+        &leadscore_schemas::value_subject(topic),
+        leadscore_schemas::find(schema).unwrap().text,
+    )
+    .await
+    .unwrap();
+    let bytes = encoder.encode(value).unwrap();
+    let producer: rdkafka::producer::FutureProducer = client(&[]).create().unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(topic)
+                .key(key)
+                .payload(&bytes),
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}

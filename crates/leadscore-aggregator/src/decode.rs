@@ -186,6 +186,8 @@ pub fn lead_score<'a>(
 /// The fields of a `ShadowScore` the aggregator uses.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shadow<'a> {
+    /// Shadow model name.
+    pub shadow_name: &'a str,
     /// Shadow model version.
     pub shadow_version: &'a str,
     /// Shadow score.
@@ -202,6 +204,8 @@ pub struct Shadow<'a> {
     pub live_band: usize,
     /// Event time, ms.
     pub event_time_ms: i64,
+    /// The shadow model failed on this lead (its score is meaningless).
+    pub failed: bool,
 }
 
 /// Reads a `ShadowScore` datum (no frame).
@@ -212,8 +216,8 @@ pub fn shadow_score(datum: &[u8]) -> Result<Shadow<'_>, Malformed> {
         at: 0,
     };
     c.str()?; // lead_id
-    c.index(2)?; // reason
-    c.str()?; // shadow model name
+    c.index(3)?; // reason
+    let shadow_name = c.str()?;
     let shadow_version = c.str()?;
     let shadow = c.double()?;
     let shadow_band = c.index(3)? as usize;
@@ -223,7 +227,12 @@ pub fn shadow_score(datum: &[u8]) -> Result<Shadow<'_>, Malformed> {
     let live_band = c.index(3)? as usize;
     c.index(2)?; // live_role
     let event_time_ms = c.long()?;
+    c.long()?; // scored_at
+    c.double()?; // latency_ms
+    // Records written before `error` existed end here.
+    let failed = c.at < c.bytes.len() && c.index(2)? == 1;
     Ok(Shadow {
+        shadow_name,
         shadow_version,
         shadow,
         shadow_band,
@@ -232,6 +241,7 @@ pub fn shadow_score(datum: &[u8]) -> Result<Shadow<'_>, Malformed> {
         live,
         live_band,
         event_time_ms,
+        failed,
     })
 }
 
@@ -310,26 +320,36 @@ mod tests {
         #[test]
         fn shadow_scores_read_back_what_the_scorer_wrote(
             live in 0.0f64..1.0, shadow in 0.0f64..1.0, lb in band(), sb in band(), event in any::<i64>(),
+            error in proptest::option::of(".{0,20}"),
         ) {
-            let record = ShadowScore {
+            let mut record = ShadowScore {
                 lead_id: "lead-2".into(),
-                reason: Reason::Challenger,
+                reason: if error.is_some() { Reason::Canary } else { Reason::Challenger },
                 shadow: model(sb, shadow, "8".into()),
                 live: model(lb, live, "7".into()),
                 live_role: Role::Champion,
                 event_time_ms: event,
                 scored_at_ms: 1,
                 latency_ms: 2.0,
+                error: None,
             };
+            let mut before_error = Vec::new();
+            record.encode(&mut before_error);
+            before_error.pop(); // the `error` union: records written before it existed end here
+            record.error = error.clone();
             let mut bytes = Vec::new();
             record.encode(&mut bytes);
             let s = shadow_score(&bytes).unwrap();
-            prop_assert_eq!((s.shadow_version, s.live_version), ("8", "7"));
+            prop_assert_eq!((s.shadow_name, s.shadow_version, s.live_version), ("lead-scoring", "8", "7"));
             prop_assert_eq!((s.shadow, s.live), (shadow, live));
             prop_assert_eq!((BANDS[s.shadow_band], BANDS[s.live_band]), (sb.as_str(), lb.as_str()));
             prop_assert_eq!(s.event_time_ms, event);
-            // Cut anywhere in the fields read (scored_at and latency, 9 bytes here, are not).
-            for cut in 0..bytes.len() - 9 {
+            prop_assert_eq!(s.failed, error.is_some());
+            let old = shadow_score(&before_error).unwrap();
+            prop_assert!(!old.failed);
+            prop_assert_eq!(old.shadow_version, "8");
+            // Cut anywhere before the optional `error` field: an error, never a panic.
+            for cut in 0..before_error.len() {
                 prop_assert!(shadow_score(&bytes[..cut]).is_err());
             }
         }

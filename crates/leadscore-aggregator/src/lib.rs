@@ -815,6 +815,25 @@ impl Core {
                 }
             },
             _ => match decode::shadow_score(datum) {
+                Ok(s) if s.failed => {
+                    // A candidate's failure: an error of its own version.
+                    self.ensure_profile(s.shadow_name, s.shadow_version);
+                    let Some(source) = self.sources.get_mut(&key) else {
+                        return Ok(());
+                    };
+                    let o = source.state.observe_error(
+                        &self.profiles,
+                        size,
+                        s.shadow_name,
+                        s.shadow_version,
+                        s.event_time_ms,
+                    );
+                    if o == Observed::Counted {
+                        self.metrics.add(Event::CandidateError, 1);
+                        return Ok(());
+                    }
+                    o
+                }
                 Ok(s) => {
                     self.ensure_profile(s.live_name, s.live_version);
                     let Some(source) = self.sources.get_mut(&key) else {
@@ -920,7 +939,7 @@ impl Core {
             end_ms: c.end_ms,
             scored: window.as_ref().map_or(0, Window::scored),
             late_events: c.late,
-            errors: 0,
+            errors: c.counts.as_ref().map_or(0, |k| k.errors),
             features: features.clone(),
             score_psi: window.as_ref().and_then(Window::score_psi),
             shadow: window.as_ref().and_then(Window::shadow),

@@ -16,6 +16,8 @@ pub enum Event {
     Counted,
     /// A shadow pair counted.
     Shadow,
+    /// A candidate's failure on a lead counted (as an error of its version).
+    CandidateError,
     /// A record for a window already released.
     Late,
     /// A score of a model version without a reference profile.
@@ -33,9 +35,10 @@ pub enum Event {
 }
 
 impl Event {
-    const ALL: [Event; 9] = [
+    const ALL: [Event; 10] = [
         Event::Counted,
         Event::Shadow,
+        Event::CandidateError,
         Event::Late,
         Event::Unprofiled,
         Event::Malformed,
@@ -49,6 +52,7 @@ impl Event {
         match self {
             Event::Counted => "counted",
             Event::Shadow => "shadow",
+            Event::CandidateError => "candidate_error",
             Event::Late => "late",
             Event::Unprofiled => "unprofiled",
             Event::Malformed => "malformed",
@@ -62,7 +66,7 @@ impl Event {
 
 /// Counters and gauges of one aggregator.
 pub struct Metrics {
-    counts: [AtomicU64; 9],
+    counts: [AtomicU64; 10],
     open_windows: AtomicU64,
     pending_windows: AtomicU64,
     last_checkpoint_ms: AtomicU64,

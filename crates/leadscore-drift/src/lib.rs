@@ -237,6 +237,9 @@ pub struct Counts {
     /// Shadow pairs per shadow model version.
     #[serde(default)]
     pub shadow: BTreeMap<String, ShadowCounts>,
+    /// Leads this version failed on (a candidate that could not score them).
+    #[serde(default)]
+    pub errors: u64,
 }
 
 impl Counts {
@@ -252,6 +255,7 @@ impl Counts {
             score: profile.score.as_ref().map(|s| Histogram::new(s.bins_len())),
             latency: LatencyHistogram::default(),
             shadow: BTreeMap::new(),
+            errors: 0,
         }
     }
 
@@ -316,6 +320,7 @@ impl Counts {
             a.merge(b).map_err(|e| Error::Mismatch(e.to_string()))?;
         }
         self.scored += other.scored;
+        self.errors += other.errors;
         self.latency.merge(&other.latency);
         for (v, s) in &other.shadow {
             let mine = self.shadow.entry(v.clone()).or_default();

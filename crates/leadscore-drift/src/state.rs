@@ -213,6 +213,25 @@ impl SourceState {
         }
     }
 
+    /// Counts a lead `model_version` failed on (a candidate's error) in its window of `size_ms`.
+    pub fn observe_error(
+        &mut self,
+        profiles: &Profiles,
+        size_ms: i64,
+        model_name: &str,
+        model_version: &str,
+        event_ms: i64,
+    ) -> Observed {
+        self.advance(event_ms);
+        match self.slot(profiles, size_ms, model_name, model_version, event_ms) {
+            Ok((open, _)) => {
+                open.counts.errors += 1;
+                Observed::Counted
+            }
+            Err(o) => o,
+        }
+    }
+
     /// Releases the windows the watermark (minus `lateness_ms`) has passed,
     /// and late counts; `None` when there is nothing new to say.
     pub fn release(&mut self, source: &str, size_ms: i64, lateness_ms: i64) -> Option<Partial> {
@@ -250,6 +269,7 @@ impl SourceState {
                         score: None,
                         latency: Default::default(),
                         shadow: BTreeMap::new(),
+                        errors: 0,
                     },
                     late: n,
                 });
@@ -404,7 +424,7 @@ impl Merger {
                         late: 0,
                     });
                 p.late += w.late;
-                if w.counts.scored > 0 || !w.counts.shadow.is_empty() {
+                if w.counts.scored > 0 || !w.counts.shadow.is_empty() || w.counts.errors > 0 {
                     match &mut p.counts {
                         Some(c) => c.merge(&w.counts)?,
                         None => p.counts = Some(w.counts.clone()),
@@ -598,6 +618,44 @@ mod tests {
             }
         }
         assert_eq!(whole, resumed);
+    }
+
+    #[test]
+    fn a_candidates_errors_complete_a_window_of_its_own_version_across_sources() {
+        let mut p = profiles();
+        p.insert("2".into(), p["1"].clone());
+        let names = ["t/0".to_string(), "t/1".to_string()];
+        let mut states = [SourceState::default(), SourceState::default()];
+        for i in 0..10u64 {
+            let k = (i % 2) as usize;
+            score(&mut states[k], &p, "1", 100 + i as i64, i);
+            let o = states[k].observe_error(&p, 1000, "lead-scoring", "2", 100 + i as i64);
+            assert_eq!(o, Observed::Counted);
+        }
+        assert_eq!(
+            states[0].observe_error(&p, 1000, "lead-scoring", "9", 150),
+            Observed::Unprofiled
+        );
+        let mut merger = Merger::default();
+        for (k, s) in states.iter_mut().enumerate() {
+            score(s, &p, "1", 1500, 99);
+            let text = serde_json::to_string(&*s).unwrap();
+            *s = serde_json::from_str(&text).unwrap();
+            merger
+                .add(s.release(&names[k], 1000, 0).unwrap(), &[1000])
+                .unwrap();
+        }
+        let done = merger.complete(&names, &[1000]);
+        let by_version = |v: &str| {
+            done.iter()
+                .find(|c| c.model_version == v && c.start_ms == 0)
+                .and_then(|c| c.counts.clone())
+                .unwrap()
+        };
+        let candidate = by_version("2");
+        assert_eq!((candidate.errors, candidate.scored), (10, 0));
+        let champion = by_version("1");
+        assert_eq!((champion.errors, champion.scored), (0, 10));
     }
 
     fn run(sources: &[&str], split: &dyn Fn(u64) -> usize) -> Vec<Completed> {

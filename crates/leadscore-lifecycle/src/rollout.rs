@@ -460,6 +460,32 @@ impl Rollout {
                             .sum()
                     })
                     .unwrap_or(0);
+                // A challenger that fails on leads in shadow never reaches the canary.
+                let errors: u64 = self
+                    .windows
+                    .get(&version)
+                    .map(|ws| {
+                        ws.iter()
+                            .filter(|(k, _)| after_window_ms.is_none_or(|a| **k > a))
+                            .map(|(_, w)| w.errors)
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                if errors > 0 {
+                    let rate = errors as f64 / (pairs + errors) as f64;
+                    if rate > p.max_error_rate {
+                        return self.abort(
+                            &version,
+                            format!(
+                                "automatic rollback of v{version} in shadow: error rate {:.2}% above {:.2}% ({errors} failed leads, {pairs} scored)",
+                                rate * 100.0,
+                                p.max_error_rate * 100.0
+                            ),
+                            p,
+                            now_ms,
+                        );
+                    }
+                }
                 if now_ms - since_ms < p.shadow_min_ms || pairs < p.shadow_min_pairs {
                     return Vec::new();
                 }
@@ -769,6 +795,45 @@ mod tests {
             }));
             assert_eq!(r.champion.as_deref(), Some("1"));
         }
+    }
+
+    #[test]
+    fn a_challenger_failing_in_shadow_is_rolled_back_and_rare_failures_are_tolerated() {
+        let p = policy();
+        let mut r = rollout();
+        r.on_event(&registered("2"), &p, 0);
+        // 1 failure in 200: 0.5%, under the 2% limit.
+        r.on_window("1", 0, window(500, 100.0, Some(("2", 199))));
+        r.on_window(
+            "2",
+            0,
+            VersionWindow {
+                errors: 1,
+                ..Default::default()
+            },
+        );
+        assert!(r.on_tick(&p, H).is_empty(), "0.5% failures: keep shadowing");
+        // The next window: 30 failures of 130: far above.
+        r.on_window("1", H, window(500, 100.0, Some(("2", 100))));
+        r.on_window(
+            "2",
+            H,
+            VersionWindow {
+                errors: 30,
+                ..Default::default()
+            },
+        );
+        let a = r.on_tick(&p, H + 1);
+        assert_eq!(stages(&a), [(Stage::RolledBack, 0)]);
+        assert!(a.contains(&Action::Alias {
+            alias: "challenger",
+            version: None
+        }));
+        let Some(Action::Event(e)) = a.last() else {
+            panic!("no event: {a:?}")
+        };
+        assert!(e.reason.contains("error rate"), "{}", e.reason);
+        assert_eq!(r.phase, Phase::Steady);
     }
 
     #[test]

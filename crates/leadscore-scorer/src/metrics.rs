@@ -126,6 +126,7 @@ pub struct Metrics {
     inputs: AtomicU64,
     scored: AtomicU64,
     shadow: AtomicU64,
+    candidate_errors: AtomicU64,
     tombstones: AtomicU64,
     outcomes: AtomicU64,
     ignored: AtomicU64,
@@ -153,6 +154,7 @@ impl Metrics {
                 inputs: AtomicU64::new(0),
                 scored: AtomicU64::new(0),
                 shadow: AtomicU64::new(0),
+                candidate_errors: AtomicU64::new(0),
                 tombstones: AtomicU64::new(0),
                 outcomes: AtomicU64::new(0),
                 ignored: AtomicU64::new(0),
@@ -182,6 +184,7 @@ impl Metrics {
         self.inputs.fetch_add(inputs as u64, Ordering::Relaxed);
         self.otel.inputs.add(inputs as u64, &[]);
         let (mut scored, mut shadow, mut tombstones, mut outcomes, mut ignored) = (0, 0, 0, 0, 0);
+        let mut candidate_errors = 0;
         for o in outputs {
             match o {
                 Output::Score { latency_ms, .. } => {
@@ -189,6 +192,7 @@ impl Metrics {
                     self.event_to_score.observe(*latency_ms);
                     self.otel.event_to_score.record(*latency_ms, &[]);
                 }
+                Output::Shadow { record, .. } if record.error.is_some() => candidate_errors += 1,
                 Output::Shadow { .. } => shadow += 1,
                 Output::Tombstone { .. } => tombstones += 1,
                 Output::Outcome => outcomes += 1,
@@ -204,6 +208,7 @@ impl Metrics {
         for (atomic, n, kind) in [
             (&self.scored, scored, "score"),
             (&self.shadow, shadow, "shadow"),
+            (&self.candidate_errors, candidate_errors, "candidate_error"),
             (&self.tombstones, tombstones, "tombstone"),
             (&self.outcomes, outcomes, "outcome"),
             (&self.ignored, ignored, "ignored"),
@@ -331,6 +336,11 @@ impl Metrics {
                 "leadscore_scorer_shadow_total",
                 "Shadow scores published.",
                 &self.shadow,
+            ),
+            (
+                "leadscore_scorer_candidate_errors_total",
+                "Leads a challenger or canary failed on (published to the shadow topic as errors; the champion served them).",
+                &self.candidate_errors,
             ),
             (
                 "leadscore_scorer_tombstones_total",

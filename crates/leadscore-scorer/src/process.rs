@@ -101,6 +101,20 @@ pub fn canary_bucket(lead_id: &str) -> f64 {
     (h % 10_000) as f64 / 100.0
 }
 
+/// When a candidate's failure was last logged, ms: a failing candidate fails every batch,
+/// so it is logged at most every [`FAILURE_LOG_EVERY_MS`] (every failure is counted).
+static LAST_FAILURE_LOG_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+const FAILURE_LOG_EVERY_MS: i64 = 30_000;
+
+fn failure_log_due(now_ms: i64) -> bool {
+    use std::sync::atomic::Ordering;
+    let last = LAST_FAILURE_LOG_MS.load(Ordering::Relaxed);
+    now_ms - last >= FAILURE_LOG_EVERY_MS
+        && LAST_FAILURE_LOG_MS
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
 /// Scores one batch. Leads are scored with one ONNX call per model.
 pub fn process(
     inputs: Vec<Decoded>,
@@ -138,10 +152,16 @@ pub fn process(
         return Ok(outputs);
     }
     let champion = models.champion.score_batch(&leads)?;
-    let challenger = models
-        .challenger
-        .map(|m| m.score_batch(&leads))
-        .transpose()?;
+    // A candidate that fails never stops scoring: the champion serves its leads
+    // and each failure is published as an error of the candidate's version.
+    let challenger = models.challenger.map(|m| {
+        m.score_batch(&leads).map_err(|e| {
+            if failure_log_due(now_ms()) {
+                tracing::warn!(version = %m.metadata().version, error = %e, leads = leads.len(), "challenger failed on a batch; counted as errors of its version (logged at most every 30 s)");
+            }
+            e.to_string()
+        })
+    });
     let canary_members: Vec<bool> = leads
         .iter()
         .map(|l| {
@@ -150,6 +170,7 @@ pub fn process(
                 .is_some_and(|(_, pct)| canary_bucket(&l.lead_id) < pct)
         })
         .collect();
+    let mut canary_failed: Option<String> = None;
     let canary_scores: HashMap<usize, f64> = match models.canary {
         Some((model, _)) if canary_members.iter().any(|m| *m) => {
             let subset: Vec<Lead> = leads
@@ -158,15 +179,23 @@ pub fn process(
                 .filter(|(_, m)| **m)
                 .map(|(l, _)| l.clone())
                 .collect();
-            let scored = model.score_batch(&subset)?;
-            canary_members
-                .iter()
-                .enumerate()
-                .filter(|(_, m)| **m)
-                .map(|(j, _)| j)
-                .zip(scored)
-                .filter_map(|(j, s)| s.ok().map(|s| (j, s.probability)))
-                .collect()
+            match model.score_batch(&subset) {
+                Ok(scored) => canary_members
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, m)| **m)
+                    .map(|(j, _)| j)
+                    .zip(scored)
+                    .filter_map(|(j, s)| s.ok().map(|s| (j, s.probability)))
+                    .collect(),
+                Err(e) => {
+                    if failure_log_due(now_ms()) {
+                        tracing::warn!(version = %model.metadata().version, error = %e, leads = subset.len(), "canary failed on a batch; the champion serves its leads, counted as errors of its version (logged at most every 30 s)");
+                    }
+                    canary_failed = Some(e.to_string());
+                    HashMap::new()
+                }
+            }
         }
         _ => HashMap::new(),
     };
@@ -235,7 +264,10 @@ pub fn process(
             latency_ms,
             cached,
         };
-        let shadow = |reason: Reason, shadow_model: &Model, shadow_score: f64| Output::Shadow {
+        let shadow = |reason: Reason,
+                      shadow_model: &Model,
+                      shadow_score: f64,
+                      error: Option<&String>| Output::Shadow {
             key: lead.lead_id.clone(),
             record: ShadowScore {
                 lead_id: lead.lead_id.clone(),
@@ -246,15 +278,29 @@ pub fn process(
                 event_time_ms: *event_time_ms,
                 scored_at_ms: scored_at,
                 latency_ms,
+                error: error.cloned(),
             },
         };
         if canary_scores.contains_key(&j) {
-            extra.push((i, shadow(Reason::CanaryChampion, models.champion, score)));
+            extra.push((
+                i,
+                shadow(Reason::CanaryChampion, models.champion, score, None),
+            ));
         }
-        if let (Some(m), Some(results)) = (models.challenger, challenger.as_ref())
-            && let Some(Ok(s)) = results.get(j)
+        if let (Some((m, _)), Some(why), true) = (models.canary, &canary_failed, canary_members[j])
         {
-            extra.push((i, shadow(Reason::Challenger, m, s.probability)));
+            extra.push((i, shadow(Reason::Canary, m, 0.0, Some(why))));
+        }
+        match (models.challenger, challenger.as_ref()) {
+            (Some(m), Some(Ok(results))) => {
+                if let Some(Ok(s)) = results.get(j) {
+                    extra.push((i, shadow(Reason::Challenger, m, s.probability, None)));
+                }
+            }
+            (Some(m), Some(Err(why))) => {
+                extra.push((i, shadow(Reason::Challenger, m, 0.0, Some(why))));
+            }
+            _ => {}
         }
     }
     // Shadow records follow their live score; order within a key is preserved.

@@ -47,6 +47,8 @@ pub enum Reason {
     Challenger,
     /// The champion, for leads the canary serves.
     CanaryChampion,
+    /// The canary, which failed on a lead it should have served (`error` says why).
+    Canary,
 }
 
 impl Reason {
@@ -54,6 +56,7 @@ impl Reason {
         match self {
             Reason::Challenger => 0,
             Reason::CanaryChampion => 1,
+            Reason::Canary => 2,
         }
     }
 
@@ -61,6 +64,7 @@ impl Reason {
         match self {
             Reason::Challenger => "challenger",
             Reason::CanaryChampion => "canary_champion",
+            Reason::Canary => "canary",
         }
     }
 }
@@ -137,6 +141,8 @@ pub struct ShadowScore {
     pub scored_at_ms: i64,
     /// Event to score, ms.
     pub latency_ms: f64,
+    /// Why the shadow model failed on this lead (its score is then meaningless).
+    pub error: Option<String>,
 }
 
 fn long(out: &mut Vec<u8>, v: i64) {
@@ -299,6 +305,13 @@ impl ShadowScore {
         long(out, self.event_time_ms);
         long(out, self.scored_at_ms);
         double(out, self.latency_ms);
+        match &self.error {
+            None => long(out, 0),
+            Some(e) => {
+                long(out, 1);
+                string(out, e);
+            }
+        }
     }
 
     /// The same record as a generic Avro value (tests and tools).
@@ -324,6 +337,13 @@ impl ShadowScore {
                 Value::TimestampMillis(self.scored_at_ms),
             ),
             ("latency_ms".into(), Value::Double(self.latency_ms)),
+            (
+                "error".into(),
+                match &self.error {
+                    None => Value::Union(0, Box::new(Value::Null)),
+                    Some(e) => Value::Union(1, Box::new(Value::String(e.clone()))),
+                },
+            ),
         ])
     }
 }
@@ -438,20 +458,22 @@ mod tests {
             shadow in model_score(),
             live in model_score(),
             canary in any::<bool>(),
-            challenger in any::<bool>(),
+            reason in 0u8..3,
             event in any::<i64>(),
             scored in any::<i64>(),
             latency in 0.0f64..1e7,
+            error in proptest::option::of(".{0,30}"),
         ) {
             let record = ShadowScore {
                 lead_id,
-                reason: if challenger { Reason::Challenger } else { Reason::CanaryChampion },
+                reason: [Reason::Challenger, Reason::CanaryChampion, Reason::Canary][usize::from(reason)],
                 shadow,
                 live,
                 live_role: if canary { Role::Canary } else { Role::Champion },
                 event_time_ms: event,
                 scored_at_ms: scored,
                 latency_ms: latency,
+                error,
             };
             let mut bytes = Vec::new();
             record.encode(&mut bytes);

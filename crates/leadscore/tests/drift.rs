@@ -186,6 +186,7 @@ fn shadow_of(s: &LeadScore) -> ShadowScore {
         event_time_ms: s.event_time_ms,
         scored_at_ms: s.scored_at_ms,
         latency_ms: s.latency_ms,
+        error: None,
     }
 }
 

@@ -53,51 +53,107 @@ fn create_event(l: &leadscore_crm::Lead, ts_ms: i64) -> Vec<u8> {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drift_to_retraining_to_shadow_canary_and_promotion() {
-    let mlflow =
-        std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
+const TOPICS: [&str; 13] = [
+    "in",
+    "scores",
+    "shadow",
+    "dlq",
+    "metrics",
+    "alerts",
+    "partials",
+    "dstate",
+    "requests",
+    "rstate",
+    "lifecycle",
+    "commands",
+    "lstate",
+];
+
+/// Every topic the services use, under `base`: leads and scores on 2 partitions.
+async fn create_topics(base: &str) {
+    for s in TOPICS {
+        let partitions = if ["in", "scores", "shadow"].contains(&s) {
+            2
+        } else {
+            1
+        };
+        create_topic(&format!("{base}.{s}"), partitions).await;
+    }
+}
+
+async fn delete_all(base: &str) {
+    for s in TOPICS {
+        delete_topics(&[&format!("{base}.{s}")]).await;
+    }
+}
+
+/// Sends 200 generated leads with event times from `ts` (10 ms apart); returns their ids.
+async fn send_window(
+    producer: &FutureProducer,
+    topic: &str,
+    g: &mut Generator,
+    ts: i64,
+) -> Vec<String> {
+    let mut sends = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let lead = g.next_lead().lead;
+        let bytes = create_event(&lead, ts + i * 10);
+        sends.push(
+            producer
+                .send_result(
+                    FutureRecord::to(topic)
+                        .key(lead.lead_id.as_str())
+                        .payload(&bytes),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap(),
+        );
+        ids.push(lead.lead_id);
+    }
+    for s in sends {
+        s.await.unwrap().unwrap();
+    }
+    ids
+}
+
+/// The lifecycle events of `name` on the topic since the last call: (stage, version, percent, reason).
+async fn lifecycle_events(
+    c: &rdkafka::consumer::StreamConsumer,
+    decoder: &Decoder,
+    name: &str,
+) -> Vec<(String, String, i32, String)> {
+    let mut out = Vec::new();
+    for m in receive(c, usize::MAX, Duration::from_millis(700)).await {
+        let v = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap();
+        let e = LifecycleEvent::from_value(&v).unwrap();
+        if e.model_name == name {
+            eprintln!(
+                "lifecycle: {} v{} {}% ({})",
+                e.stage.as_str(),
+                e.version,
+                e.canary_percent,
+                e.reason
+            );
+            out.push((
+                e.stage.as_str().to_string(),
+                e.version,
+                e.canary_percent,
+                e.reason,
+            ));
+        }
+    }
+    out
+}
+
+/// Every service's configuration: topics under `base`, model `name`, 2-second windows.
+fn env(base: &str, name: &str, mlflow: &str, csv: &Path) -> Vec<(String, String)> {
     let python = std::env::var("LEADSCORE_PYTHON")
         .expect("LEADSCORE_PYTHON (from `deploy/local/stack env`) runs the training job");
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let name = unique("it-cycle");
-    let base = unique("it.cycle");
     let t = |s: &str| format!("{base}.{s}");
-    let topics = [
-        "in",
-        "scores",
-        "shadow",
-        "dlq",
-        "metrics",
-        "alerts",
-        "partials",
-        "dstate",
-        "requests",
-        "rstate",
-        "lifecycle",
-        "commands",
-        "lstate",
-    ];
-    for s in topics {
-        create_topic(
-            &t(s),
-            if ["in", "scores", "shadow"].contains(&s) {
-                2
-            } else {
-                1
-            },
-        )
-        .await;
-    }
-
-    // v1: the champion, trained on generated leads.
-    let dir = tempfile::tempdir().unwrap();
-    let csv = dir.path().join("leads.csv");
-    leadscore_e2e::write_leads_csv(&csv, 41, 3000);
-    leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &name, &mlflow, "0.02");
     let alias = |a: &str| format!("mlflow+{mlflow}/{name}@{a}");
-
-    let env = kv(&[
+    kv(&[
         ("LEADSCORE__SCORER__INPUT_TOPIC", t("in")),
         ("LEADSCORE__SCORER__SCORES_TOPIC", t("scores")),
         ("LEADSCORE__SCORER__SHADOW_TOPIC", t("shadow")),
@@ -123,7 +179,7 @@ async fn drift_to_retraining_to_shadow_canary_and_promotion() {
             "LEADSCORE__DRIFT__MODELS",
             format!("[\"{}\"]", alias("champion")),
         ),
-        ("LEADSCORE__DRIFT__MLFLOW_URL", mlflow.clone()),
+        ("LEADSCORE__DRIFT__MLFLOW_URL", mlflow.to_string()),
         ("LEADSCORE__DRIFT__WINDOW_MS", "2000".into()),
         ("LEADSCORE__DRIFT__ROLLUPS_MS", "[]".into()),
         ("LEADSCORE__DRIFT__LATENESS_MS", "0".into()),
@@ -160,7 +216,7 @@ async fn drift_to_retraining_to_shadow_canary_and_promotion() {
             repo.join("training").display().to_string(),
         ),
         ("LEADSCORE__TRAINING__DATA", csv.display().to_string()),
-        ("LEADSCORE__TRAINING__MLFLOW_URL", mlflow.clone()),
+        ("LEADSCORE__TRAINING__MLFLOW_URL", mlflow.to_string()),
         ("LEADSCORE__TRAINING__TRIALS", "2".into()),
         (
             "LEADSCORE__TRAINING__EXTRA_ARGS",
@@ -181,7 +237,7 @@ async fn drift_to_retraining_to_shadow_canary_and_promotion() {
             format!("{base}-lifecycle"),
         ),
         ("LEADSCORE__LIFECYCLE__MODELS", format!("[\"{name}\"]")),
-        ("LEADSCORE__LIFECYCLE__MLFLOW_URL", mlflow.clone()),
+        ("LEADSCORE__LIFECYCLE__MLFLOW_URL", mlflow.to_string()),
         ("LEADSCORE__LIFECYCLE__SHADOW_MIN_MS", "0".into()),
         ("LEADSCORE__LIFECYCLE__SHADOW_MIN_PAIRS", "50".into()),
         ("LEADSCORE__LIFECYCLE__STEP_MIN_MS", "0".into()),
@@ -190,7 +246,24 @@ async fn drift_to_retraining_to_shadow_canary_and_promotion() {
         ("LEADSCORE__LIFECYCLE__TICK_MS", "200".into()),
         ("LEADSCORE__LIFECYCLE__RESCORE_RATE", "0".into()),
         ("LEADSCORE__LIFECYCLE__HTTP_LISTEN", free_port()),
-    ]);
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_to_retraining_to_shadow_canary_and_promotion() {
+    let mlflow =
+        std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
+    let name = unique("it-cycle");
+    let base = unique("it.cycle");
+    let t = |s: &str| format!("{base}.{s}");
+    create_topics(&base).await;
+
+    // v1: the champion, trained on generated leads.
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("leads.csv");
+    leadscore_e2e::write_leads_csv(&csv, 41, 3000);
+    leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &name, &mlflow, "0.02");
+    let env = env(&base, &name, &mlflow, &csv);
     let mut services = vec![
         spawn(&["scorer"], &env),
         spawn(&["drift"], &env),
@@ -235,39 +308,11 @@ async fn drift_to_retraining_to_shadow_canary_and_promotion() {
             drift: spec,
             ..Default::default()
         });
-        let mut sends = Vec::new();
-        for i in 0..200 {
-            let lead = g.next_lead().lead;
-            let bytes = create_event(&lead, ts + i * 10);
-            sends.push(
-                producer
-                    .send_result(
-                        FutureRecord::to(&t("in"))
-                            .key(lead.lead_id.as_str())
-                            .payload(&bytes),
-                    )
-                    .map_err(|(e, _)| e)
-                    .unwrap(),
-            );
-        }
-        for s in sends {
-            s.await.unwrap().unwrap();
-        }
+        send_window(&producer, &t("in"), &mut g, ts).await;
         ts += 2000;
         window += 1;
-        for m in receive(&lifecycle, usize::MAX, Duration::from_millis(700)).await {
-            let v = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap();
-            let e = LifecycleEvent::from_value(&v).unwrap();
-            if e.model_name == name {
-                eprintln!(
-                    "lifecycle: {} v{} {}% ({})",
-                    e.stage.as_str(),
-                    e.version,
-                    e.canary_percent,
-                    e.reason
-                );
-                steps.push((e.stage.as_str().to_string(), e.version, e.canary_percent));
-            }
+        for e in lifecycle_events(&lifecycle, &decoder, &name).await {
+            steps.push((e.0, e.1, e.2));
         }
     }
     for s in services {
@@ -295,7 +340,198 @@ async fn drift_to_retraining_to_shadow_canary_and_promotion() {
     )
     .await;
     assert!(!shadow.is_empty(), "no shadow scores");
-    for s in topics {
-        delete_topics(&[&t(s)]).await;
+    delete_all(&base).await;
+}
+
+/// A string field of a decoded record (unions unwrapped).
+fn text(v: &apache_avro::types::Value, path: &[&str]) -> Option<String> {
+    use apache_avro::types::Value;
+    let mut v = v;
+    for name in path {
+        let Value::Record(fields) = v else {
+            return None;
+        };
+        v = &fields.iter().find(|(n, _)| n == name)?.1;
+        if let Value::Union(_, inner) = v {
+            v = inner;
+        }
     }
+    match v {
+        Value::String(s) | Value::Enum(_, s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_challenger_failing_on_leads_is_rolled_back_in_canary_and_every_lead_is_still_scored() {
+    let mlflow =
+        std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
+    let python = std::env::var("LEADSCORE_PYTHON")
+        .expect("LEADSCORE_PYTHON (from `deploy/local/stack env`) runs the training job");
+    let name = unique("it-failing");
+    let base = unique("it.failing");
+    let t = |s: &str| format!("{base}.{s}");
+    create_topics(&base).await;
+
+    // v1 the champion; v2 the same model exported with a fixed batch size of one:
+    // it loads, but fails on every batch of two leads or more.
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("leads.csv");
+    leadscore_e2e::write_leads_csv(&csv, 43, 3000);
+    leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &name, &mlflow, "0.02");
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/static_batch_version.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .args([&mlflow, &name])
+        .arg(dir.path().join("v1"))
+        .arg(dir.path().join("v2"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().last(),
+        Some("2")
+    );
+
+    let mut env = env(&base, &name, &mlflow, &csv);
+    // Straight to the canary; the step never completes on its own: only a rollback ends it.
+    env.extend(kv(&[
+        ("LEADSCORE__LIFECYCLE__SHADOW_MIN_PAIRS", "0".into()),
+        ("LEADSCORE__LIFECYCLE__STEP_MIN_SCORES", "100000000".into()),
+    ]));
+    let mut services = vec![
+        spawn(&["scorer"], &env),
+        spawn(&["drift"], &env),
+        spawn(&["model", "controller"], &env),
+    ];
+    // What the training worker publishes for a version that passed its gate.
+    let registered = LifecycleEvent {
+        event_id: "req-1/registered".into(),
+        model_name: name.clone(),
+        version: "2".into(),
+        stage: leadscore_lifecycle::events::Stage::Registered,
+        canary_percent: 0,
+        champion_version: Some("1".into()),
+        challenger_version: Some("2".into()),
+        reason: "trained".into(),
+        at_ms: chrono::Utc::now().timestamp_millis(),
+    };
+    leadscore_e2e::publish_avro(
+        &t("lifecycle"),
+        &name,
+        "ModelLifecycleEvent.avsc",
+        registered.to_value(),
+    )
+    .await;
+
+    let producer: FutureProducer = client(&[("linger.ms", "5")]).create().unwrap();
+    let decoder = Decoder::new(Registry::new(&leadscore_e2e::config().registry).unwrap());
+    let lifecycle = consumer(&t("lifecycle"), "read_committed");
+    let mut steps = Vec::new();
+    let mut sent = std::collections::BTreeSet::new();
+    let mut ts = chrono::Utc::now().timestamp_millis() / 2000 * 2000;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut window = 0u64;
+    while tokio::time::Instant::now() < deadline
+        && !steps
+            .iter()
+            .any(|s: &(String, String, i32, String)| s.0 == "rolled_back")
+    {
+        for s in &mut services {
+            assert!(
+                s.try_wait().unwrap().is_none(),
+                "a service stopped (see its log above)"
+            );
+        }
+        let mut g = Generator::new(GeneratorConfig {
+            seed: 900 + window,
+            id_prefix: format!("{name}-w{window}"),
+            ..Default::default()
+        });
+        sent.extend(send_window(&producer, &t("in"), &mut g, ts).await);
+        ts += 2000;
+        window += 1;
+        steps.extend(lifecycle_events(&lifecycle, &decoder, &name).await);
+    }
+    // The controller's steps (the worker's `registered` event is the test's own).
+    steps.retain(|s| s.0 != "registered");
+    let seen: Vec<(&str, i32)> = steps.iter().map(|s| (s.0.as_str(), s.2)).collect();
+    assert_eq!(
+        seen,
+        [("shadow", 0), ("canary", 10), ("rolled_back", 0)],
+        "{steps:?}"
+    );
+    let reason = &steps[2].3;
+    assert!(
+        reason.contains("automatic rollback of v2") && reason.contains("error rate"),
+        "{reason}"
+    );
+
+    // Every lead got a live score, nearly all from the champion.
+    let scores = consumer(&t("scores"), "read_committed");
+    let mut scored = std::collections::BTreeMap::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while scored.len() < sent.len() && tokio::time::Instant::now() < until {
+        for m in receive(&scores, usize::MAX, Duration::from_secs(2)).await {
+            let v = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap();
+            let id = text(&v, &["lead_id"]).unwrap();
+            scored.insert(id, text(&v, &["model_version"]).unwrap());
+        }
+    }
+    for s in services {
+        terminate(s);
+    }
+    assert_eq!(scored.len(), sent.len(), "leads without a live score");
+    assert!(scored.keys().eq(sent.iter()));
+    // A batch with a single canary lead is one the fixed-batch model can score: rare.
+    let from_champion = scored.values().filter(|v| *v == "1").count();
+    assert!(
+        from_champion * 10 >= sent.len() * 9,
+        "{from_champion} of {} live scores from the champion",
+        sent.len()
+    );
+    // v2's failures are on the shadow topic, as errors of v2, from shadow and from the canary.
+    let shadow = receive(
+        &consumer(&t("shadow"), "read_committed"),
+        usize::MAX,
+        Duration::from_secs(5),
+    )
+    .await;
+    let mut failures = std::collections::BTreeMap::<String, usize>::new();
+    for m in &shadow {
+        let v = decoder.decode(leadscore_e2e::payload(m)).await.unwrap();
+        if text(&v, &["error"]).is_some() {
+            assert_eq!(text(&v, &["shadow", "model_version"]).as_deref(), Some("2"));
+            *failures.entry(text(&v, &["reason"]).unwrap()).or_default() += 1;
+        }
+    }
+    assert!(
+        failures.get("challenger").is_some_and(|n| *n > 0),
+        "{failures:?}"
+    );
+    assert!(
+        failures.get("canary").is_some_and(|n| *n > 0),
+        "{failures:?}"
+    );
+    let registry = leadscore_model::source::Mlflow::new(&mlflow).unwrap();
+    let alias = |a: &'static str| {
+        let registry = &registry;
+        let name = name.clone();
+        async move {
+            registry
+                .version(&name, &leadscore_model::source::Selector::Alias(a.into()))
+                .await
+                .ok()
+                .map(|v| v.version)
+        }
+    };
+    assert_eq!(alias("champion").await.as_deref(), Some("1"));
+    assert_eq!(alias("challenger").await, None);
+    assert_eq!(alias("canary").await, None);
+    delete_all(&base).await;
 }

@@ -10,12 +10,11 @@ use std::time::Duration;
 
 use leadscore_drift::report::{LatencySummary, ShadowAgreement, WindowKind, WindowReport};
 use leadscore_e2e::{
-    client, consumer, create_topic, delete_topics, free_port, receive, terminate, unique,
+    consumer, create_topic, delete_topics, free_port, publish_avro, receive, terminate, unique,
 };
 use leadscore_lifecycle::events::{LifecycleEvent, Stage};
 use leadscore_model::source::{Mlflow, Selector};
-use leadscore_registry::{Decoder, Encoder, Registry};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use leadscore_registry::{Decoder, Registry};
 
 const H: i64 = 3_600_000;
 
@@ -96,29 +95,6 @@ fn start(t: &Topics, model: &str) -> Child {
         .unwrap()
 }
 
-async fn encoder(topic: &str, file: &str) -> Encoder {
-    let registry = Registry::new(&leadscore_e2e::config().registry).unwrap();
-    Encoder::for_subject(
-        &registry,
-        &leadscore_schemas::value_subject(topic),
-        leadscore_schemas::find(file).unwrap().text,
-    )
-    .await
-    .unwrap()
-}
-
-async fn send(topic: &str, key: &str, bytes: Vec<u8>) {
-    let producer: FutureProducer = client(&[]).create().unwrap();
-    producer
-        .send(
-            FutureRecord::to(topic).key(key).payload(&bytes),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-}
-
 /// What the training worker would publish.
 async fn worker_event(t: &Topics, model: &str, id: &str, version: &str, stage: Stage) {
     let e = LifecycleEvent {
@@ -132,8 +108,13 @@ async fn worker_event(t: &Topics, model: &str, id: &str, version: &str, stage: S
         reason: "trained".into(),
         at_ms: chrono::Utc::now().timestamp_millis(),
     };
-    let enc = encoder(&t.lifecycle, "ModelLifecycleEvent.avsc").await;
-    send(&t.lifecycle, model, enc.encode(e.to_value()).unwrap()).await;
+    publish_avro(
+        &t.lifecycle,
+        model,
+        "ModelLifecycleEvent.avsc",
+        e.to_value(),
+    )
+    .await;
 }
 
 /// An hourly report of `version` for the `n`th hour from now (each step counts only newer windows).
@@ -173,8 +154,7 @@ async fn report(
         outcomes: None,
         emitted_at_ms: start,
     };
-    let enc = encoder(&t.metrics, "WindowReport.avsc").await;
-    send(&t.metrics, model, enc.encode(r.to_value()).unwrap()).await;
+    publish_avro(&t.metrics, model, "WindowReport.avsc", r.to_value()).await;
 }
 
 /// (stage, version, canary percent, reason) of the controller's events, waiting for `want`.
