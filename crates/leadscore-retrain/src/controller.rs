@@ -344,27 +344,41 @@ impl Controller {
         if actions.is_empty() {
             return Ok(());
         }
-        let mut events = Vec::new();
-        for a in actions {
-            match a {
-                Action::Alias { alias, version } => {
-                    let done = match &version {
-                        Some(v) => self.rt.block_on(self.mlflow.set_alias(model, alias, v)),
-                        None => self.rt.block_on(self.mlflow.delete_alias(model, alias)),
-                    };
-                    if let Err(e) = done {
-                        tracing::error!(model, alias, ?version, error = %e, "MLflow alias not changed; the step is retried");
-                        self.state.rollouts.insert(model.to_string(), before);
-                        return Ok(());
-                    }
+        let (aliases, events): (Vec<_>, Vec<_>) = actions
+            .into_iter()
+            .partition(|a| matches!(a, Action::Alias { .. }));
+        let events: Vec<LifecycleEvent> = events
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Event(e) => Some(e),
+                Action::Alias { .. } => None,
+            })
+            .collect();
+        // The aliases change inside the open transaction, once the broker has accepted it:
+        // a fenced controller stops before it touches MLflow.
+        let applied = self.commit_with(&events, |c| {
+            for a in &aliases {
+                let Action::Alias { alias, version } = a else {
+                    continue;
+                };
+                let done = match version {
+                    Some(v) => c.rt.block_on(c.mlflow.set_alias(model, alias, v)),
+                    None => c.rt.block_on(c.mlflow.delete_alias(model, alias)),
+                };
+                if let Err(e) = done {
+                    tracing::error!(model, alias, ?version, error = %e, "MLflow alias not changed; the step is retried");
+                    return false;
                 }
-                Action::Event(e) => events.push(e),
             }
+            true
+        })?;
+        if !applied {
+            self.state.rollouts.insert(model.to_string(), before);
+            return Ok(());
         }
         for e in &events {
             tracing::warn!(model, version = %e.version, stage = e.stage.as_str(), canary_percent = e.canary_percent, reason = %e.reason, "lifecycle step");
         }
-        self.commit(&events)?;
         let promoted = events
             .iter()
             .any(|e| e.stage == leadscore_lifecycle::events::Stage::Promoted);
@@ -382,6 +396,16 @@ impl Controller {
 
     /// One transaction: events, checkpoint, offsets.
     fn commit(&mut self, events: &[LifecycleEvent]) -> Result<()> {
+        self.commit_with(events, |_| true).map(|_| ())
+    }
+
+    /// One transaction: events, checkpoint, offsets; `apply` runs once the broker has the
+    /// transaction's records and before it commits. `apply` returning false aborts it.
+    fn commit_with(
+        &mut self,
+        events: &[LifecycleEvent],
+        apply: impl FnOnce(&Self) -> bool,
+    ) -> Result<bool> {
         let checkpoint = serde_json::to_vec(&ControllerState {
             format: 1,
             ..self.state.clone()
@@ -430,11 +454,35 @@ impl Controller {
                 .send_offsets_to_transaction(&offsets, &group, self.timeout)
                 .map_err(kerr("send offsets"))?;
         }
+        // Delivering the records makes the broker check this producer's epoch.
+        let flushed = self.producer.flush(self.timeout);
+        if let Some((_, why)) = self.producer.client().fatal_error() {
+            return Err(Error::Fenced(self.cfg.transactional_id.clone(), why));
+        }
+        flushed.map_err(kerr("deliver the transaction's records"))?;
+        if !apply(self) {
+            self.producer
+                .abort_transaction(self.timeout)
+                .map_err(kerr("abort transaction"))?;
+            return Ok(false);
+        }
         self.producer
             .commit_transaction(self.timeout)
-            .map_err(kerr(format!("commit ({})", self.cfg.transactional_id)))?;
+            .map_err(|e| match &e {
+                rdkafka::error::KafkaError::Transaction(t)
+                    if matches!(
+                        t.code(),
+                        rdkafka::types::RDKafkaErrorCode::ProducerFenced
+                            | rdkafka::types::RDKafkaErrorCode::Fenced
+                            | rdkafka::types::RDKafkaErrorCode::InvalidProducerEpoch
+                    ) =>
+                {
+                    Error::Fenced(self.cfg.transactional_id.clone(), t.to_string())
+                }
+                _ => kerr(format!("commit ({})", self.cfg.transactional_id))(e),
+            })?;
         self.dirty = false;
-        Ok(())
+        Ok(true)
     }
 }
 

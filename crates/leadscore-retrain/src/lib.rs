@@ -56,6 +56,11 @@ pub enum Error {
     /// The CRM database could not be asked.
     #[error("CRM database: {0}")]
     Crm(String),
+    /// Another instance with the same transactional id has started: this one must stop.
+    #[error(
+        "fenced: another instance with transactional id `{0}` took over ({1}); this one stops without acting. Run one instance per transactional id"
+    )]
+    Fenced(String, String),
 }
 
 /// Result alias for this crate.

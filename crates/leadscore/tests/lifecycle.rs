@@ -421,3 +421,102 @@ async fn rescoring_sends_every_open_lead_through_the_scorer_keyed_like_debezium(
         .unwrap();
     delete_topics(&[&input, &scores, &shadow, &dlq]).await;
 }
+
+/// Whether the service on `port` answers `/readyz` with 200.
+fn ready(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200")
+}
+
+async fn wait_ready(port: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !ready(port) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no readiness on {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_controller_fences_the_first_which_stops_without_acting() {
+    let t = Topics::create().await;
+    let model = unique("it-fence");
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("leads.csv");
+    leadscore_e2e::write_leads_csv(&csv, 11, 2000);
+    leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &model, &mlflow_url(), "0.02");
+    // v2: any second version will do (the controller never loads it).
+    let python = std::env::var("LEADSCORE_PYTHON").expect("LEADSCORE_PYTHON");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support/static_batch_version.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args([mlflow_url(), model.clone()])
+        .arg(dir.path().join("v1"))
+        .arg(dir.path().join("v2"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Two controllers with the same transactional id (a rolling update gone wrong).
+    let (port_a, port_b) = (free_port(), free_port());
+    let log_a = dir.path().join("a.log");
+    let mut a = leadscore(&["model", "controller"], &t.env(&model))
+        .env(
+            "LEADSCORE__LIFECYCLE__HTTP_LISTEN",
+            format!("127.0.0.1:{port_a}"),
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_a).unwrap())
+        .spawn()
+        .unwrap();
+    wait_ready(port_a).await;
+    let b = leadscore(&["model", "controller"], &t.env(&model))
+        .env(
+            "LEADSCORE__LIFECYCLE__HTTP_LISTEN",
+            format!("127.0.0.1:{port_b}"),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    wait_ready(port_b).await;
+
+    // Both read the registration; only the second acts, the first stops on its next transaction.
+    worker_event(&t, &model, "req-2", "2", Stage::Registered).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = a.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fenced controller kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let log = std::fs::read_to_string(&log_a).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("fenced"), "{log}");
+    let got = steps(&t, 1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = steps(&t, 1).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(again, got, "one shadow step, published once");
+    assert_eq!((got[0].0.as_str(), got[0].1.as_str()), ("shadow", "2"));
+    assert_eq!(alias(&model, "challenger").await.as_deref(), Some("2"));
+    terminate(b);
+    delete_topics(&[&t.lifecycle, &t.metrics, &t.commands, &t.state]).await;
+}
