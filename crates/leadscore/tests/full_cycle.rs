@@ -159,6 +159,10 @@ fn env(base: &str, name: &str, mlflow: &str, csv: &Path) -> Vec<(String, String)
         ("LEADSCORE__SCORER__SHADOW_TOPIC", t("shadow")),
         ("LEADSCORE__SCORER__DLQ_TOPIC", t("dlq")),
         ("LEADSCORE__SCORER__GROUP_ID", format!("{base}-scorer")),
+        (
+            "LEADSCORE__SCORER__TRANSACTIONAL_ID_PREFIX",
+            format!("{base}-scorer"),
+        ),
         ("LEADSCORE__SCORER__CHAMPION_MODEL", alias("champion")),
         ("LEADSCORE__SCORER__CHALLENGER_MODEL", alias("challenger")),
         ("LEADSCORE__SCORER__CANARY_MODEL", alias("canary")),
@@ -175,6 +179,11 @@ fn env(base: &str, name: &str, mlflow: &str, csv: &Path) -> Vec<(String, String)
         ("LEADSCORE__DRIFT__STATE_TOPIC", t("dstate")),
         ("LEADSCORE__DRIFT__GROUP_ID", format!("{base}-drift")),
         ("LEADSCORE__DRIFT__INSTANCE_ID", "cycle-0".into()),
+        // Transactional ids unique per test: tests run side by side.
+        (
+            "LEADSCORE__DRIFT__TRANSACTIONAL_ID_PREFIX",
+            format!("{base}-drift"),
+        ),
         (
             "LEADSCORE__DRIFT__MODELS",
             format!("[\"{}\"]", alias("champion")),
