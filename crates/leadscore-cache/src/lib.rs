@@ -164,6 +164,41 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// The cached scores of `lead_ids` (one MGET), in order; `None` for a miss.
+    pub async fn get_many(&self, lead_ids: &[String]) -> Result<Vec<Option<CachedScore>>> {
+        if lead_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = lead_ids.iter().map(|id| key(id)).collect();
+        let mut conn = self.connection().await?;
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(&keys);
+        let values: Vec<Option<String>> =
+            match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    self.forget().await;
+                    return Err(self.err(e));
+                }
+                Err(_) => {
+                    self.forget().await;
+                    return Err(self.err("read timed out"));
+                }
+            };
+        values
+            .into_iter()
+            .map(|v| {
+                v.map(|v| {
+                    serde_json::from_str(&v)
+                        .map_err(|e| self.err(format!("bad cached value for a lead: {e}")))
+                })
+                .transpose()
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

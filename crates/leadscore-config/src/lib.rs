@@ -59,6 +59,81 @@ pub struct Config {
     pub training: TrainingConfig,
     /// The lifecycle controller.
     pub lifecycle: LifecycleConfig,
+    /// The lookup service (gRPC, the seed's REST contract, Open Inference Protocol).
+    pub lookup: LookupConfig,
+}
+
+/// The lookup service: score reads, on-demand scoring, model info.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LookupConfig {
+    /// gRPC address (leadscore.v1.LeadScores, Open Inference Protocol v2, health, reflection).
+    pub grpc_listen: String,
+    /// REST address: the seed's contract (`/health`, `/score-lead`, `/model-info`), `/leads/{id}/score`, `/healthz`, `/readyz`, `/metrics`.
+    pub rest_listen: String,
+    /// Redis score cache; unset reads Postgres only.
+    pub redis_url: Option<String>,
+    /// Per-call Redis timeout, ms (a slow cache falls back to Postgres).
+    pub redis_timeout_ms: u64,
+    /// Connections to the CRM database (`postgres.url`).
+    pub pool_size: usize,
+    /// Per-query Postgres timeout, ms.
+    pub db_timeout_ms: u64,
+    /// Champion model URL; unset: `scorer.champion_model` (the same model as the stream).
+    pub champion_model: Option<String>,
+    /// Challenger model URL; unset: `scorer.challenger_model`.
+    pub challenger_model: Option<String>,
+    /// Re-resolve MLflow aliases this often, s (0 disables); lifecycle events also trigger it.
+    pub model_poll_secs: u64,
+    /// Lifecycle events (model swaps, canary share); empty disables following them.
+    pub lifecycle_topic: String,
+    /// Live scores WatchScores follows.
+    pub scores_topic: String,
+    /// Most ids in one BatchGetScores.
+    pub max_batch: usize,
+    /// Largest request body or message, bytes.
+    pub max_request_bytes: usize,
+    /// Bearer tokens accepted (give them through the environment); with `auth_tokens_file`, empty means no auth.
+    pub auth_tokens: Vec<String>,
+    /// A file of bearer tokens, one per line (`#` comments).
+    pub auth_tokens_file: Option<String>,
+    /// PEM certificate chain for gRPC TLS; with `tls_key`.
+    pub tls_cert: Option<String>,
+    /// PEM private key for gRPC TLS.
+    pub tls_key: Option<String>,
+    /// PEM CA bundle: when set, gRPC clients must present a certificate it signed (mutual TLS).
+    pub tls_client_ca: Option<String>,
+    /// Origins allowed by CORS on the REST port (`*` for any); empty sends no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// On SIGTERM: time to drain in-flight calls and streams, ms.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for LookupConfig {
+    fn default() -> Self {
+        Self {
+            grpc_listen: "127.0.0.1:50051".into(),
+            rest_listen: "127.0.0.1:8000".into(),
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            redis_timeout_ms: 50,
+            pool_size: 4,
+            db_timeout_ms: 1_000,
+            champion_model: None,
+            challenger_model: None,
+            model_poll_secs: 30,
+            lifecycle_topic: "leadscore.model.lifecycle.v1".into(),
+            scores_topic: "leads.scores.v1".into(),
+            max_batch: 1_000,
+            max_request_bytes: 64 * 1024,
+            auth_tokens: Vec::new(),
+            auth_tokens_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            cors_origins: Vec::new(),
+            shutdown_grace_ms: 10_000,
+        }
+    }
 }
 
 /// The lifecycle controller: rollout rules, topics, MLflow.
@@ -748,6 +823,7 @@ impl Config {
             });
         }
         self.validate_drift()?;
+        self.validate_lookup()?;
         if !(self.connect.url.starts_with("http://") || self.connect.url.starts_with("https://")) {
             return Err(Error::Invalid {
                 key: "connect.url",
@@ -795,6 +871,44 @@ impl Config {
 }
 
 impl Config {
+    fn validate_lookup(&self) -> Result<()> {
+        let l = &self.lookup;
+        let invalid = |key: &'static str, reason: String| Err(Error::Invalid { key, reason });
+        for (key, addr) in [
+            ("lookup.grpc_listen", &l.grpc_listen),
+            ("lookup.rest_listen", &l.rest_listen),
+        ] {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return invalid(key, format!("`{addr}` is not an ip:port address"));
+            }
+        }
+        if l.max_batch == 0 || l.pool_size == 0 {
+            return invalid(
+                "lookup.max_batch",
+                "lookup.max_batch and lookup.pool_size must be at least 1".into(),
+            );
+        }
+        if l.tls_cert.is_some() != l.tls_key.is_some() {
+            return invalid(
+                "lookup.tls_cert",
+                "set both lookup.tls_cert and lookup.tls_key, or neither".into(),
+            );
+        }
+        if l.tls_client_ca.is_some() && l.tls_cert.is_none() {
+            return invalid(
+                "lookup.tls_client_ca",
+                "mutual TLS needs the server's own lookup.tls_cert and lookup.tls_key".into(),
+            );
+        }
+        if l.auth_tokens.iter().any(|t| t.trim().len() < 16) {
+            return invalid(
+                "lookup.auth_tokens",
+                "a token is shorter than 16 characters; use long random tokens".into(),
+            );
+        }
+        Ok(())
+    }
+
     fn validate_drift(&self) -> Result<()> {
         let d = &self.drift;
         let invalid = |key: &'static str, reason: String| Err(Error::Invalid { key, reason });

@@ -13,7 +13,6 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::Metrics;
 
 /// A model slot that follows a registry alias.
 pub struct Followed {
@@ -27,12 +26,13 @@ pub struct Followed {
     pub stand_in: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
-/// Re-resolves followed aliases whenever `wake` fires or `every` passes.
+/// Re-resolves followed aliases whenever `wake` fires or `every` passes;
+/// `champion_changed` gets the new champion's label.
 pub async fn follow(
     slots: Vec<Followed>,
     every: Option<Duration>,
     wake: Arc<Notify>,
-    metrics: Arc<Metrics>,
+    champion_changed: impl Fn(String) + Send + Sync + 'static,
     shutdown: CancellationToken,
 ) {
     let slots: Vec<Followed> = slots
@@ -63,7 +63,7 @@ pub async fn follow(
             () = tick => {}
         }
         for slot in &slots {
-            if let Err(e) = refresh(slot, &metrics).await {
+            if let Err(e) = refresh(slot, &champion_changed).await {
                 let text = e.to_string();
                 let removed = text.contains("RESOURCE_DOES_NOT_EXIST")
                     || text.contains("404")
@@ -87,7 +87,10 @@ pub async fn follow(
     }
 }
 
-async fn refresh(slot: &Followed, metrics: &Metrics) -> Result<(), leadscore_model::Error> {
+async fn refresh(
+    slot: &Followed,
+    champion_changed: &(impl Fn(String) + Send + Sync),
+) -> Result<(), leadscore_model::Error> {
     let ModelSource::Mlflow {
         base,
         name,
@@ -124,7 +127,7 @@ async fn refresh(slot: &Followed, metrics: &Metrics) -> Result<(), leadscore_mod
         "model version changed; it scores from the next batch"
     );
     if slot.role == "champion" {
-        metrics.set_model(slot.handle.get().metadata().label());
+        champion_changed(slot.handle.get().metadata().label());
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ mod connectors;
 mod crm;
 mod demo;
 mod drift;
+mod lookup;
 mod model;
 mod retrain;
 mod schemas;
@@ -55,6 +56,8 @@ enum Command {
     Scorer,
     /// Run the drift aggregator (windowed drift reports and alerts from the scores).
     Drift,
+    /// Run the lookup service: gRPC score lookups and on-demand scoring, the seed's REST contract, Open Inference Protocol v2.
+    Lookup,
     /// Model lifecycle: run the controller, or promote, roll back and inspect rollouts.
     #[command(subcommand)]
     Model(model::ModelCommand),
@@ -71,6 +74,7 @@ impl Command {
         match self {
             Command::Scorer => Some("leadscore-scorer"),
             Command::Drift => Some("leadscore-drift"),
+            Command::Lookup => Some("leadscore-lookup"),
             Command::Retrain(a) => a.service(),
             Command::Model(m) => m.service(),
             _ => None,
@@ -138,6 +142,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Demo(args) => demo::run(args, &config).await,
         Command::Scorer => scorer::run(config).await,
         Command::Drift => drift::run(config).await,
+        Command::Lookup => lookup::run(config).await,
         Command::Retrain(args) => retrain::run(args, config).await,
         Command::Model(cmd) => model::run(cmd, config).await,
         Command::Bench(cmd) => bench::run(cmd, &config).await,

@@ -12,7 +12,7 @@ use leadscore_model::source::ModelSource;
 use leadscore_scorer::{Metrics, Models};
 use tokio_util::sync::CancellationToken;
 
-async fn load(url: &str, role: &str) -> anyhow::Result<Arc<ModelHandle>> {
+pub(crate) async fn load(url: &str, role: &str) -> anyhow::Result<Arc<ModelHandle>> {
     let source = ModelSource::parse(url).with_context(|| format!("scorer.{role}_model"))?;
     let model = source
         .fetch()
@@ -26,7 +26,7 @@ async fn load(url: &str, role: &str) -> anyhow::Result<Arc<ModelHandle>> {
 /// (no rollout under way) is not an error: the champion stands in, and a
 /// stand-in is never scored (the scorer skips a role whose version is the
 /// champion's) until the lifecycle controller sets the alias.
-async fn stand_in(
+pub(crate) async fn stand_in(
     url: &str,
     role: &str,
     champion: &str,
@@ -147,11 +147,12 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         }
     }
     let every = (cfg.model_poll_secs > 0).then(|| Duration::from_secs(cfg.model_poll_secs));
+    let m = metrics.clone();
     tokio::spawn(leadscore_scorer::watch::follow(
         followed,
         every,
         wake.clone(),
-        metrics.clone(),
+        move |label| m.set_model(label),
         shutdown.clone(),
     ));
     if !cfg.lifecycle_topic.is_empty() {
