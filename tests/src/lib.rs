@@ -186,3 +186,15 @@ pub async fn publish_avro(topic: &str, key: &str, schema: &str, value: apache_av
         .map_err(|(e, _)| e)
         .unwrap();
 }
+
+/// A Debezium JSON create event of `lead` (status new) at source time `ts_ms`, as the CDC connector writes it.
+pub fn debezium_create(l: &leadscore_crm::Lead, ts_ms: i64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"op": "c", "before": null, "after": {
+        "lead_id": l.lead_id, "company_size": l.company_size, "industry": l.industry,
+        "page_views": l.page_views, "time_on_site": l.time_on_site,
+        "form_completion_time": l.form_completion_time, "referral_source": l.referral_source,
+        "country": l.country, "created_at": l.created_at.to_rfc3339(), "updated_at": l.updated_at.to_rfc3339(),
+        "status": "new", "converted_at": null
+    }, "source": {"ts_ms": ts_ms}}))
+    .unwrap()
+}

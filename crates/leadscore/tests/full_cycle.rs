@@ -15,7 +15,6 @@ use leadscore_e2e::{client, consumer, create_topic, delete_topics, receive, term
 use leadscore_lifecycle::events::LifecycleEvent;
 use leadscore_registry::{Decoder, Registry};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use serde_json::json;
 
 /// `127.0.0.1:<free port>`, for a service's health endpoint.
 fn free_port() -> String {
@@ -39,18 +38,6 @@ fn kv(pairs: &[(&str, String)]) -> Vec<(String, String)> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.clone()))
         .collect()
-}
-
-/// A Debezium JSON create event at event time `ts_ms`.
-fn create_event(l: &leadscore_crm::Lead, ts_ms: i64) -> Vec<u8> {
-    serde_json::to_vec(&json!({"op": "c", "before": null, "after": {
-        "lead_id": l.lead_id, "company_size": l.company_size, "industry": l.industry,
-        "page_views": l.page_views, "time_on_site": l.time_on_site,
-        "form_completion_time": l.form_completion_time, "referral_source": l.referral_source,
-        "country": l.country, "created_at": l.created_at.to_rfc3339(), "updated_at": l.updated_at.to_rfc3339(),
-        "status": "new", "converted_at": null
-    }, "source": {"ts_ms": ts_ms}}))
-    .unwrap()
 }
 
 const TOPICS: [&str; 13] = [
@@ -98,7 +85,7 @@ async fn send_window(
     let mut ids = Vec::new();
     for i in 0..200 {
         let lead = g.next_lead().lead;
-        let bytes = create_event(&lead, ts + i * 10);
+        let bytes = leadscore_e2e::debezium_create(&lead, ts + i * 10);
         sends.push(
             producer
                 .send_result(

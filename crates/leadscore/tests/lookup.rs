@@ -1,0 +1,258 @@
+//! The lookup service against real Redis, Postgres, Kafka and the registry:
+//! Redis hit, miss then Postgres, Redis killed mid-test (Postgres answers),
+//! both down (UNAVAILABLE); ScoreLead equal bit for bit to the stream;
+//! WatchScores follows the stream; the seed's REST contract; bearer tokens;
+//! Open Inference Protocol v2.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use leadscore_cache::{Cache, CachedScore};
+use leadscore_crm::{Generator, GeneratorConfig};
+use leadscore_e2e::{client, consumer, create_topic, delete_topics, free_port, receive, terminate, unique};
+use leadscore_lookup::proto::inference as oip;
+use leadscore_lookup::proto::v1;
+use leadscore_registry::{Decoder, Registry};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const TOKEN: &str = "it-lookup-token-0123456789";
+
+struct Lookup {
+    child: Child,
+    grpc: u16,
+    rest: u16,
+}
+
+fn start_lookup(env: &[(&str, String)]) -> Lookup {
+    let (grpc, rest) = (free_port(), free_port());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
+    cmd.arg("lookup")
+        .env("LEADSCORE_LOG", "warn")
+        .env("LEADSCORE__LOOKUP__GRPC_LISTEN", format!("127.0.0.1:{grpc}"))
+        .env("LEADSCORE__LOOKUP__REST_LISTEN", format!("127.0.0.1:{rest}"))
+        .env("LEADSCORE__SCORER__CHAMPION_MODEL", models())
+        .env("LEADSCORE__LOOKUP__MODEL_POLL_SECS", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Lookup {
+        child: cmd.spawn().unwrap(),
+        grpc,
+        rest,
+    }
+}
+
+fn models() -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/default")
+        .display()
+        .to_string()
+}
+
+impl Lookup {
+    async fn channel(&self) -> Channel {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(c) = Channel::from_shared(format!("http://127.0.0.1:{}", self.grpc))
+                .unwrap()
+                .connect()
+                .await
+            {
+                // Ready once REST answers too.
+                if reqwest::get(format!("http://127.0.0.1:{}/readyz", self.rest))
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    return c;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "lookup never became ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn scores(
+        &self,
+        token: Option<&str>,
+    ) -> v1::lead_scores_client::LeadScoresClient<
+        tonic::service::interceptor::InterceptedService<
+            Channel,
+            impl tonic::service::Interceptor + use<>,
+        >,
+    > {
+        let header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+            token.map(|t| format!("Bearer {t}").parse().unwrap());
+        v1::lead_scores_client::LeadScoresClient::with_interceptor(
+            self.channel().await,
+            move |mut req: tonic::Request<()>| {
+                if let Some(h) = &header {
+                    req.metadata_mut().insert("authorization", h.clone());
+                }
+                Ok(req)
+            },
+        )
+    }
+}
+
+/// A TCP relay to Postgres that the test can cut: a network partition between lookup and database.
+struct Relay {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn to(target: &'static str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        Relay { port, task }
+    }
+
+    /// Cuts every connection and refuses new ones.
+    fn cut(&self) {
+        self.task.abort();
+    }
+}
+
+fn score(id: &str, s: f64, version: &str) -> CachedScore {
+    CachedScore {
+        lead_id: id.into(),
+        score: s,
+        band: if s >= 0.5 { "High" } else { "Low" }.into(),
+        model_name: "lead-scoring".into(),
+        model_version: version.into(),
+        model_role: "champion".into(),
+        scored_at_ms: 1_700_000_000_000,
+    }
+}
+
+async fn insert_row(pg: &tokio_postgres::Client, s: &CachedScore) {
+    pg.execute(
+        "INSERT INTO public.lead_scores (lead_id, score, band, model_name, model_version, model_role, scored_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::double precision / 1000)) \
+         ON CONFLICT (lead_id) DO UPDATE SET score = EXCLUDED.score, model_version = EXCLUDED.model_version",
+        &[&s.lead_id, &s.score, &s.band, &s.model_name, &s.model_version, &s.model_role, &(s.scored_at_ms as f64)],
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailable_when_both_are_down() {
+    // A Redis of this test's own (it gets killed), and Postgres behind a relay (it gets cut).
+    let redis_port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Command::new("redis-server")
+        .args(["--port", &redis_port.to_string(), "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pg_url = leadscore_e2e::config().postgres.url;
+    let (pg, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let relay = Relay::to("127.0.0.1:5432").await;
+    let relayed = pg_url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
+    assert_ne!(relayed, pg_url, "postgres.url is expected on 127.0.0.1:5432");
+
+    let p = unique("it-lookup");
+    let (cached, stored, unknown) = (format!("{p}-cached"), format!("{p}-stored"), format!("{p}-unknown"));
+    let redis_url = format!("redis://127.0.0.1:{redis_port}");
+    let cache = Cache::new(&redis_url, Duration::from_secs(600), Duration::from_secs(2)).unwrap();
+    // In Redis and Postgres (the scorer's cache and the sink connector's row), and in Postgres only.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while cache.write(&[score(&cached, 0.81, "7")], &[]).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "private redis did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    insert_row(&pg, &score(&cached, 0.81, "7")).await;
+    insert_row(&pg, &score(&stored, 0.12, "6")).await;
+
+    let lookup = start_lookup(&[
+        ("LEADSCORE__LOOKUP__REDIS_URL", redis_url.clone()),
+        ("LEADSCORE__POSTGRES__URL", relayed),
+        ("LEADSCORE__LOOKUP__MAX_BATCH", "3".into()),
+        ("LEADSCORE__LOOKUP__SCORES_TOPIC", String::new()),
+        ("LEADSCORE__LOOKUP__LIFECYCLE_TOPIC", String::new()),
+    ]);
+    let mut c = lookup.scores(None).await;
+    let get = |id: &str| v1::GetScoreRequest { lead_id: id.into() };
+
+    let hit = c.get_score(get(&cached)).await.unwrap().into_inner().score.unwrap();
+    assert_eq!((hit.score, hit.model_version.as_str()), (0.81, "7"));
+    assert_eq!(hit.source, v1::ScoreSource::Cache as i32);
+    assert_eq!(hit.band, v1::Band::High as i32);
+    let miss = c.get_score(get(&stored)).await.unwrap().into_inner().score.unwrap();
+    assert_eq!((miss.score, miss.source), (0.12, v1::ScoreSource::Database as i32));
+    let e = c.get_score(get(&unknown)).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = c.get_score(get("")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("lead_id"), "{}", e.message());
+    let batch = c
+        .batch_get_scores(v1::BatchGetScoresRequest {
+            lead_ids: vec![cached.clone(), stored.clone(), unknown.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<(&str, i32)> = batch.scores.iter().map(|s| (s.lead_id.as_str(), s.source)).collect();
+    assert_eq!(
+        got,
+        [(cached.as_str(), v1::ScoreSource::Cache as i32), (stored.as_str(), v1::ScoreSource::Database as i32)]
+    );
+    assert_eq!(batch.missing, [unknown.clone()]);
+    let e = c
+        .batch_get_scores(v1::BatchGetScoresRequest { lead_ids: vec!["a".into(); 4] })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("lead_ids") && e.message().contains("at most 3"), "{}", e.message());
+
+    // Redis killed: the same lead is answered from Postgres.
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+    let after = c.get_score(get(&cached)).await.unwrap().into_inner().score.unwrap();
+    assert_eq!((after.score, after.source), (0.81, v1::ScoreSource::Database as i32));
+    let rest: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{}/leads/{cached}/score", lookup.rest))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rest["source"], "database");
+    assert_eq!(rest["lead_score"], 0.81);
+
+    // And Postgres cut too: UNAVAILABLE, never NOT_FOUND.
+    relay.cut();
+    let e = c.get_score(get(&stored)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let r = reqwest::get(format!("http://127.0.0.1:{}/leads/{stored}/score", lookup.rest)).await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    // A deadline shorter than the store's timeout is honoured.
+    let mut req = tonic::Request::new(get(&stored));
+    req.set_timeout(Duration::from_millis(50));
+    let e = c.get_score(req).await.unwrap_err();
+    assert!(matches!(e.code(), Code::DeadlineExceeded | Code::Unavailable), "{e:?}");
+
+    terminate(lookup.child);
+    pg.execute("DELETE FROM public.lead_scores WHERE lead_id LIKE $1", &[&format!("{p}-%")])
+        .await
+        .unwrap();
+}
