@@ -256,3 +256,188 @@ async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailab
         .await
         .unwrap();
 }
+
+fn lead_message(l: &leadscore_crm::Lead) -> v1::Lead {
+    v1::Lead {
+        lead_id: l.lead_id.clone(),
+        company_size: l.company_size.clone(),
+        industry: l.industry.clone(),
+        page_views: l.page_views,
+        time_on_site: l.time_on_site,
+        form_completion_time: l.form_completion_time,
+        referral_source: l.referral_source.clone(),
+        country: l.country.clone(),
+        created_at: Some(l.created_at.to_rfc3339()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() {
+    let base = unique("it.lookup");
+    let t = |s: &str| format!("{base}.{s}");
+    for s in ["in", "scores", "shadow", "dlq"] {
+        create_topic(&t(s), 2).await;
+    }
+    let lookup = start_lookup(&[
+        ("LEADSCORE__LOOKUP__SCORES_TOPIC", t("scores")),
+        ("LEADSCORE__LOOKUP__LIFECYCLE_TOPIC", String::new()),
+    ]);
+    let mut c = lookup.scores(None).await;
+    let mut scorer = Command::new(env!("CARGO_BIN_EXE_leadscore"))
+        .arg("scorer")
+        .env("LEADSCORE__SCORER__INPUT_TOPIC", t("in"))
+        .env("LEADSCORE__SCORER__SCORES_TOPIC", t("scores"))
+        .env("LEADSCORE__SCORER__SHADOW_TOPIC", t("shadow"))
+        .env("LEADSCORE__SCORER__DLQ_TOPIC", t("dlq"))
+        .env("LEADSCORE__SCORER__GROUP_ID", format!("{base}-scorer"))
+        .env("LEADSCORE__SCORER__TRANSACTIONAL_ID_PREFIX", format!("{base}-scorer"))
+        .env("LEADSCORE__SCORER__CHAMPION_MODEL", models())
+        .env("LEADSCORE__SCORER__LIFECYCLE_TOPIC", "")
+        .env("LEADSCORE__SCORER__HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("LEADSCORE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let producer: FutureProducer = client(&[]).create().unwrap();
+    let send = |l: leadscore_crm::Lead| {
+        let producer = producer.clone();
+        let topic = t("in");
+        async move {
+            let bytes = leadscore_e2e::debezium_create(&l, chrono::Utc::now().timestamp_millis());
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(l.lead_id.as_str()).payload(&bytes),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    };
+
+    // Warm up until the lookup's live feed is assigned: a watcher sees a score.
+    let mut warm = c
+        .watch_scores(v1::WatchScoresRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut g = Generator::new(GeneratorConfig {
+        seed: 7,
+        id_prefix: format!("{base}-warm"),
+        ..Default::default()
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        send(g.next_lead().lead).await;
+        if let Ok(Ok(Some(_))) = tokio::time::timeout(Duration::from_millis(700), warm.message()).await {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no live score reached WatchScores");
+    }
+    drop(warm);
+
+    let mut all = c.watch_scores(v1::WatchScoresRequest::default()).await.unwrap().into_inner();
+    let mut high = c
+        .watch_scores(v1::WatchScoresRequest {
+            bands: vec![v1::Band::High as i32],
+            min_score: 0.0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut g = Generator::new(GeneratorConfig {
+        seed: 8,
+        id_prefix: format!("{base}-lead"),
+        ..Default::default()
+    });
+    let leads: Vec<leadscore_crm::Lead> = (0..60).map(|_| g.next_lead().lead).collect();
+    for l in &leads {
+        send(l.clone()).await;
+    }
+    let mut watched = std::collections::BTreeMap::new();
+    while watched.len() < leads.len() {
+        let s = tokio::time::timeout(Duration::from_secs(60), all.message())
+            .await
+            .expect("WatchScores stalled")
+            .unwrap()
+            .unwrap();
+        if s.lead_id.starts_with(&format!("{base}-lead")) {
+            assert_eq!(s.source, v1::ScoreSource::Stream as i32);
+            watched.insert(s.lead_id.clone(), s);
+        }
+    }
+    // The stream's own records, from the topic.
+    let decoder = Decoder::new(Registry::new(&leadscore_e2e::config().registry).unwrap());
+    let mut stream = std::collections::BTreeMap::new();
+    for m in receive(&consumer(&t("scores"), "read_committed"), usize::MAX, Duration::from_secs(5)).await {
+        let v = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap();
+        let apache_avro::types::Value::Record(f) = v else { panic!() };
+        let get = |n: &str| f.iter().find(|(k, _)| k == n).unwrap().1.clone();
+        let (apache_avro::types::Value::String(id), apache_avro::types::Value::Double(score)) = (get("lead_id"), get("score")) else {
+            panic!()
+        };
+        stream.insert(id, score);
+    }
+    for l in &leads {
+        let streamed = stream[&l.lead_id];
+        assert_eq!(watched[&l.lead_id].score.to_bits(), streamed.to_bits());
+        let on_demand = c
+            .score_lead(v1::ScoreLeadRequest { lead: Some(lead_message(l)) })
+            .await
+            .unwrap()
+            .into_inner()
+            .score
+            .unwrap();
+        assert_eq!(
+            on_demand.score.to_bits(),
+            streamed.to_bits(),
+            "{}: on demand {} vs stream {}",
+            l.lead_id,
+            on_demand.score,
+            streamed
+        );
+        assert_eq!(on_demand.band, watched[&l.lead_id].band);
+        assert_eq!(on_demand.source, v1::ScoreSource::OnDemand as i32);
+    }
+    // The High-only watcher saw exactly the High scores.
+    let want_high = watched.values().filter(|s| s.band == v1::Band::High as i32).count();
+    let mut got_high = 0;
+    while got_high < want_high {
+        let s = tokio::time::timeout(Duration::from_secs(10), high.message())
+            .await
+            .expect("the High watcher stalled")
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.band, v1::Band::High as i32);
+        if s.lead_id.starts_with(&format!("{base}-lead")) {
+            got_high += 1;
+        }
+    }
+    // The scorer's cache write is what GetScore finds first.
+    let first = &leads[0].lead_id;
+    let mut found = None;
+    for _ in 0..50 {
+        if let Ok(r) = c.get_score(v1::GetScoreRequest { lead_id: first.clone() }).await {
+            found = r.into_inner().score;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let found = found.expect("the streamed score is not readable");
+    assert_eq!(found.score.to_bits(), stream[first].to_bits());
+    assert_eq!(found.source, v1::ScoreSource::Cache as i32);
+    let info = c.get_model_info(v1::GetModelInfoRequest {}).await.unwrap().into_inner();
+    let champion = info.champion.unwrap();
+    assert_eq!((champion.version.as_str(), champion.loaded, champion.stage.as_str()), ("bundled-1", true, "Production"));
+    assert!(info.challenger.is_none() && info.canary.is_none());
+
+    // SIGTERM ends open streams and the service exits cleanly.
+    terminate(lookup.child);
+    assert!(tokio::time::timeout(Duration::from_secs(10), all.message()).await.is_ok_and(|m| !matches!(m, Ok(Some(_)))));
+    let _ = scorer.kill();
+    let _ = scorer.wait();
+    for s in ["in", "scores", "shadow", "dlq"] {
+        delete_topics(&[&t(s)]).await;
+    }
+}
