@@ -73,7 +73,9 @@ impl tonic::service::Interceptor for Tokens {
                 "missing `authorization: Bearer <token>` metadata",
             ))
         } else {
-            Err(tonic::Status::unauthenticated("the bearer token is not accepted"))
+            Err(tonic::Status::unauthenticated(
+                "the bearer token is not accepted",
+            ))
         }
     }
 }

@@ -259,7 +259,9 @@ impl v1::lead_scores_server::LeadScores for Arc<Lookup> {
                 };
                 match next {
                     Ok(s) => {
-                        if s.score < filter.min_score || (!bands.is_empty() && !bands.contains(&s.band)) {
+                        if s.score < filter.min_score
+                            || (!bands.is_empty() && !bands.contains(&s.band))
+                        {
                             continue;
                         }
                         if tx.send(Ok(s)).await.is_err() {
@@ -268,7 +270,10 @@ impl v1::lead_scores_server::LeadScores for Arc<Lookup> {
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         metrics.watch_dropped(n);
-                        tracing::debug!(skipped = n, "a WatchScores client fell behind; scores skipped");
+                        tracing::debug!(
+                            skipped = n,
+                            "a WatchScores client fell behind; scores skipped"
+                        );
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 }
@@ -291,7 +296,11 @@ impl v1::lead_scores_server::LeadScores for Arc<Lookup> {
             stage: stage.into(),
         };
         let challenger = m.challenger();
-        let canary_percent = if challenger.is_some() { m.canary_percent() } else { 0.0 };
+        let canary_percent = if challenger.is_some() {
+            m.canary_percent()
+        } else {
+            0.0
+        };
         let out: Result<v1::ModelInfo, Status> = Ok(v1::ModelInfo {
             champion: Some(state(&m.champion.get(), "Production")),
             challenger: challenger.as_deref().map(|c| state(c, "Staging")),
@@ -327,7 +336,11 @@ pub struct Inference {
 }
 
 impl Inference {
-    fn check_model(&self, name: &str, version: &str) -> Result<Arc<leadscore_model::Model>, Status> {
+    fn check_model(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Arc<leadscore_model::Model>, Status> {
         let model = self.models.champion.get();
         let meta = model.metadata();
         if name != meta.model_name {

@@ -83,7 +83,9 @@ pub fn lead_from_fields(
         return Err(invalid("lead_id", "empty".into()));
     }
     let page_views = page_views
-        .map(|v| i32::try_from(v).map_err(|_| invalid("page_views", format!("{v} is out of range"))))
+        .map(|v| {
+            i32::try_from(v).map_err(|_| invalid("page_views", format!("{v} is out of range")))
+        })
         .transpose()?;
     let created_at = match created_at {
         None => chrono::Utc::now(),
@@ -162,7 +164,9 @@ async fn follow_scores(
                 continue;
             }
         };
-        let Value::Record(fields) = value else { continue };
+        let Value::Record(fields) = value else {
+            continue;
+        };
         let get = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| v);
         let text = |name: &str| match get(name) {
             Some(Value::String(s) | Value::Enum(_, s)) => s.clone(),
@@ -346,7 +350,11 @@ pub async fn serve(
 }
 
 fn tokens_label(listed: &[String], file: bool) -> &'static str {
-    if listed.is_empty() && !file { "off" } else { "bearer" }
+    if listed.is_empty() && !file {
+        "off"
+    } else {
+        "bearer"
+    }
 }
 
 #[cfg(test)]
@@ -375,14 +383,34 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let base = |views: Option<i64>, time: Option<f64>, created: Option<&str>| {
-            lead_from_fields("l".into(), None, None, views, time, None, None, None, created)
+            lead_from_fields(
+                "l".into(),
+                None,
+                None,
+                views,
+                time,
+                None,
+                None,
+                None,
+                created,
+            )
         };
         assert_eq!(field(base(Some(-1), None, None)), "page_views");
         assert_eq!(field(base(Some(1 << 40), None, None)), "page_views");
         assert_eq!(field(base(None, Some(f64::NAN), None)), "time_on_site");
         assert_eq!(field(base(None, None, Some("yesterday"))), "created_at");
         assert_eq!(
-            field(lead_from_fields(" ".into(), None, None, None, None, None, None, None, None)),
+            field(lead_from_fields(
+                " ".into(),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None
+            )),
             "lead_id"
         );
     }

@@ -116,11 +116,31 @@ impl Metrics {
             }
         }
         for (name, help, v) in [
-            ("leadscore_lookup_cache_hits_total", "Scores answered from Redis.", &store.cache_hits),
-            ("leadscore_lookup_cache_misses_total", "Redis misses (read from Postgres).", &store.cache_misses),
-            ("leadscore_lookup_cache_errors_total", "Redis errors (read from Postgres).", &store.cache_errors),
-            ("leadscore_lookup_db_errors_total", "Postgres errors.", &store.db_errors),
-            ("leadscore_lookup_watch_dropped_total", "Scores slow WatchScores clients missed.", &self.watch_dropped),
+            (
+                "leadscore_lookup_cache_hits_total",
+                "Scores answered from Redis.",
+                &store.cache_hits,
+            ),
+            (
+                "leadscore_lookup_cache_misses_total",
+                "Redis misses (read from Postgres).",
+                &store.cache_misses,
+            ),
+            (
+                "leadscore_lookup_cache_errors_total",
+                "Redis errors (read from Postgres).",
+                &store.cache_errors,
+            ),
+            (
+                "leadscore_lookup_db_errors_total",
+                "Postgres errors.",
+                &store.db_errors,
+            ),
+            (
+                "leadscore_lookup_watch_dropped_total",
+                "Scores slow WatchScores clients missed.",
+                &self.watch_dropped,
+            ),
         ] {
             let _ = writeln!(
                 out,

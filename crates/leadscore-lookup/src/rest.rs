@@ -32,6 +32,27 @@ fn unprocessable(field: &str, msg: String, kind: &str) -> Response {
         .into_response()
 }
 
+/// A field that failed validation: becomes the 422.
+struct Bad {
+    field: String,
+    msg: String,
+    kind: &'static str,
+}
+
+impl Bad {
+    fn new(field: &str, msg: &str, kind: &'static str) -> Self {
+        Self {
+            field: field.into(),
+            msg: msg.into(),
+            kind,
+        }
+    }
+
+    fn response(self) -> Response {
+        unprocessable(&self.field, self.msg, self.kind)
+    }
+}
+
 fn detail(code: StatusCode, msg: String) -> Response {
     (code, Json(json!({"detail": msg}))).into_response()
 }
@@ -69,30 +90,36 @@ async fn model_info(State(l): State<Arc<Lookup>>) -> Response {
 }
 
 /// A string field: absent or null is `None`; another type is a 422.
-fn text(body: &serde_json::Map<String, Value>, field: &str) -> Result<Option<String>, Response> {
+fn text(body: &serde_json::Map<String, Value>, field: &str) -> Result<Option<String>, Bad> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(unprocessable(field, "Input should be a valid string".into(), "string_type")),
+        Some(_) => Err(Bad::new(
+            field,
+            "Input should be a valid string",
+            "string_type",
+        )),
     }
 }
 
-fn number(body: &serde_json::Map<String, Value>, field: &str) -> Result<Option<f64>, Response> {
+fn number(body: &serde_json::Map<String, Value>, field: &str) -> Result<Option<f64>, Bad> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(_) => Err(unprocessable(field, "Input should be a valid number".into(), "float_type")),
+        Some(_) => Err(Bad::new(
+            field,
+            "Input should be a valid number",
+            "float_type",
+        )),
     }
 }
 
-fn integer(body: &serde_json::Map<String, Value>, field: &str) -> Result<Option<i64>, Response> {
+fn integer(body: &serde_json::Map<String, Value>, field: &str) -> Result<Option<i64>, Bad> {
+    let bad = || Bad::new(field, "Input should be a valid integer", "int_type");
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_i64() {
-            Some(i) => Ok(Some(i)),
-            None => Err(unprocessable(field, "Input should be a valid integer".into(), "int_type")),
-        },
-        Some(_) => Err(unprocessable(field, "Input should be a valid integer".into(), "int_type")),
+        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or_else(bad),
+        Some(_) => Err(bad()),
     }
 }
 
@@ -118,12 +145,16 @@ fn score_lead_inner(l: &Lookup, body: &[u8], started: Instant) -> Response {
         Err(e) => return unprocessable("body", format!("JSON decode error: {e}"), "json_invalid"),
     };
     let Value::Object(body) = body else {
-        return unprocessable("body", "Input should be a valid dictionary".into(), "dict_type");
+        return unprocessable(
+            "body",
+            "Input should be a valid dictionary".into(),
+            "dict_type",
+        );
     };
     let fields = (|| {
         let lead_id = text(&body, "lead_id")?
-            .ok_or_else(|| unprocessable("lead_id", "Field required".into(), "missing"))?;
-        Ok::<_, Response>((
+            .ok_or_else(|| Bad::new("lead_id", "Field required", "missing"))?;
+        Ok::<_, Bad>((
             lead_id,
             text(&body, "company_size")?,
             text(&body, "industry")?,
@@ -137,10 +168,18 @@ fn score_lead_inner(l: &Lookup, body: &[u8], started: Instant) -> Response {
     })();
     let (id, size, industry, views, time, form, referral, country, created) = match fields {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(bad) => return bad.response(),
     };
     let scored = lead_from_fields(
-        id, size, industry, views, time, form, referral, country, created.as_deref(),
+        id,
+        size,
+        industry,
+        views,
+        time,
+        form,
+        referral,
+        country,
+        created.as_deref(),
     )
     .and_then(|lead| l.models.score(&lead).map(|s| (lead, s)));
     match scored {
@@ -180,7 +219,10 @@ async fn lead_score(State(l): State<Arc<Lookup>>, Path(id): Path<String>) -> Res
             "NOT_FOUND",
         ),
         Err(e) => (
-            detail(StatusCode::SERVICE_UNAVAILABLE, format!("{e}; retry with backoff")),
+            detail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{e}; retry with backoff"),
+            ),
             "UNAVAILABLE",
         ),
     };
@@ -189,7 +231,10 @@ async fn lead_score(State(l): State<Arc<Lookup>>, Path(id): Path<String>) -> Res
 }
 
 async fn require_token(State(tokens): State<Tokens>, req: Request, next: Next) -> Response {
-    let given = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
     if tokens.allows(given) {
         return next.run(req).await;
     }

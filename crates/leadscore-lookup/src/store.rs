@@ -218,7 +218,10 @@ impl Store {
             Err(e) => {
                 self.counts.db_errors.fetch_add(1, Ordering::Relaxed);
                 let why = match cache_error {
-                    Some(c) => format!("{c}; CRM database at {}: {e}", leadscore_postgres::redact(&self.db.url)),
+                    Some(c) => format!(
+                        "{c}; CRM database at {}: {e}",
+                        leadscore_postgres::redact(&self.db.url)
+                    ),
                     None => format!(
                         "CRM database at {}: {e}",
                         leadscore_postgres::redact(&self.db.url)

@@ -13,7 +13,6 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-
 /// A model slot that follows a registry alias.
 pub struct Followed {
     /// Role, for logs (`champion`, `challenger`, `canary`).

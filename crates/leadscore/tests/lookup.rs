@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use leadscore_cache::{Cache, CachedScore};
 use leadscore_crm::{Generator, GeneratorConfig};
-use leadscore_e2e::{client, consumer, create_topic, delete_topics, free_port, receive, terminate, unique};
+use leadscore_e2e::{
+    client, consumer, create_topic, delete_topics, free_port, receive, terminate, unique,
+};
 use leadscore_lookup::proto::inference as oip;
 use leadscore_lookup::proto::v1;
 use leadscore_registry::{Decoder, Registry};
@@ -32,8 +34,14 @@ fn start_lookup(env: &[(&str, String)]) -> Lookup {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
     cmd.arg("lookup")
         .env("LEADSCORE_LOG", "warn")
-        .env("LEADSCORE__LOOKUP__GRPC_LISTEN", format!("127.0.0.1:{grpc}"))
-        .env("LEADSCORE__LOOKUP__REST_LISTEN", format!("127.0.0.1:{rest}"))
+        .env(
+            "LEADSCORE__LOOKUP__GRPC_LISTEN",
+            format!("127.0.0.1:{grpc}"),
+        )
+        .env(
+            "LEADSCORE__LOOKUP__REST_LISTEN",
+            format!("127.0.0.1:{rest}"),
+        )
         .env("LEADSCORE__SCORER__CHAMPION_MODEL", models())
         .env("LEADSCORE__LOOKUP__MODEL_POLL_SECS", "0")
         .stdout(Stdio::null())
@@ -72,7 +80,10 @@ impl Lookup {
                     return c;
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "lookup never became ready");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "lookup never became ready"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -153,32 +164,56 @@ async fn insert_row(pg: &tokio_postgres::Client, s: &CachedScore) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailable_when_both_are_down() {
+async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailable_when_both_are_down()
+ {
     // A Redis of this test's own (it gets killed), and Postgres behind a relay (it gets cut).
     let redis_port = free_port();
     let dir = tempfile::tempdir().unwrap();
     let mut redis = Command::new("redis-server")
-        .args(["--port", &redis_port.to_string(), "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &redis_port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .arg("--dir")
         .arg(dir.path())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let pg_url = leadscore_e2e::config().postgres.url;
-    let (pg, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls).await.unwrap();
+    let (pg, conn) = tokio_postgres::connect(&pg_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let relay = Relay::to("127.0.0.1:5432").await;
     let relayed = pg_url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
-    assert_ne!(relayed, pg_url, "postgres.url is expected on 127.0.0.1:5432");
+    assert_ne!(
+        relayed, pg_url,
+        "postgres.url is expected on 127.0.0.1:5432"
+    );
 
     let p = unique("it-lookup");
-    let (cached, stored, unknown) = (format!("{p}-cached"), format!("{p}-stored"), format!("{p}-unknown"));
+    let (cached, stored, unknown) = (
+        format!("{p}-cached"),
+        format!("{p}-stored"),
+        format!("{p}-unknown"),
+    );
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
     let cache = Cache::new(&redis_url, Duration::from_secs(600), Duration::from_secs(2)).unwrap();
     // In Redis and Postgres (the scorer's cache and the sink connector's row), and in Postgres only.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while cache.write(&[score(&cached, 0.81, "7")], &[]).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "private redis did not start");
+    while cache
+        .write(&[score(&cached, 0.81, "7")], &[])
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "private redis did not start"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     insert_row(&pg, &score(&cached, 0.81, "7")).await;
@@ -194,12 +229,27 @@ async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailab
     let mut c = lookup.scores(None).await;
     let get = |id: &str| v1::GetScoreRequest { lead_id: id.into() };
 
-    let hit = c.get_score(get(&cached)).await.unwrap().into_inner().score.unwrap();
+    let hit = c
+        .get_score(get(&cached))
+        .await
+        .unwrap()
+        .into_inner()
+        .score
+        .unwrap();
     assert_eq!((hit.score, hit.model_version.as_str()), (0.81, "7"));
     assert_eq!(hit.source, v1::ScoreSource::Cache as i32);
     assert_eq!(hit.band, v1::Band::High as i32);
-    let miss = c.get_score(get(&stored)).await.unwrap().into_inner().score.unwrap();
-    assert_eq!((miss.score, miss.source), (0.12, v1::ScoreSource::Database as i32));
+    let miss = c
+        .get_score(get(&stored))
+        .await
+        .unwrap()
+        .into_inner()
+        .score
+        .unwrap();
+    assert_eq!(
+        (miss.score, miss.source),
+        (0.12, v1::ScoreSource::Database as i32)
+    );
     let e = c.get_score(get(&unknown)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let e = c.get_score(get("")).await.unwrap_err();
@@ -212,30 +262,55 @@ async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailab
         .await
         .unwrap()
         .into_inner();
-    let got: Vec<(&str, i32)> = batch.scores.iter().map(|s| (s.lead_id.as_str(), s.source)).collect();
+    let got: Vec<(&str, i32)> = batch
+        .scores
+        .iter()
+        .map(|s| (s.lead_id.as_str(), s.source))
+        .collect();
     assert_eq!(
         got,
-        [(cached.as_str(), v1::ScoreSource::Cache as i32), (stored.as_str(), v1::ScoreSource::Database as i32)]
+        [
+            (cached.as_str(), v1::ScoreSource::Cache as i32),
+            (stored.as_str(), v1::ScoreSource::Database as i32)
+        ]
     );
-    assert_eq!(batch.missing, [unknown.clone()]);
+    assert_eq!(batch.missing, std::slice::from_ref(&unknown));
     let e = c
-        .batch_get_scores(v1::BatchGetScoresRequest { lead_ids: vec!["a".into(); 4] })
+        .batch_get_scores(v1::BatchGetScoresRequest {
+            lead_ids: vec!["a".into(); 4],
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("lead_ids") && e.message().contains("at most 3"), "{}", e.message());
+    assert!(
+        e.message().contains("lead_ids") && e.message().contains("at most 3"),
+        "{}",
+        e.message()
+    );
 
     // Redis killed: the same lead is answered from Postgres.
     redis.kill().unwrap();
     redis.wait().unwrap();
-    let after = c.get_score(get(&cached)).await.unwrap().into_inner().score.unwrap();
-    assert_eq!((after.score, after.source), (0.81, v1::ScoreSource::Database as i32));
-    let rest: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{}/leads/{cached}/score", lookup.rest))
+    let after = c
+        .get_score(get(&cached))
         .await
         .unwrap()
-        .json()
-        .await
+        .into_inner()
+        .score
         .unwrap();
+    assert_eq!(
+        (after.score, after.source),
+        (0.81, v1::ScoreSource::Database as i32)
+    );
+    let rest: serde_json::Value = reqwest::get(format!(
+        "http://127.0.0.1:{}/leads/{cached}/score",
+        lookup.rest
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
     assert_eq!(rest["source"], "database");
     assert_eq!(rest["lead_score"], 0.81);
 
@@ -243,18 +318,29 @@ async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailab
     relay.cut();
     let e = c.get_score(get(&stored)).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
-    let r = reqwest::get(format!("http://127.0.0.1:{}/leads/{stored}/score", lookup.rest)).await.unwrap();
+    let r = reqwest::get(format!(
+        "http://127.0.0.1:{}/leads/{stored}/score",
+        lookup.rest
+    ))
+    .await
+    .unwrap();
     assert_eq!(r.status().as_u16(), 503);
     // A deadline shorter than the store's timeout is honoured.
     let mut req = tonic::Request::new(get(&stored));
     req.set_timeout(Duration::from_millis(50));
     let e = c.get_score(req).await.unwrap_err();
-    assert!(matches!(e.code(), Code::DeadlineExceeded | Code::Unavailable), "{e:?}");
+    assert!(
+        matches!(e.code(), Code::DeadlineExceeded | Code::Unavailable),
+        "{e:?}"
+    );
 
     terminate(lookup.child);
-    pg.execute("DELETE FROM public.lead_scores WHERE lead_id LIKE $1", &[&format!("{p}-%")])
-        .await
-        .unwrap();
+    pg.execute(
+        "DELETE FROM public.lead_scores WHERE lead_id LIKE $1",
+        &[&format!("{p}-%")],
+    )
+    .await
+    .unwrap();
 }
 
 fn lead_message(l: &leadscore_crm::Lead) -> v1::Lead {
@@ -290,10 +376,16 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
         .env("LEADSCORE__SCORER__SHADOW_TOPIC", t("shadow"))
         .env("LEADSCORE__SCORER__DLQ_TOPIC", t("dlq"))
         .env("LEADSCORE__SCORER__GROUP_ID", format!("{base}-scorer"))
-        .env("LEADSCORE__SCORER__TRANSACTIONAL_ID_PREFIX", format!("{base}-scorer"))
+        .env(
+            "LEADSCORE__SCORER__TRANSACTIONAL_ID_PREFIX",
+            format!("{base}-scorer"),
+        )
         .env("LEADSCORE__SCORER__CHAMPION_MODEL", models())
         .env("LEADSCORE__SCORER__LIFECYCLE_TOPIC", "")
-        .env("LEADSCORE__SCORER__HTTP_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env(
+            "LEADSCORE__SCORER__HTTP_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .env("LEADSCORE_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -307,7 +399,9 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
             let bytes = leadscore_e2e::debezium_create(&l, chrono::Utc::now().timestamp_millis());
             producer
                 .send(
-                    FutureRecord::to(&topic).key(l.lead_id.as_str()).payload(&bytes),
+                    FutureRecord::to(&topic)
+                        .key(l.lead_id.as_str())
+                        .payload(&bytes),
                     Duration::from_secs(10),
                 )
                 .await
@@ -330,14 +424,23 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
         send(g.next_lead().lead).await;
-        if let Ok(Ok(Some(_))) = tokio::time::timeout(Duration::from_millis(700), warm.message()).await {
+        if let Ok(Ok(Some(_))) =
+            tokio::time::timeout(Duration::from_millis(700), warm.message()).await
+        {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no live score reached WatchScores");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no live score reached WatchScores"
+        );
     }
     drop(warm);
 
-    let mut all = c.watch_scores(v1::WatchScoresRequest::default()).await.unwrap().into_inner();
+    let mut all = c
+        .watch_scores(v1::WatchScoresRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     let mut high = c
         .watch_scores(v1::WatchScoresRequest {
             bands: vec![v1::Band::High as i32],
@@ -370,11 +473,21 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
     // The stream's own records, from the topic.
     let decoder = Decoder::new(Registry::new(&leadscore_e2e::config().registry).unwrap());
     let mut stream = std::collections::BTreeMap::new();
-    for m in receive(&consumer(&t("scores"), "read_committed"), usize::MAX, Duration::from_secs(5)).await {
+    for m in receive(
+        &consumer(&t("scores"), "read_committed"),
+        usize::MAX,
+        Duration::from_secs(5),
+    )
+    .await
+    {
         let v = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap();
-        let apache_avro::types::Value::Record(f) = v else { panic!() };
+        let apache_avro::types::Value::Record(f) = v else {
+            panic!()
+        };
         let get = |n: &str| f.iter().find(|(k, _)| k == n).unwrap().1.clone();
-        let (apache_avro::types::Value::String(id), apache_avro::types::Value::Double(score)) = (get("lead_id"), get("score")) else {
+        let (apache_avro::types::Value::String(id), apache_avro::types::Value::Double(score)) =
+            (get("lead_id"), get("score"))
+        else {
             panic!()
         };
         stream.insert(id, score);
@@ -383,7 +496,9 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
         let streamed = stream[&l.lead_id];
         assert_eq!(watched[&l.lead_id].score.to_bits(), streamed.to_bits());
         let on_demand = c
-            .score_lead(v1::ScoreLeadRequest { lead: Some(lead_message(l)) })
+            .score_lead(v1::ScoreLeadRequest {
+                lead: Some(lead_message(l)),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -401,7 +516,10 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
         assert_eq!(on_demand.source, v1::ScoreSource::OnDemand as i32);
     }
     // The High-only watcher saw exactly the High scores.
-    let want_high = watched.values().filter(|s| s.band == v1::Band::High as i32).count();
+    let want_high = watched
+        .values()
+        .filter(|s| s.band == v1::Band::High as i32)
+        .count();
     let mut got_high = 0;
     while got_high < want_high {
         let s = tokio::time::timeout(Duration::from_secs(10), high.message())
@@ -418,7 +536,12 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
     let first = &leads[0].lead_id;
     let mut found = None;
     for _ in 0..50 {
-        if let Ok(r) = c.get_score(v1::GetScoreRequest { lead_id: first.clone() }).await {
+        if let Ok(r) = c
+            .get_score(v1::GetScoreRequest {
+                lead_id: first.clone(),
+            })
+            .await
+        {
             found = r.into_inner().score;
             break;
         }
@@ -427,17 +550,335 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
     let found = found.expect("the streamed score is not readable");
     assert_eq!(found.score.to_bits(), stream[first].to_bits());
     assert_eq!(found.source, v1::ScoreSource::Cache as i32);
-    let info = c.get_model_info(v1::GetModelInfoRequest {}).await.unwrap().into_inner();
+    let info = c
+        .get_model_info(v1::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let champion = info.champion.unwrap();
-    assert_eq!((champion.version.as_str(), champion.loaded, champion.stage.as_str()), ("bundled-1", true, "Production"));
+    assert_eq!(
+        (
+            champion.version.as_str(),
+            champion.loaded,
+            champion.stage.as_str()
+        ),
+        ("bundled-1", true, "Production")
+    );
     assert!(info.challenger.is_none() && info.canary.is_none());
 
     // SIGTERM ends open streams and the service exits cleanly.
     terminate(lookup.child);
-    assert!(tokio::time::timeout(Duration::from_secs(10), all.message()).await.is_ok_and(|m| !matches!(m, Ok(Some(_)))));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), all.message())
+            .await
+            .is_ok_and(|m| !matches!(m, Ok(Some(_))))
+    );
     let _ = scorer.kill();
     let _ = scorer.wait();
     for s in ["in", "scores", "shadow", "dlq"] {
         delete_topics(&[&t(s)]).await;
     }
+}
+
+/// The seed design's documented request.
+fn seed_example() -> serde_json::Value {
+    serde_json::json!({"lead_id": "lead_123", "company_size": "Medium", "industry": "Technology",
+        "page_views": 15, "time_on_site": 300.5, "form_completion_time": 45.2,
+        "referral_source": "Google", "created_at": "2024-01-01T00:00:00"})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_rest_contract_bearer_tokens_health_and_open_inference_protocol() {
+    let lookup = start_lookup(&[
+        ("LEADSCORE__LOOKUP__AUTH_TOKENS", format!("[\"{TOKEN}\"]")),
+        (
+            "LEADSCORE__LOOKUP__CORS_ORIGINS",
+            "[\"https://crm.example\"]".into(),
+        ),
+        ("LEADSCORE__LOOKUP__SCORES_TOPIC", String::new()),
+        ("LEADSCORE__LOOKUP__LIFECYCLE_TOPIC", String::new()),
+    ]);
+    let channel = lookup.channel().await;
+    let http = reqwest::Client::new();
+    let url = |p: &str| format!("http://127.0.0.1:{}{p}", lookup.rest);
+
+    // GET /health: open, the seed's shape.
+    let r = http
+        .get(url("/health"))
+        .header("Origin", "https://crm.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://crm.example"
+    );
+    let h: serde_json::Value = r.json().await.unwrap();
+    let keys: Vec<&str> = h.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["model_loaded", "model_stage", "status", "timestamp"]);
+    assert_eq!(
+        (
+            h["status"].as_str(),
+            h["model_loaded"].as_bool(),
+            h["model_stage"].as_str()
+        ),
+        (Some("healthy"), Some(true), Some("Production"))
+    );
+    chrono::NaiveDateTime::parse_from_str(h["timestamp"].as_str().unwrap(), "%Y-%m-%dT%H:%M:%S%.f")
+        .unwrap();
+
+    // POST /score-lead: missing, wrong and right token.
+    let post = |token: Option<&str>, body: serde_json::Value| {
+        let mut r = http.post(url("/score-lead")).json(&body);
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    assert_eq!(
+        post(None, seed_example()).await.unwrap().status().as_u16(),
+        401
+    );
+    let wrong = post(Some("it-lookup-token-0123456788"), seed_example())
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    assert_eq!(wrong.headers()["www-authenticate"], "Bearer");
+    let r = post(Some(TOKEN), seed_example()).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let s: serde_json::Value = r.json().await.unwrap();
+    let keys: Vec<&str> = s.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        [
+            "latency_ms",
+            "lead_id",
+            "lead_score",
+            "model_version",
+            "prediction_timestamp",
+            "score_category"
+        ]
+    );
+    assert_eq!(s["lead_id"], "lead_123");
+    assert_eq!(s["model_version"], "bundled-1");
+    let score = s["lead_score"].as_f64().unwrap();
+    let want = if score >= 0.5 {
+        "High"
+    } else if score >= 0.25 {
+        "Medium"
+    } else {
+        "Low"
+    };
+    assert_eq!(s["score_category"], want);
+    assert!(s["latency_ms"].as_f64().unwrap() >= 0.0);
+    chrono::NaiveDateTime::parse_from_str(
+        s["prediction_timestamp"].as_str().unwrap(),
+        "%Y-%m-%dT%H:%M:%S%.f",
+    )
+    .unwrap();
+
+    // 422 names the field, in the seed's (FastAPI) shape.
+    for (patch, field) in [
+        (serde_json::json!({"page_views": "many"}), "page_views"),
+        (serde_json::json!({"time_on_site": -3.0}), "time_on_site"),
+        (serde_json::json!({"lead_id": null}), "lead_id"),
+        (serde_json::json!({"created_at": "yesterday"}), "created_at"),
+    ] {
+        let mut body = seed_example();
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = post(Some(TOKEN), body).await.unwrap();
+        assert_eq!(r.status().as_u16(), 422, "{field}");
+        let d: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            d["detail"][0]["loc"],
+            serde_json::json!(["body", field]),
+            "{d}"
+        );
+    }
+    // A body over the size limit is refused before parsing.
+    let huge = serde_json::json!({"lead_id": "x".repeat(100 * 1024)});
+    assert_eq!(
+        post(Some(TOKEN), huge).await.unwrap().status().as_u16(),
+        413
+    );
+
+    // GET /model-info.
+    let m: serde_json::Value = http
+        .get(url("/model-info"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["production_model"]["loaded"], true);
+    assert_eq!(m["production_model"]["stage"], "Production");
+    assert_eq!(m["shadow_model"]["enabled"], false);
+    assert_eq!(m["shadow_model"]["stage"], "Staging");
+    assert_eq!(
+        http.get(url("/model-info"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+
+    // gRPC: the same tokens; health is open.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "leadscore.v1.LeadScores".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let e = lookup
+        .scores(None)
+        .await
+        .get_model_info(v1::GetModelInfoRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = lookup
+        .scores(Some("it-lookup-token-wrong-wrong"))
+        .await
+        .get_model_info(v1::GetModelInfoRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut c = lookup.scores(Some(TOKEN)).await;
+    let info = c
+        .get_model_info(v1::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.champion.unwrap().version, "bundled-1");
+    // ScoreLead agrees with POST /score-lead.
+    let on_demand = c
+        .score_lead(v1::ScoreLeadRequest {
+            lead: Some(v1::Lead {
+                lead_id: "lead_123".into(),
+                company_size: Some("Medium".into()),
+                industry: Some("Technology".into()),
+                page_views: Some(15),
+                time_on_site: Some(300.5),
+                form_completion_time: Some(45.2),
+                referral_source: Some("Google".into()),
+                country: None,
+                created_at: Some("2024-01-01T00:00:00".into()),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .score
+        .unwrap();
+    assert_eq!(on_demand.score.to_bits(), score.to_bits());
+    let e = c
+        .score_lead(v1::ScoreLeadRequest {
+            lead: Some(v1::Lead {
+                lead_id: "x".into(),
+                page_views: Some(-1),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("page_views"), "{}", e.message());
+
+    // Open Inference Protocol v2: the champion's own features in, the same probability out.
+    leadscore_model::init_runtime(None).unwrap();
+    let model = leadscore_model::Model::load_dir(std::path::Path::new(&models())).unwrap();
+    let lead = leadscore_lookup::lead_from_fields(
+        "lead_123".into(),
+        Some("Medium".into()),
+        Some("Technology".into()),
+        Some(15),
+        Some(300.5),
+        Some(45.2),
+        Some("Google".into()),
+        None,
+        Some("2024-01-01T00:00:00"),
+    )
+    .unwrap();
+    let mut row = Vec::new();
+    model.features().build_into(&lead, &mut row).unwrap();
+    let header: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+        format!("Bearer {TOKEN}").parse().unwrap();
+    let mut oip_client =
+        oip::grpc_inference_service_client::GrpcInferenceServiceClient::with_interceptor(
+            channel.clone(),
+            move |mut req: tonic::Request<()>| {
+                req.metadata_mut().insert("authorization", header.clone());
+                Ok(req)
+            },
+        );
+    let meta = oip_client
+        .model_metadata(oip::ModelMetadataRequest {
+            name: "lead-scoring".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(meta.inputs[0].name, "features");
+    assert_eq!(meta.inputs[0].shape, [-1, row.len() as i64]);
+    let infer = |rows: Vec<f32>, n: i64| oip::ModelInferRequest {
+        model_name: "lead-scoring".into(),
+        id: "req-1".into(),
+        inputs: vec![oip::model_infer_request::InferInputTensor {
+            name: "features".into(),
+            datatype: "FP32".into(),
+            shape: vec![n, row.len() as i64],
+            contents: Some(oip::InferTensorContents {
+                fp32_contents: rows,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let r = oip_client
+        .model_infer(infer(row.clone(), 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.id.as_str(), r.model_version.as_str()),
+        ("req-1", "bundled-1")
+    );
+    let out = r.outputs[0]
+        .contents
+        .as_ref()
+        .unwrap()
+        .fp64_contents
+        .clone();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].to_bits(), score.to_bits());
+    let e = oip_client
+        .model_infer(infer(row.clone(), 2))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = oip_client
+        .model_metadata(oip::ModelMetadataRequest {
+            name: "other".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    terminate(lookup.child);
 }
