@@ -882,3 +882,94 @@ async fn the_seed_rest_contract_bearer_tokens_health_and_open_inference_protocol
     assert_eq!(e.code(), Code::NotFound);
     terminate(lookup.child);
 }
+
+/// A CA, and PEM (certificate, key) pairs it signed for `name`.
+fn pki(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    for name in ["server", "client"] {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    (dir.to_path_buf(), ca_cert.pem().into_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_mutual_tls_refuses_clients_without_a_certificate() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, ca) = pki(tmp.path());
+    let path = |f: &str| dir.join(f).display().to_string();
+    let lookup = start_lookup(&[
+        ("LEADSCORE__LOOKUP__TLS_CERT", path("server.pem")),
+        ("LEADSCORE__LOOKUP__TLS_KEY", path("server.key")),
+        ("LEADSCORE__LOOKUP__TLS_CLIENT_CA", path("ca.pem")),
+        ("LEADSCORE__LOOKUP__SCORES_TOPIC", String::new()),
+        ("LEADSCORE__LOOKUP__LIFECYCLE_TOPIC", String::new()),
+    ]);
+    // Ready once the REST port answers (REST stays plain; TLS is for gRPC).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !reqwest::get(format!("http://127.0.0.1:{}/readyz", lookup.rest))
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "lookup never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let endpoint = || Channel::from_shared(format!("https://localhost:{}", lookup.grpc)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca))
+        .domain_name("localhost");
+    // With a client certificate the CA signed: served.
+    let with_cert = endpoint()
+        .tls_config(tls.clone().identity(Identity::from_pem(
+            std::fs::read(dir.join("client.pem")).unwrap(),
+            std::fs::read(dir.join("client.key")).unwrap(),
+        )))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let info = v1::lead_scores_client::LeadScoresClient::new(with_cert)
+        .get_model_info(v1::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.champion.unwrap().version, "bundled-1");
+    // Without one: the handshake fails, no call is served.
+    let refused = match endpoint().tls_config(tls).unwrap().connect().await {
+        Err(_) => true,
+        Ok(ch) => v1::lead_scores_client::LeadScoresClient::new(ch)
+            .get_model_info(v1::GetModelInfoRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+    // Plain text is not served either.
+    let plain = Channel::from_shared(format!("http://127.0.0.1:{}", lookup.grpc))
+        .unwrap()
+        .connect()
+        .await;
+    let plain_served = match plain {
+        Err(_) => false,
+        Ok(ch) => v1::lead_scores_client::LeadScoresClient::new(ch)
+            .get_model_info(v1::GetModelInfoRequest {})
+            .await
+            .is_ok(),
+    };
+    assert!(!plain_served);
+    terminate(lookup.child);
+}
