@@ -318,7 +318,16 @@ pub async fn serve(
         .add_service(scores)
         .add_service(inference)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+            {
+                use futures::StreamExt;
+                // Small request/response pairs: never wait for Nagle.
+                tokio_stream::wrappers::TcpListenerStream::new(grpc_listener).map(|s| {
+                    if let Ok(s) = &s {
+                        let _ = s.set_nodelay(true);
+                    }
+                    s
+                })
+            },
             async move { grpc_stop.cancelled().await },
         );
 

@@ -27,6 +27,8 @@ pub(crate) enum BenchCommand {
     Scorer(BenchArgs),
     /// Drift aggregator throughput on a pre-filled score topic, against a plain read of it.
     Drift(crate::bench_drift::DriftBenchArgs),
+    /// Lookup service: GetScore at a fixed rate and flat out, ScoreLead flat out (gRPC).
+    Lookup(crate::bench_lookup::LookupBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -264,6 +266,7 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
     let args = match cmd {
         BenchCommand::Scorer(args) => args,
         BenchCommand::Drift(args) => return crate::bench_drift::run(args, config).await,
+        BenchCommand::Lookup(args) => return crate::bench_lookup::run(args, config).await,
     };
     leadscore_model::init_runtime(None)
         .context("ONNX Runtime (eval \"$(deploy/local/stack env)\")")?;

@@ -1,0 +1,273 @@
+//! `leadscore bench lookup`: GetScore and ScoreLead latency and throughput under load.
+//!
+//! Starts the lookup service (this binary, `leadscore lookup`, on free local
+//! ports, reading the local Redis and Postgres), puts `--leads` scores in
+//! Redis, then drives it over gRPC from `--concurrency` HTTP/2 connections:
+//! (a) GetScore at a fixed `--rate` (each caller keeps its share of the
+//! schedule, catching up after a stall), latency measured from the send;
+//! (b) GetScore as fast as it goes; (c) ScoreLead as fast as it goes. Prints a
+//! Markdown table for BENCHMARKS.md.
+
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use leadscore_config::Config;
+use leadscore_crm::{Generator, GeneratorConfig};
+use leadscore_lookup::proto::v1;
+use leadscore_lookup::proto::v1::lead_scores_client::LeadScoresClient;
+use tonic::transport::Channel;
+
+#[derive(Debug, Args)]
+pub(crate) struct LookupBenchArgs {
+    /// Scores put in Redis (and looked up at random).
+    #[arg(long, default_value_t = 100_000)]
+    leads: usize,
+    /// Fixed GetScore rate for the latency run, requests per second.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrent callers (each with its own connection).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+}
+
+#[derive(Default)]
+struct Run {
+    latencies_us: Vec<u64>,
+    errors: u64,
+    elapsed: Duration,
+}
+
+impl Run {
+    fn merge(&mut self, other: Run) {
+        self.latencies_us.extend(other.latencies_us);
+        self.errors += other.errors;
+    }
+
+    fn row(&mut self, name: &str) -> String {
+        self.latencies_us.sort_unstable();
+        let n = self.latencies_us.len();
+        let pct = |p: f64| {
+            if n == 0 {
+                return f64::NAN;
+            }
+            self.latencies_us[((n as f64 * p) as usize).min(n - 1)] as f64 / 1000.0
+        };
+        format!(
+            "| {name} | {n} | {} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            self.errors,
+            n as f64 / self.elapsed.as_secs_f64(),
+            pct(0.50),
+            pct(0.99),
+            pct(0.999),
+        )
+    }
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await
+        {
+            Ok(c) => {
+                let mut probe = LeadScoresClient::new(c.clone());
+                if probe
+                    .get_model_info(v1::GetModelInfoRequest {})
+                    .await
+                    .is_ok()
+                {
+                    return Ok(c);
+                }
+            }
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).context("the lookup service did not start");
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn lead_message(l: &leadscore_crm::Lead) -> v1::Lead {
+    v1::Lead {
+        lead_id: l.lead_id.clone(),
+        company_size: l.company_size.clone(),
+        industry: l.industry.clone(),
+        page_views: l.page_views,
+        time_on_site: l.time_on_site,
+        form_completion_time: l.form_completion_time,
+        referral_source: l.referral_source.clone(),
+        country: l.country.clone(),
+        created_at: Some(l.created_at.to_rfc3339()),
+    }
+}
+
+pub(crate) async fn run(args: LookupBenchArgs, config: &Config) -> anyhow::Result<ExitCode> {
+    let pid = std::process::id();
+    let port = |l: std::net::TcpListener| l.local_addr().map(|a| a.port());
+    let grpc = format!(
+        "127.0.0.1:{}",
+        port(std::net::TcpListener::bind("127.0.0.1:0")?)?
+    );
+    let rest = format!(
+        "127.0.0.1:{}",
+        port(std::net::TcpListener::bind("127.0.0.1:0")?)?
+    );
+    let redis_url = config
+        .lookup
+        .redis_url
+        .clone()
+        .context("bench lookup reads Redis: set lookup.redis_url")?;
+    let cache = leadscore_cache::Cache::new(
+        &redis_url,
+        Duration::from_secs(3600),
+        Duration::from_secs(5),
+    )?;
+    let ids: Vec<String> = (0..args.leads)
+        .map(|i| format!("bench-{pid}-{i}"))
+        .collect();
+    for chunk in ids.chunks(5_000) {
+        let scores: Vec<leadscore_cache::CachedScore> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, id)| leadscore_cache::CachedScore {
+                lead_id: id.clone(),
+                score: (i % 100) as f64 / 100.0,
+                band: "Low".into(),
+                model_name: "lead-scoring".into(),
+                model_version: "bench".into(),
+                model_role: "champion".into(),
+                scored_at_ms: 0,
+            })
+            .collect();
+        cache.write(&scores, &[]).await.context("filling Redis")?;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg("lookup")
+        .env("LEADSCORE__LOOKUP__GRPC_LISTEN", &grpc)
+        .env("LEADSCORE__LOOKUP__REST_LISTEN", &rest)
+        .env("LEADSCORE__LOOKUP__SCORES_TOPIC", "")
+        .env("LEADSCORE__LOOKUP__LIFECYCLE_TOPIC", "")
+        .env("LEADSCORE_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting `leadscore lookup`")?;
+    let result = drive(&args, &grpc, &ids).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    cache.write(&[], &ids).await.ok();
+    let table = result?;
+    println!("{table}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn drive(args: &LookupBenchArgs, grpc: &str, ids: &[String]) -> anyhow::Result<String> {
+    let mut channels = Vec::new();
+    for _ in 0..args.concurrency {
+        channels.push(connect(grpc).await?);
+    }
+    let run_for = Duration::from_secs(args.seconds);
+    let ids = std::sync::Arc::new(ids.to_vec());
+
+    // (a) GetScore at a fixed rate.
+    let per_worker = Duration::from_secs_f64(args.concurrency as f64 / args.rate.max(1) as f64);
+    let mut tasks = Vec::new();
+    for (w, ch) in channels.iter().enumerate() {
+        let (ch, ids) = (ch.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = LeadScoresClient::new(ch);
+            let mut run = Run::default();
+            let mut tick = tokio::time::interval(per_worker);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let end = tokio::time::Instant::now() + run_for;
+            let mut i = w;
+            loop {
+                let scheduled = tick.tick().await;
+                if scheduled >= end {
+                    break;
+                }
+                let id = ids[i % ids.len()].clone();
+                i += 7919;
+                match c.get_score(v1::GetScoreRequest { lead_id: id }).await {
+                    Ok(_) => run
+                        .latencies_us
+                        .push(scheduled.elapsed().as_micros() as u64),
+                    Err(_) => run.errors += 1,
+                }
+            }
+            run
+        }));
+    }
+    let mut fixed = Run::default();
+    let started = Instant::now();
+    for t in tasks {
+        fixed.merge(t.await?);
+    }
+    fixed.elapsed = started.elapsed();
+
+    // (b) GetScore and (c) ScoreLead, closed loop.
+    let mut g = Generator::new(GeneratorConfig {
+        seed: 3,
+        id_prefix: "bench".into(),
+        ..Default::default()
+    });
+    let leads = std::sync::Arc::new(
+        (0..1000)
+            .map(|_| lead_message(&g.next_lead().lead))
+            .collect::<Vec<_>>(),
+    );
+    let mut rows = vec![fixed.row(&format!("GetScore at {} req/s (open loop)", args.rate))];
+    for which in ["GetScore", "ScoreLead"] {
+        let mut tasks = Vec::new();
+        for (w, ch) in channels.iter().enumerate() {
+            let (ch, ids, leads) = (ch.clone(), ids.clone(), leads.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut c = LeadScoresClient::new(ch);
+                let mut run = Run::default();
+                let end = Instant::now() + run_for;
+                let mut i = w;
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    let ok = if which == "GetScore" {
+                        let id = ids[i % ids.len()].clone();
+                        c.get_score(v1::GetScoreRequest { lead_id: id })
+                            .await
+                            .is_ok()
+                    } else {
+                        let lead = leads[i % leads.len()].clone();
+                        c.score_lead(v1::ScoreLeadRequest { lead: Some(lead) })
+                            .await
+                            .is_ok()
+                    };
+                    i += 7919;
+                    if ok {
+                        run.latencies_us.push(t.elapsed().as_micros() as u64);
+                    } else {
+                        run.errors += 1;
+                    }
+                }
+                run
+            }));
+        }
+        let mut run = Run::default();
+        let started = Instant::now();
+        for t in tasks {
+            run.merge(t.await?);
+        }
+        run.elapsed = started.elapsed();
+        rows.push(run.row(&format!(
+            "{which}, {} callers (closed loop)",
+            args.concurrency
+        )));
+    }
+    Ok(format!(
+        "| run | requests | errors | req/s | p50 ms | p99 ms | p99.9 ms |\n|---|---|---|---|---|---|---|\n{}",
+        rows.join("\n")
+    ))
+}
