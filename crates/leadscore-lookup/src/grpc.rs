@@ -104,8 +104,9 @@ async fn within<T>(
     f: impl std::future::Future<Output = Result<T, Status>>,
 ) -> Result<T, Status> {
     match limit {
-        // Answer just before the transport's own timer would cancel the call.
-        Some(d) => tokio::time::timeout(d.saturating_sub(Duration::from_millis(1)), f)
+        // Answer before the transport's own timers (server and client, started earlier
+        // than this handler) cancel the call: at nine tenths of the caller's budget.
+        Some(d) => tokio::time::timeout(d.mul_f64(0.9), f)
             .await
             .unwrap_or_else(|_| {
                 Err(Status::deadline_exceeded(format!(

@@ -286,7 +286,9 @@ pub async fn serve(
         .max_decoding_message_size(cfg.max_request_bytes),
         tokens.clone(),
     );
-    let mut builder = tonic::transport::Server::builder();
+    // A span per call (method and path, never the message), exported with the others.
+    let mut builder =
+        tonic::transport::Server::builder().layer(tower_http::trace::TraceLayer::new_for_grpc());
     if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
         let mut tls = tonic::transport::ServerTlsConfig::new().identity(
             tonic::transport::Identity::from_pem(

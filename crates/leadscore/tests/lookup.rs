@@ -24,9 +24,19 @@ use tonic::transport::Channel;
 const TOKEN: &str = "it-lookup-token-0123456789";
 
 struct Lookup {
-    child: Child,
+    child: Option<Child>,
     grpc: u16,
     rest: u16,
+}
+
+impl Drop for Lookup {
+    // A failed test must not leave the service running (it holds the test's stderr).
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 fn start_lookup(env: &[(&str, String)]) -> Lookup {
@@ -50,7 +60,7 @@ fn start_lookup(env: &[(&str, String)]) -> Lookup {
         cmd.env(k, v);
     }
     Lookup {
-        child: cmd.spawn().unwrap(),
+        child: Some(cmd.spawn().unwrap()),
         grpc,
         rest,
     }
@@ -111,32 +121,61 @@ impl Lookup {
     }
 }
 
-/// A TCP relay to Postgres that the test can cut: a network partition between lookup and database.
+/// A TCP relay to Postgres that the test can stall or cut: a network fault between lookup and database.
 struct Relay {
     port: u16,
     task: tokio::task::JoinHandle<()>,
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Relay {
     async fn to(target: &'static str) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
+        let stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
+            Default::default();
+        let (s, c) = (stall.clone(), conns.clone());
         let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
             while let Ok((mut inbound, _)) = listener.accept().await {
-                conns.spawn(async move {
-                    if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                let stalled = s.load(std::sync::atomic::Ordering::SeqCst);
+                let t = tokio::spawn(async move {
+                    if stalled {
+                        // Accept, then never answer.
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        drop(inbound);
+                    } else if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
                     }
                 });
+                c.lock().unwrap().push(t.abort_handle());
             }
         });
-        Relay { port, task }
+        Relay {
+            port,
+            task,
+            stall,
+            conns,
+        }
     }
 
-    /// Cuts every connection and refuses new ones.
+    fn drop_connections(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    /// Open connections break; new ones are accepted and never answered.
+    fn stall(&self) {
+        self.stall.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.drop_connections();
+    }
+
+    /// Every connection breaks and new ones are refused.
     fn cut(&self) {
         self.task.abort();
+        self.drop_connections();
     }
 }
 
@@ -219,7 +258,7 @@ async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailab
     insert_row(&pg, &score(&cached, 0.81, "7")).await;
     insert_row(&pg, &score(&stored, 0.12, "6")).await;
 
-    let lookup = start_lookup(&[
+    let mut lookup = start_lookup(&[
         ("LEADSCORE__LOOKUP__REDIS_URL", redis_url.clone()),
         ("LEADSCORE__POSTGRES__URL", relayed),
         ("LEADSCORE__LOOKUP__MAX_BATCH", "3".into()),
@@ -314,6 +353,25 @@ async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailab
     assert_eq!(rest["source"], "database");
     assert_eq!(rest["lead_score"], 0.81);
 
+    // Postgres stalls: a caller's deadline shorter than the database timeout is honoured,
+    // and without one the answer is UNAVAILABLE once the database timeout passes.
+    relay.stall();
+    // (A pooled connection not yet seen broken fails at once with UNAVAILABLE.)
+    let mut codes = Vec::new();
+    while codes.len() < 10 && codes.last() != Some(&Code::DeadlineExceeded) {
+        let mut req = tonic::Request::new(get(&stored));
+        req.set_timeout(Duration::from_millis(200));
+        codes.push(c.get_score(req).await.unwrap_err().code());
+    }
+    assert_eq!(codes.last(), Some(&Code::DeadlineExceeded), "{codes:?}");
+    assert!(
+        codes
+            .iter()
+            .all(|c| matches!(c, Code::DeadlineExceeded | Code::Unavailable)),
+        "{codes:?}"
+    );
+    let e = c.get_score(get(&stored)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     // And Postgres cut too: UNAVAILABLE, never NOT_FOUND.
     relay.cut();
     let e = c.get_score(get(&stored)).await.unwrap_err();
@@ -325,16 +383,7 @@ async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailab
     .await
     .unwrap();
     assert_eq!(r.status().as_u16(), 503);
-    // A deadline shorter than the store's timeout is honoured.
-    let mut req = tonic::Request::new(get(&stored));
-    req.set_timeout(Duration::from_millis(50));
-    let e = c.get_score(req).await.unwrap_err();
-    assert!(
-        matches!(e.code(), Code::DeadlineExceeded | Code::Unavailable),
-        "{e:?}"
-    );
-
-    terminate(lookup.child);
+    terminate(lookup.child.take().unwrap());
     pg.execute(
         "DELETE FROM public.lead_scores WHERE lead_id LIKE $1",
         &[&format!("{p}-%")],
@@ -364,7 +413,7 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
     for s in ["in", "scores", "shadow", "dlq"] {
         create_topic(&t(s), 2).await;
     }
-    let lookup = start_lookup(&[
+    let mut lookup = start_lookup(&[
         ("LEADSCORE__LOOKUP__SCORES_TOPIC", t("scores")),
         ("LEADSCORE__LOOKUP__LIFECYCLE_TOPIC", String::new()),
     ]);
@@ -567,7 +616,7 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
     assert!(info.challenger.is_none() && info.canary.is_none());
 
     // SIGTERM ends open streams and the service exits cleanly.
-    terminate(lookup.child);
+    terminate(lookup.child.take().unwrap());
     assert!(
         tokio::time::timeout(Duration::from_secs(10), all.message())
             .await
@@ -589,7 +638,7 @@ fn seed_example() -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_rest_contract_bearer_tokens_health_and_open_inference_protocol() {
-    let lookup = start_lookup(&[
+    let mut lookup = start_lookup(&[
         ("LEADSCORE__LOOKUP__AUTH_TOKENS", format!("[\"{TOKEN}\"]")),
         (
             "LEADSCORE__LOOKUP__CORS_ORIGINS",
@@ -743,6 +792,41 @@ async fn the_seed_rest_contract_bearer_tokens_health_and_open_inference_protocol
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+    // Server reflection (open) lists every service.
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            channel.clone(),
+        );
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(
+        tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(
+            list,
+        ),
+    ) = answer.message_response
+    else {
+        panic!("{answer:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "leadscore.v1.LeadScores",
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
     let e = lookup
         .scores(None)
         .await
@@ -880,7 +964,7 @@ async fn the_seed_rest_contract_bearer_tokens_health_and_open_inference_protocol
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    terminate(lookup.child);
+    terminate(lookup.child.take().unwrap());
 }
 
 /// A CA, and PEM (certificate, key) pairs it signed for `name`.
@@ -910,7 +994,7 @@ async fn grpc_over_mutual_tls_refuses_clients_without_a_certificate() {
     let tmp = tempfile::tempdir().unwrap();
     let (dir, ca) = pki(tmp.path());
     let path = |f: &str| dir.join(f).display().to_string();
-    let lookup = start_lookup(&[
+    let mut lookup = start_lookup(&[
         ("LEADSCORE__LOOKUP__TLS_CERT", path("server.pem")),
         ("LEADSCORE__LOOKUP__TLS_KEY", path("server.key")),
         ("LEADSCORE__LOOKUP__TLS_CLIENT_CA", path("ca.pem")),
@@ -971,5 +1055,5 @@ async fn grpc_over_mutual_tls_refuses_clients_without_a_certificate() {
             .is_ok(),
     };
     assert!(!plain_served);
-    terminate(lookup.child);
+    terminate(lookup.child.take().unwrap());
 }
