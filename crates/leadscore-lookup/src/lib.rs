@@ -287,8 +287,8 @@ pub async fn serve(
         tokens.clone(),
     );
     // A span per call (method and path, never the message), exported with the others.
-    let mut builder =
-        tonic::transport::Server::builder().layer(tower_http::trace::TraceLayer::new_for_grpc());
+    let mut builder = tonic::transport::Server::builder()
+        .layer(tower_http::trace::TraceLayer::new_for_grpc().on_failure(()));
     if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
         let mut tls = tonic::transport::ServerTlsConfig::new().identity(
             tonic::transport::Identity::from_pem(

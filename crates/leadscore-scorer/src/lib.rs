@@ -393,6 +393,11 @@ pub async fn run(
     // The batch being committed on a blocking thread while the next one is read and scored.
     let mut in_flight: Option<InFlight> = None;
     loop {
+        // The group generation the batch is read under, taken before its first record: if a
+        // rebalance moves its partitions meanwhile, the broker refuses this generation's
+        // offsets and the transaction aborts, instead of committing records the new owner
+        // is scoring too (KIP-447). Taken after the read, it could be the new generation.
+        let group_at_read = consumer.group_metadata();
         // Wait for the first record of a batch, the in-flight commit, or shutdown.
         let first = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -500,7 +505,7 @@ pub async fn run(
                 });
             }
         }
-        let Some(group) = consumer.group_metadata() else {
+        let Some(group) = group_at_read else {
             tracing::warn!("no consumer group metadata yet; re-reading the batch");
             rewind(&consumer, [&ranges]);
             tokio::time::sleep(backoff.current()).await;
