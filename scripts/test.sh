@@ -4,7 +4,8 @@
 #   2. applies topics and registers schemas,
 #   3. cargo fmt --check, cargo clippy -D warnings,
 #   4. cargo test --workspace (unit, property and integration tests),
-#   5. pytest for the training job (training/tests, against the real MLflow),
+#   5. pytest for the training job (training/tests, against the real MLflow) and
+#      the Helm chart (deploy/helm/tests: helm lint and template, from scripts/helm.sh),
 # and ends with one "N passed, N failed" line counting both.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,11 +40,13 @@ read -r passed failed < <(awk '/^test result:/ {
     for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) }
   } END { print p + 0, f + 0 }' "$log")
 
-step "pytest (training/)"
+step "pytest (training/, the Helm chart)"
 export LEADSCORE_BIN
 LEADSCORE_BIN="$(leadscore_bin)"
 set +e
-(cd training && "$LEADSCORE_PYTHON" -m pytest -q -p no:cacheprovider tests) 2>&1 | tee "$log"
+export LEADSCORE_HELM
+LEADSCORE_HELM="$(scripts/helm.sh)"
+(cd training && "$LEADSCORE_PYTHON" -m pytest -q -p no:cacheprovider tests ../deploy/helm/tests) 2>&1 | tee "$log"
 py_status=${PIPESTATUS[0]}
 set -e
 read -r py_passed py_failed < <(tail -n 3 "$log" | awk '{

@@ -1,0 +1,102 @@
+"""The Helm chart: lints, renders for default and production-like values, and
+the rendered manifests hold what the cluster needs. Runs helm (scripts/helm.sh)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+CHART = Path(__file__).resolve().parents[1] / "leadscore"
+REPO = CHART.parents[2]
+PROD = CHART / "ci" / "production-values.yaml"
+SERVICES = ["scorer", "drift", "retrain", "training-worker", "controller", "lookup"]
+SECRET_VARS = {"LEADSCORE__KAFKA__SASL_PASSWORD", "LEADSCORE__REGISTRY__PASSWORD", "LEADSCORE__POSTGRES__URL",
+               "LEADSCORE__ALERTING__SLACK_WEBHOOK_URL", "LEADSCORE__ALERTING__PAGERDUTY_ROUTING_KEY",
+               "LEADSCORE__ALERTING__SMTP_PASSWORD"}
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    return os.environ.get("LEADSCORE_HELM") or subprocess.run(
+        [str(REPO / "scripts" / "helm.sh")], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def render(helm: str, *args: str) -> list[dict]:
+    out = subprocess.run([helm, "template", "t", str(CHART), *args], check=True, capture_output=True, text=True)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def deployments(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"].removeprefix("t-"): d for d in docs if d["kind"] == "Deployment"}
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(PROD)]], ids=["default", "production"])
+def test_the_chart_lints(helm: str, values: list[str]) -> None:
+    out = subprocess.run([helm, "lint", str(CHART), *values], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(PROD)]], ids=["default", "production"])
+def test_every_service_runs_non_root_read_only_with_probes_and_a_long_enough_grace(helm: str, values: list[str]) -> None:
+    docs = render(helm, *values)
+    deps = deployments(docs)
+    assert sorted(deps) == sorted(SERVICES)
+    grace = yaml.safe_load((CHART / "values.yaml").read_text())["services"]
+    for name, d in deps.items():
+        pod = d["spec"]["template"]["spec"]
+        [c] = pod["containers"]
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz", name
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", name
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] and sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"], name
+        assert sc["capabilities"]["drop"] == ["ALL"], name
+        assert pod["securityContext"]["runAsNonRoot"], name
+        key = {"training-worker": "trainingWorker"}.get(name, name)
+        assert pod["terminationGracePeriodSeconds"] > grace[key]["shutdownGraceSeconds"], name
+        env = {e["name"]: e for e in c["env"]}
+        assert env["LEADSCORE_CONFIG"]["value"] == "/etc/leadscore/leadscore.toml"
+        listens = [v["value"] for k, v in env.items() if k.endswith("_LISTEN")]
+        assert listens and all(v.startswith("0.0.0.0:") for v in listens), name
+
+
+def test_secrets_are_referenced_never_inlined(helm: str) -> None:
+    docs = render(helm, "-f", str(PROD))
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    referenced = set()
+    for d in deployments(docs).values():
+        for e in d["spec"]["template"]["spec"]["containers"][0]["env"]:
+            if e["name"] in SECRET_VARS:
+                assert "value" not in e and "secretKeyRef" in e["valueFrom"], e
+                referenced.add(e["name"])
+    assert {"LEADSCORE__KAFKA__SASL_PASSWORD", "LEADSCORE__POSTGRES__URL"} <= referenced
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["leadscore.toml"]
+    assert "password" not in config.lower()
+
+
+def test_production_values_autoscale_the_scorer_within_the_partitions(helm: str) -> None:
+    docs = render(helm, "-f", str(PROD))
+    [hpa] = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    declared = yaml.safe_load((REPO / "topics" / "topics.yaml").read_text())
+    leads = next(t for t in declared["topics"] if t["name"] == "crm.public.leads")
+    partitions = leads.get("partitions", declared["defaults"]["partitions"])
+    assert hpa["spec"]["maxReplicas"] <= partitions
+    assert "replicas" not in deployments(docs)["scorer"]["spec"], "the HPA owns the scorer's replicas"
+    scorer_env = {e["name"]: e for e in deployments(docs)["scorer"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert scorer_env["LEADSCORE__SCORER__INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert "SASL_SSL" in next(d for d in docs if d["kind"] == "ConfigMap")["data"]["leadscore.toml"]
+
+
+def test_a_wrong_value_is_refused_by_the_schema_naming_it(helm: str) -> None:
+    out = subprocess.run([helm, "template", "t", str(CHART), "--set", "services.scorer.replicas=three"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "/services/scorer/replicas" in out.stderr, out.stderr
+
+
+def test_helm_test_hook_calls_the_lookup_health(helm: str) -> None:
+    docs = render(helm)
+    [hook] = [d for d in docs if d["kind"] == "Pod"]
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert "/health" in " ".join(hook["spec"]["containers"][0]["command"])
