@@ -100,3 +100,23 @@ def test_helm_test_hook_calls_the_lookup_health(helm: str) -> None:
     [hook] = [d for d in docs if d["kind"] == "Pod"]
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert "/health" in " ".join(hook["spec"]["containers"][0]["command"])
+
+
+def test_keda_and_prometheus_operator_resources_render_and_alert_on_metrics_the_services_export(helm: str) -> None:
+    docs = render(helm, "-f", str(PROD), "--set", "keda.enabled=true", "--set", "monitoring.serviceMonitor.enabled=true",
+                  "--set", "monitoring.prometheusRule.enabled=true")
+    kinds = [d["kind"] for d in docs]
+    [scaled] = [d for d in docs if d["kind"] == "ScaledObject"]
+    assert "HorizontalPodAutoscaler" not in kinds, "KEDA replaces the HPA"
+    assert scaled["spec"]["maxReplicaCount"] <= 12
+    trigger = scaled["spec"]["triggers"][0]["metadata"]
+    assert trigger["topic"] == "crm.public.leads" and trigger["bootstrapServers"].count(",") == 2
+    assert kinds.count("ServiceMonitor") == 1
+    [rule] = [d for d in docs if d["kind"] == "PrometheusRule"]
+    exprs = " ".join(r["expr"] for g in rule["spec"]["groups"] for r in g["rules"])
+    import re
+    names = set(re.findall(r"leadscore_[a-z_]+", exprs))
+    assert {"leadscore_scorer_consumer_lag", "leadscore_scorer_dead_letters_total", "leadscore_lookup_calls_total"} <= names
+    sources = " ".join(p.read_text() for p in (REPO / "crates").rglob("*.rs"))
+    for n in names:
+        assert n in sources, f"{n} is alerted on but no service exports it"
