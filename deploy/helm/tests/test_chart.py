@@ -120,3 +120,18 @@ def test_keda_and_prometheus_operator_resources_render_and_alert_on_metrics_the_
     sources = " ".join(p.read_text() for p in (REPO / "crates").rglob("*.rs"))
     for n in names:
         assert n in sources, f"{n} is alerted on but no service exports it"
+
+
+def test_the_grafana_dashboard_ships_as_a_configmap_on_exported_metrics(helm: str) -> None:
+    import json
+    import re
+    docs = render(helm)
+    [cm] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "t-dashboard"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["leadscore.json"])
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    names = {re.sub(r"_(bucket|count|sum)$", "", n) for n in re.findall(r"leadscore_[a-z_]+", exprs)}
+    assert len(dashboard["panels"]) >= 6 and names
+    sources = " ".join(p.read_text() for p in (REPO / "crates").rglob("*.rs"))
+    for n in names:
+        assert n in sources, f"{n} is charted but no service exports it"
