@@ -198,3 +198,47 @@ pub fn debezium_create(l: &leadscore_crm::Lead, ts_ms: i64) -> Vec<u8> {
     }, "source": {"ts_ms": ts_ms}}))
     .unwrap()
 }
+
+/// Registers, as a new version of `name`, a copy of the model trained into `trained` whose
+/// ONNX graph only takes batches of one lead (it fails on every larger batch); returns the version.
+pub fn register_static_batch_copy(
+    trained: &std::path::Path,
+    out: &std::path::Path,
+    name: &str,
+    mlflow: &str,
+) -> String {
+    let python = std::env::var("LEADSCORE_PYTHON")
+        .expect("LEADSCORE_PYTHON (from `deploy/local/stack env`) runs the registration");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../crates/leadscore/tests/support/static_batch_version.py");
+    let done = std::process::Command::new(python)
+        .arg(script)
+        .args([mlflow, name])
+        .arg(trained)
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    // MLflow prints its own lines first.
+    String::from_utf8_lossy(&done.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The version MLflow's `alias` of `model` names, if it exists.
+pub async fn mlflow_alias(mlflow: &str, model: &str, alias: &str) -> Option<String> {
+    let m = leadscore_model::source::Mlflow::new(mlflow).unwrap();
+    m.version(
+        model,
+        &leadscore_model::source::Selector::Alias(alias.into()),
+    )
+    .await
+    .ok()
+    .map(|v| v.version)
+}

@@ -40,6 +40,23 @@ pub mod proto {
     pub const DESCRIPTOR: &[u8] = tonic::include_file_descriptor_set!("descriptor");
 }
 
+impl From<&leadscore_crm::Lead> for proto::v1::Lead {
+    /// The request message of a CRM lead (its non-PII fields).
+    fn from(l: &leadscore_crm::Lead) -> Self {
+        Self {
+            lead_id: l.lead_id.clone(),
+            company_size: l.company_size.clone(),
+            industry: l.industry.clone(),
+            page_views: l.page_views,
+            time_on_site: l.time_on_site,
+            form_completion_time: l.form_completion_time,
+            referral_source: l.referral_source.clone(),
+            country: l.country.clone(),
+            created_at: Some(l.created_at.to_rfc3339()),
+        }
+    }
+}
+
 /// Errors of the lookup service.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

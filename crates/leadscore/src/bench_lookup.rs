@@ -94,20 +94,6 @@ async fn connect(addr: &str) -> anyhow::Result<Channel> {
     }
 }
 
-fn lead_message(l: &leadscore_crm::Lead) -> v1::Lead {
-    v1::Lead {
-        lead_id: l.lead_id.clone(),
-        company_size: l.company_size.clone(),
-        industry: l.industry.clone(),
-        page_views: l.page_views,
-        time_on_site: l.time_on_site,
-        form_completion_time: l.form_completion_time,
-        referral_source: l.referral_source.clone(),
-        country: l.country.clone(),
-        created_at: Some(l.created_at.to_rfc3339()),
-    }
-}
-
 pub(crate) async fn run(args: LookupBenchArgs, config: &Config) -> anyhow::Result<ExitCode> {
     let pid = std::process::id();
     let port = |l: std::net::TcpListener| l.local_addr().map(|a| a.port());
@@ -219,7 +205,7 @@ async fn drive(args: &LookupBenchArgs, grpc: &str, ids: &[String]) -> anyhow::Re
     });
     let leads = std::sync::Arc::new(
         (0..1000)
-            .map(|_| lead_message(&g.next_lead().lead))
+            .map(|_| v1::Lead::from(&g.next_lead().lead))
             .collect::<Vec<_>>(),
     );
     let mut rows = vec![fixed.row(&format!("GetScore at {} req/s (open loop)", args.rate))];

@@ -362,8 +362,6 @@ fn text(v: &apache_avro::types::Value, path: &[&str]) -> Option<String> {
 async fn a_challenger_failing_on_leads_is_rolled_back_in_canary_and_every_lead_is_still_scored() {
     let mlflow =
         std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
-    let python = std::env::var("LEADSCORE_PYTHON")
-        .expect("LEADSCORE_PYTHON (from `deploy/local/stack env`) runs the training job");
     let name = unique("it-failing");
     let base = unique("it.failing");
     let t = |s: &str| format!("{base}.{s}");
@@ -375,24 +373,13 @@ async fn a_challenger_failing_on_leads_is_rolled_back_in_canary_and_every_lead_i
     let csv = dir.path().join("leads.csv");
     leadscore_e2e::write_leads_csv(&csv, 43, 3000);
     leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &name, &mlflow, "0.02");
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/static_batch_version.py");
-    let out = Command::new(&python)
-        .arg(&script)
-        .args([&mlflow, &name])
-        .arg(dir.path().join("v1"))
-        .arg(dir.path().join("v2"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let v2 = leadscore_e2e::register_static_batch_copy(
+        &dir.path().join("v1"),
+        &dir.path().join("v2"),
+        &name,
+        &mlflow,
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).lines().last(),
-        Some("2")
-    );
+    assert_eq!(v2, "2");
 
     let mut env = env(&base, &name, &mlflow, &csv);
     // Straight to the canary; the step never completes on its own: only a rollback ends it.
@@ -514,18 +501,7 @@ async fn a_challenger_failing_on_leads_is_rolled_back_in_canary_and_every_lead_i
         failures.get("canary").is_some_and(|n| *n > 0),
         "{failures:?}"
     );
-    let registry = leadscore_model::source::Mlflow::new(&mlflow).unwrap();
-    let alias = |a: &'static str| {
-        let registry = &registry;
-        let name = name.clone();
-        async move {
-            registry
-                .version(&name, &leadscore_model::source::Selector::Alias(a.into()))
-                .await
-                .ok()
-                .map(|v| v.version)
-        }
-    };
+    let alias = |a: &'static str| leadscore_e2e::mlflow_alias(&mlflow, &name, a);
     assert_eq!(alias("champion").await.as_deref(), Some("1"));
     assert_eq!(alias("challenger").await, None);
     assert_eq!(alias("canary").await, None);

@@ -13,7 +13,6 @@ use leadscore_e2e::{
     consumer, create_topic, delete_topics, free_port, publish_avro, receive, terminate, unique,
 };
 use leadscore_lifecycle::events::{LifecycleEvent, Stage};
-use leadscore_model::source::{Mlflow, Selector};
 use leadscore_registry::{Decoder, Registry};
 
 const H: i64 = 3_600_000;
@@ -184,11 +183,7 @@ async fn steps(t: &Topics, want: usize) -> Vec<(String, String, i32, String)> {
 }
 
 async fn alias(model: &str, alias: &str) -> Option<String> {
-    let m = Mlflow::new(&mlflow_url()).unwrap();
-    m.version(model, &Selector::Alias(alias.into()))
-        .await
-        .ok()
-        .map(|v| v.version)
+    leadscore_e2e::mlflow_alias(&mlflow_url(), model, alias).await
 }
 
 fn kill(mut child: Child) {
@@ -454,20 +449,11 @@ async fn a_second_controller_fences_the_first_which_stops_without_acting() {
     leadscore_e2e::write_leads_csv(&csv, 11, 2000);
     leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &model, &mlflow_url(), "0.02");
     // v2: any second version will do (the controller never loads it).
-    let python = std::env::var("LEADSCORE_PYTHON").expect("LEADSCORE_PYTHON");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/support/static_batch_version.py");
-    let out = Command::new(python)
-        .arg(script)
-        .args([mlflow_url(), model.clone()])
-        .arg(dir.path().join("v1"))
-        .arg(dir.path().join("v2"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    leadscore_e2e::register_static_batch_copy(
+        &dir.path().join("v1"),
+        &dir.path().join("v2"),
+        &model,
+        &mlflow_url(),
     );
 
     // Two controllers with the same transactional id (a rolling update gone wrong).

@@ -392,20 +392,6 @@ async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailab
     .unwrap();
 }
 
-fn lead_message(l: &leadscore_crm::Lead) -> v1::Lead {
-    v1::Lead {
-        lead_id: l.lead_id.clone(),
-        company_size: l.company_size.clone(),
-        industry: l.industry.clone(),
-        page_views: l.page_views,
-        time_on_site: l.time_on_site,
-        form_completion_time: l.form_completion_time,
-        referral_source: l.referral_source.clone(),
-        country: l.country.clone(),
-        created_at: Some(l.created_at.to_rfc3339()),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() {
     let base = unique("it.lookup");
@@ -546,7 +532,7 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
         assert_eq!(watched[&l.lead_id].score.to_bits(), streamed.to_bits());
         let on_demand = c
             .score_lead(v1::ScoreLeadRequest {
-                lead: Some(lead_message(l)),
+                lead: Some(v1::Lead::from(l)),
             })
             .await
             .unwrap()
