@@ -8,6 +8,11 @@
 //! gate, or `failed`) in one Kafka transaction with the request's offset.
 //! A request whose outcome is committed is never run again; a crash during
 //! a run re-runs it (its `training` event repeats, with the same event id).
+//!
+//! As a long-running Deployment it serves requests until stopped. As a
+//! Kubernetes Job (the Helm chart's KEDA ScaledJob on the requests' lag) it
+//! runs with [`RunOptions::once`]: it serves one request and exits, or exits
+//! when none comes within [`RunOptions::idle_exit`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -95,6 +100,26 @@ impl Job {
     }
 }
 
+/// How long the worker serves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Exit after one request has been served and its outcome committed.
+    pub once: bool,
+    /// Exit when no request arrives for this long.
+    pub idle_exit: Option<Duration>,
+}
+
+/// Why [`Worker::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Shutdown was requested.
+    Shutdown,
+    /// One request was served (with [`RunOptions::once`]).
+    Served,
+    /// No request came within [`RunOptions::idle_exit`].
+    Idle,
+}
+
 /// The worker.
 pub struct Worker {
     cfg: TrainingConfig,
@@ -164,12 +189,23 @@ impl Worker {
         })
     }
 
-    /// Serves requests until `shutdown` (a run in progress is killed and re-run after a restart).
-    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
-        tracing::info!(topic = %self.cfg.requests_topic, "training worker waiting for requests");
+    /// Serves requests until `shutdown`, or as `opts` says (a run in progress
+    /// is killed and re-run after a restart).
+    pub async fn run(self, shutdown: CancellationToken, opts: RunOptions) -> Result<Exit> {
+        tracing::info!(topic = %self.cfg.requests_topic, once = opts.once, idle_exit_secs = opts.idle_exit.map(|d| d.as_secs()), "training worker waiting for requests");
         loop {
+            let idle = async {
+                match opts.idle_exit {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
             let msg = tokio::select! {
-                () = shutdown.cancelled() => return Ok(()),
+                () = shutdown.cancelled() => return Ok(Exit::Shutdown),
+                () = idle => {
+                    tracing::info!(idle_secs = opts.idle_exit.map(|d| d.as_secs()), "no retrain request pending; exiting");
+                    return Ok(Exit::Idle);
+                }
                 m = self.consumer.recv() => m,
             };
             let msg = match msg {
@@ -197,12 +233,13 @@ impl Worker {
                 },
                 None => None,
             };
+            let served = job.is_some();
             let events = match job {
                 Some(job) => {
                     tokio::select! {
                         () = shutdown.cancelled() => {
                             tracing::warn!(request = %job.request_id, "shutting down during a run; the request will be run again");
-                            return Ok(());
+                            return Ok(Exit::Shutdown);
                         }
                         e = self.serve(&job) => vec![e?],
                     }
@@ -210,6 +247,10 @@ impl Worker {
                 None => Vec::new(),
             };
             self.publish(events, Some(&offsets)).await?;
+            if served && opts.once {
+                tracing::info!("one request served; exiting (--once)");
+                return Ok(Exit::Served);
+            }
         }
     }
 

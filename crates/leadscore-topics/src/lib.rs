@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Errors raised while reading declarations.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +96,7 @@ struct RawTopic {
 }
 
 /// One declared topic, defaults applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TopicSpec {
     /// Topic name.
     pub name: String,

@@ -19,7 +19,7 @@ impl RetrainArgs {
     pub(crate) fn service(&self) -> Option<&'static str> {
         match self.command {
             None => Some("leadscore-retrain"),
-            Some(RetrainCommand::Worker) => Some("leadscore-training"),
+            Some(RetrainCommand::Worker { .. }) => Some("leadscore-training"),
             Some(RetrainCommand::Request { .. }) => None,
         }
     }
@@ -28,7 +28,14 @@ impl RetrainArgs {
 #[derive(Debug, Subcommand)]
 enum RetrainCommand {
     /// Run the training worker: serve retrain requests with the training job, report lifecycle steps.
-    Worker,
+    Worker {
+        /// Serve one request, then exit (as a Kubernetes Job).
+        #[arg(long)]
+        once: bool,
+        /// Exit when no request arrives for this many seconds.
+        #[arg(long, value_name = "SECS")]
+        idle_exit_secs: Option<u64>,
+    },
     /// Ask for a new model version now (skips the cooldown, not the data check unless --force).
     Request {
         /// Why, for the record.
@@ -48,8 +55,16 @@ enum RetrainCommand {
 
 pub(crate) async fn run(args: RetrainArgs, config: Config) -> anyhow::Result<ExitCode> {
     let registry = leadscore_registry::Registry::new(&config.registry)?;
-    if let Some(RetrainCommand::Worker) = args.command {
-        return worker(config, registry).await;
+    if let Some(RetrainCommand::Worker {
+        once,
+        idle_exit_secs,
+    }) = args.command
+    {
+        let opts = leadscore_retrain::worker::RunOptions {
+            once,
+            idle_exit: idle_exit_secs.map(std::time::Duration::from_secs),
+        };
+        return worker(config, registry, opts).await;
     }
     if let Some(RetrainCommand::Request {
         reason,
@@ -122,6 +137,7 @@ pub(crate) async fn run(args: RetrainArgs, config: Config) -> anyhow::Result<Exi
 async fn worker(
     config: Config,
     registry: leadscore_registry::Registry,
+    opts: leadscore_retrain::worker::RunOptions,
 ) -> anyhow::Result<ExitCode> {
     let cfg = config.training.clone();
     let metrics = std::sync::Arc::new(leadscore_retrain::worker::WorkerMetrics::default());
@@ -151,9 +167,10 @@ async fn worker(
     )
     .await
     .context("starting the training worker")?;
-    let result = worker.run(shutdown).await;
+    let result = worker.run(shutdown, opts).await;
     http_stop.cancel();
     let _ = http.await;
-    result.context("training worker")?;
+    let exit = result.context("training worker")?;
+    tracing::info!(?exit, "training worker stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -46,6 +46,13 @@ pub(crate) enum TopicsCommand {
         #[arg(required = true)]
         topics: Vec<String>,
     },
+    /// Print the declarations with defaults applied, as JSON (no cluster needed); what
+    /// `apply` creates and what the Helm chart's Strimzi KafkaTopics hold.
+    Show {
+        /// Declaration file (default: built in).
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
     /// Print each declared topic and its state on the cluster.
     List {
         /// Declaration file (default: built in).
@@ -70,6 +77,11 @@ pub(crate) async fn run(cmd: TopicsCommand, config: &Config) -> anyhow::Result<E
             check,
         } => apply(file.as_ref(), fix, dry_run, check, config).await,
         TopicsCommand::List { file } => list(file.as_ref(), config).await,
+        TopicsCommand::Show { file } => {
+            let declared = load(file.as_ref())?;
+            println!("{}", serde_json::to_string_pretty(&declared.topics)?);
+            Ok(ExitCode::SUCCESS)
+        }
         TopicsCommand::SetConfig { topic, configs } => {
             let mut map = std::collections::BTreeMap::new();
             for pair in &configs {

@@ -325,11 +325,21 @@ async fn the_schedule_asks_when_due_unless_the_data_is_too_thin() {
 
 /// (stage, version, reason) of every lifecycle event of `model`.
 async fn lifecycle(topic: &str, model: &str, want: usize) -> Vec<(String, String, String)> {
+    lifecycle_within(topic, model, want, Duration::from_secs(240)).await
+}
+
+/// As [`lifecycle`], waiting at most `wait` for `want` events.
+async fn lifecycle_within(
+    topic: &str,
+    model: &str,
+    want: usize,
+    wait: Duration,
+) -> Vec<(String, String, String)> {
     let registry = Registry::new(&leadscore_e2e::config().registry).unwrap();
     let decoder = Decoder::new(registry);
     let c = consumer(topic, "read_committed");
     let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let deadline = tokio::time::Instant::now() + wait;
     while out.len() < want && tokio::time::Instant::now() < deadline {
         for m in receive(&c, 1, Duration::from_secs(1)).await {
             let v = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap();
@@ -349,6 +359,18 @@ fn start_worker(
     csv: &std::path::Path,
     extra: &[&str],
 ) -> Child {
+    worker_command(requests, lifecycle, group, csv, extra)
+        .spawn()
+        .unwrap()
+}
+
+fn worker_command(
+    requests: &str,
+    lifecycle: &str,
+    group: &str,
+    csv: &std::path::Path,
+    extra: &[&str],
+) -> Command {
     let python = std::env::var("LEADSCORE_PYTHON")
         .expect("LEADSCORE_PYTHON (from `deploy/local/stack env`) runs the training job");
     let args = std::iter::once("--cv-splits")
@@ -357,8 +379,8 @@ fn start_worker(
         .map(|a| format!("\"{a}\""))
         .collect::<Vec<_>>()
         .join(", ");
-    Command::new(env!("CARGO_BIN_EXE_leadscore"))
-        .args(["retrain", "worker"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
+    cmd.args(["retrain", "worker"])
         .env("LEADSCORE__TRAINING__REQUESTS_TOPIC", requests)
         .env("LEADSCORE__TRAINING__LIFECYCLE_TOPIC", lifecycle)
         .env("LEADSCORE__TRAINING__GROUP_ID", group)
@@ -377,9 +399,8 @@ fn start_worker(
         )
         .env("LEADSCORE_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::inherit());
+    cmd
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -444,6 +465,85 @@ async fn the_worker_trains_registers_and_reports_each_request_once() {
     let stages: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
     assert_eq!(stages[4..], ["training", "failed"], "{events:?}");
     assert!(events[5].2.contains("refusing to train"), "{}", events[5].2);
+    delete_topics(&[&lifecycle_topic]).await;
+    t.delete().await;
+}
+
+/// Runs a `retrain worker` as the Helm chart's Job does and returns its exit
+/// status, killing it if it outlives `limit`.
+fn run_job(mut cmd: Command, limit: Duration) -> std::process::ExitStatus {
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the worker job did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_as_a_job_serves_one_request_per_run_and_exits_when_none_is_pending() {
+    let t = Topics::create().await;
+    let lifecycle_topic = format!("{}.lifecycle", t.group);
+    create_topic(&lifecycle_topic, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("leads.csv");
+    leadscore_e2e::write_leads_csv(&csv, 5, 300);
+    let model = unique("it-job");
+    for reason in ["first", "second"] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
+        cmd.args([
+            "retrain", "request", "--force", "--reason", reason, "--model", &model,
+        ])
+        .env("LEADSCORE_LOG", "error");
+        for (k, v) in t.env() {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let group = format!("{}.worker", t.group);
+    // Too little data: each run fails fast with its reason, which is what this test needs.
+    let job = |idle: &str| {
+        let mut cmd = worker_command(
+            &t.requests,
+            &lifecycle_topic,
+            &group,
+            &csv,
+            &["--min-rows", "100000000"],
+        );
+        cmd.args(["--once", "--idle-exit-secs", idle]);
+        cmd
+    };
+    let limit = Duration::from_secs(180);
+
+    // Each run serves exactly one request: two pending, two runs, one outcome each.
+    assert!(run_job(job("60"), limit).success());
+    let events = lifecycle(&lifecycle_topic, &model, 2).await;
+    let stages: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(stages, ["training", "failed"], "{events:?}");
+    assert!(events[0].2.contains("(manual): first"), "{}", events[0].2);
+    assert!(run_job(job("60"), limit).success());
+    let events = lifecycle(&lifecycle_topic, &model, 4).await;
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert!(events[2].2.contains("(manual): second"), "{}", events[2].2);
+    assert_eq!(events[3].0, "failed");
+
+    // Nothing pending: a run exits on its idle limit and runs no committed request again.
+    let started = std::time::Instant::now();
+    assert!(run_job(job("3"), limit).success());
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    let events = lifecycle_within(&lifecycle_topic, &model, 5, Duration::from_secs(5)).await;
+    assert_eq!(events.len(), 4, "a committed request ran again: {events:?}");
     delete_topics(&[&lifecycle_topic]).await;
     t.delete().await;
 }

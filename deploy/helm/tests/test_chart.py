@@ -1,6 +1,7 @@
 """The Helm chart: lints, renders for default and production-like values, and
 the rendered manifests hold what the cluster needs. Runs helm (scripts/helm.sh)."""
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -32,6 +33,15 @@ def deployments(docs: list[dict]) -> dict[str, dict]:
     return {d["metadata"]["name"].removeprefix("t-"): d for d in docs if d["kind"] == "Deployment"}
 
 
+def pods(docs: list[dict]) -> dict[str, dict]:
+    """Each service's pod spec: a Deployment's, or the training worker's ScaledJob's Job template."""
+    out = {name: d["spec"]["template"]["spec"] for name, d in deployments(docs).items()}
+    for d in docs:
+        if d["kind"] == "ScaledJob":
+            out[d["metadata"]["name"].removeprefix("t-")] = d["spec"]["jobTargetRef"]["template"]["spec"]
+    return out
+
+
 @pytest.mark.parametrize("values", [[], ["-f", str(PROD)]], ids=["default", "production"])
 def test_the_chart_lints(helm: str, values: list[str]) -> None:
     out = subprocess.run([helm, "lint", str(CHART), *values], capture_output=True, text=True)
@@ -41,14 +51,16 @@ def test_the_chart_lints(helm: str, values: list[str]) -> None:
 @pytest.mark.parametrize("values", [[], ["-f", str(PROD)]], ids=["default", "production"])
 def test_every_service_runs_non_root_read_only_with_probes_and_a_long_enough_grace(helm: str, values: list[str]) -> None:
     docs = render(helm, *values)
-    deps = deployments(docs)
-    assert sorted(deps) == sorted(SERVICES)
+    all_pods = pods(docs)
+    assert sorted(all_pods) == sorted(SERVICES)
     grace = yaml.safe_load((CHART / "values.yaml").read_text())["services"]
-    for name, d in deps.items():
-        pod = d["spec"]["template"]["spec"]
+    for name, pod in all_pods.items():
         [c] = pod["containers"]
-        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz", name
-        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", name
+        if name in deployments(docs):
+            assert c["livenessProbe"]["httpGet"]["path"] == "/healthz", name
+            assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", name
+        else:  # a Job runs to completion: no probes, no restarts in place
+            assert "livenessProbe" not in c and pod["restartPolicy"] == "Never", name
         sc = c["securityContext"]
         assert sc["readOnlyRootFilesystem"] and sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"], name
         assert sc["capabilities"]["drop"] == ["ALL"], name
@@ -65,8 +77,9 @@ def test_secrets_are_referenced_never_inlined(helm: str) -> None:
     docs = render(helm, "-f", str(PROD))
     assert not [d for d in docs if d["kind"] == "Secret"]
     referenced = set()
-    for d in deployments(docs).values():
-        for e in d["spec"]["template"]["spec"]["containers"][0]["env"]:
+    assert "training-worker" not in deployments(docs), "production values run training as Jobs"
+    for pod in pods(docs).values():
+        for e in pod["containers"][0]["env"]:
             if e["name"] in SECRET_VARS:
                 assert "value" not in e and "secretKeyRef" in e["valueFrom"], e
                 referenced.add(e["name"])
@@ -93,6 +106,14 @@ def test_a_wrong_value_is_refused_by_the_schema_naming_it(helm: str) -> None:
                          capture_output=True, text=True)
     assert out.returncode != 0
     assert "/services/scorer/replicas" in out.stderr, out.stderr
+    # A key in the wrong place is refused too, not silently ignored.
+    out = subprocess.run([helm, "template", "t", str(CHART), "--set", "autoscaling.trainingWorker.mode=job"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "/autoscaling" in out.stderr and "trainingWorker" in out.stderr, out.stderr
+    out = subprocess.run([helm, "template", "t", str(CHART), "--set", "services.trainingWorker.mode=jobs"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "/services/trainingWorker/mode" in out.stderr, out.stderr
 
 
 def test_helm_test_hook_calls_the_lookup_health(helm: str) -> None:
@@ -135,3 +156,69 @@ def test_the_grafana_dashboard_ships_as_a_configmap_on_exported_metrics(helm: st
     sources = " ".join(p.read_text() for p in (REPO / "crates").rglob("*.rs"))
     for n in names:
         assert n in sources, f"{n} is charted but no service exports it"
+
+
+@pytest.fixture(scope="module")
+def declared_topics() -> list[dict]:
+    """The declarations with defaults applied, as `leadscore topics apply` reads them."""
+    binary = os.environ.get("LEADSCORE_BIN") or str(REPO / "target" / "debug" / "leadscore")
+    out = subprocess.run([binary, "topics", "show"], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def test_strimzi_resources_are_off_by_default(helm: str) -> None:
+    kinds = {d["kind"] for d in render(helm)}
+    assert not kinds & {"KafkaTopic", "KafkaConnector"}
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(PROD)]], ids=["default", "production"])
+def test_strimzi_topics_match_topics_yaml_exactly(helm: str, values: list[str], declared_topics: list[dict]) -> None:
+    docs = render(helm, *values, "--set", "strimzi.topics.enabled=true", "--set", "strimzi.kafkaCluster=kafka-main")
+    topics = [d for d in docs if d["kind"] == "KafkaTopic"]
+    rendered = {t["spec"]["topicName"]: t for t in topics}
+    assert len(rendered) == len(topics), "a topic is rendered twice"
+    assert sorted(rendered) == sorted(t["name"] for t in declared_topics)
+    for want in declared_topics:
+        got = rendered[want["name"]]
+        assert got["apiVersion"] == "kafka.strimzi.io/v1beta2"
+        assert got["metadata"]["labels"]["strimzi.io/cluster"] == "kafka-main"
+        assert got["spec"]["partitions"] == want["partitions"], want["name"]
+        assert got["spec"]["replicas"] == want["replication_factor"], want["name"]
+        assert got["spec"]["config"] == want["configs"], want["name"]
+
+
+def test_strimzi_connectors_match_connectors_dir_exactly(helm: str) -> None:
+    docs = render(helm, "--set", "strimzi.connectors.enabled=true", "--set", "strimzi.connectCluster=connect-a")
+    rendered = {d["metadata"]["name"]: d for d in docs if d["kind"] == "KafkaConnector"}
+    files = [json.loads(p.read_text()) for p in sorted((REPO / "connectors").glob("*.json"))]
+    assert sorted(rendered) == sorted(f["name"] for f in files)
+    for f in files:
+        spec = rendered[f["name"]]["spec"]
+        assert rendered[f["name"]]["metadata"]["labels"]["strimzi.io/cluster"] == "connect-a"
+        config = dict(f["config"])
+        assert spec["class"] == config.pop("connector.class")
+        assert spec["tasksMax"] == int(config.pop("tasks.max"))
+        assert spec["config"] == config, f["name"]
+        assert spec["autoRestart"] == {"enabled": True}
+        # Secrets stay references the Connect worker resolves, never literals.
+        assert all(v.startswith("${env:") for k, v in spec["config"].items() if "password" in k), f["name"]
+
+
+def test_the_training_worker_runs_as_one_job_per_pending_request(helm: str) -> None:
+    assert not [d for d in render(helm) if d["kind"] == "ScaledJob"], "default: a long-running Deployment"
+    docs = render(helm, "-f", str(PROD), "--set", "config.training.timeout_secs=3600")
+    [scaled] = [d for d in docs if d["kind"] == "ScaledJob"]
+    spec = scaled["spec"]
+    assert spec["maxReplicaCount"] == 1, "Jobs share the transactional id: one at a time"
+    job = spec["jobTargetRef"]
+    assert job["activeDeadlineSeconds"] > 3600, "the run's own timeout reports it failed first"
+    [c] = job["template"]["spec"]["containers"]
+    assert c["args"][:2] == ["retrain", "worker"] and "--once" in c["args"]
+    assert any(a.startswith("--idle-exit-secs=") for a in c["args"])
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "kafka"
+    assert trigger["metadata"]["topic"] == "leadscore.retrain.requests.v1"
+    assert trigger["metadata"]["consumerGroup"] == "leadscore-training"
+    assert trigger["metadata"]["lagThreshold"] == "1"
+    assert trigger["metadata"]["offsetResetPolicy"] == "earliest"
+    assert trigger["authenticationRef"]["name"] == "kafka-sasl"

@@ -1,0 +1,108 @@
+{{- /*
+The pod spec of a service: {root, name, svc, job}. As a Job (`job`), the
+container serves one request and exits (`--once`), and has no probes.
+*/ -}}
+{{- define "leadscore.podSpec" -}}
+terminationGracePeriodSeconds: {{ add $.svc.shutdownGraceSeconds $.root.Values.terminationGraceMarginSeconds }}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 10001
+  runAsGroup: 10001
+  fsGroup: 10001
+  seccompProfile:
+    type: RuntimeDefault
+containers:
+  - name: {{ $.name | kebabcase }}
+    image: "{{ $.root.Values.image.repository }}:{{ $.root.Values.image.tag }}"
+    imagePullPolicy: {{ $.root.Values.image.pullPolicy }}
+    args:
+      {{- toYaml $.svc.args | nindent 6 }}
+      - --log-format=json
+      {{- if $.job }}
+      - --once
+      - --idle-exit-secs={{ $.svc.job.idleExitSeconds }}
+      {{- end }}
+    env:
+      - name: LEADSCORE_CONFIG
+        value: /etc/leadscore/leadscore.toml
+      {{- if eq $.name "scorer" }}
+      # Unique per replica: the transactional id is <prefix>-<instance_id>.
+      - name: LEADSCORE__SCORER__INSTANCE_ID
+        valueFrom:
+          fieldRef:
+            fieldPath: metadata.name
+      - name: LEADSCORE__SCORER__HTTP_LISTEN
+        value: "0.0.0.0:{{ $.svc.httpPort }}"
+      {{- else if eq $.name "drift" }}
+      - name: LEADSCORE__DRIFT__HTTP_LISTEN
+        value: "0.0.0.0:{{ $.svc.httpPort }}"
+      {{- else if eq $.name "retrain" }}
+      - name: LEADSCORE__RETRAIN__HTTP_LISTEN
+        value: "0.0.0.0:{{ $.svc.httpPort }}"
+      {{- else if eq $.name "trainingWorker" }}
+      - name: LEADSCORE__TRAINING__HTTP_LISTEN
+        value: "0.0.0.0:{{ $.svc.httpPort }}"
+      {{- else if eq $.name "controller" }}
+      - name: LEADSCORE__LIFECYCLE__HTTP_LISTEN
+        value: "0.0.0.0:{{ $.svc.httpPort }}"
+      {{- else if eq $.name "lookup" }}
+      - name: LEADSCORE__LOOKUP__REST_LISTEN
+        value: "0.0.0.0:{{ $.svc.httpPort }}"
+      - name: LEADSCORE__LOOKUP__GRPC_LISTEN
+        value: "0.0.0.0:{{ $.svc.grpcPort }}"
+      {{- if $.root.Values.secrets.lookupTokens.name }}
+      - name: LEADSCORE__LOOKUP__AUTH_TOKENS_FILE
+        value: /etc/leadscore/tokens/{{ $.root.Values.secrets.lookupTokens.key }}
+      {{- end }}
+      {{- end }}
+      {{- include "leadscore.secretEnv" $.root | nindent 6 }}
+    ports:
+      - name: http
+        containerPort: {{ $.svc.httpPort }}
+      {{- if $.svc.grpcPort }}
+      - name: grpc
+        containerPort: {{ $.svc.grpcPort }}
+      {{- end }}
+    {{- if not $.job }}
+    livenessProbe:
+      httpGet:
+        path: /healthz
+        port: http
+      periodSeconds: 10
+      failureThreshold: 6
+    readinessProbe:
+      httpGet:
+        path: /readyz
+        port: http
+      periodSeconds: 5
+    {{- end }}
+    resources:
+      {{- toYaml $.svc.resources | nindent 6 }}
+    securityContext:
+      {{- include "leadscore.securityContext" $.root | nindent 6 }}
+    volumeMounts:
+      - name: config
+        mountPath: /etc/leadscore
+        readOnly: true
+      - name: tmp
+        mountPath: /tmp
+      {{- if and (eq $.name "lookup") $.root.Values.secrets.lookupTokens.name }}
+      - name: tokens
+        mountPath: /etc/leadscore/tokens
+        readOnly: true
+      {{- end }}
+volumes:
+  - name: config
+    configMap:
+      name: {{ $.root.Release.Name }}-config
+  - name: tmp
+    emptyDir: {}
+  {{- if and (eq $.name "lookup") $.root.Values.secrets.lookupTokens.name }}
+  - name: tokens
+    secret:
+      secretName: {{ $.root.Values.secrets.lookupTokens.name }}
+  {{- end }}
+{{- if $.job }}
+restartPolicy: Never
+{{- end }}
+{{- end -}}
