@@ -352,6 +352,24 @@ async fn lifecycle_within(
     out
 }
 
+/// `leadscore retrain request --force` for `model`, as an operator would.
+fn request_retrain(t: &Topics, model: &str, reason: &str) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
+    cmd.args([
+        "retrain", "request", "--force", "--reason", reason, "--model", model,
+    ])
+    .env("LEADSCORE_LOG", "error");
+    for (k, v) in t.env() {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn start_worker(
     requests: &str,
     lifecycle: &str,
@@ -412,22 +430,7 @@ async fn the_worker_trains_registers_and_reports_each_request_once() {
     let csv = dir.path().join("leads.csv");
     leadscore_e2e::write_leads_csv(&csv, 5, 4000);
     let model = unique("it-trained");
-    let request = |reason: &str| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
-        cmd.args([
-            "retrain", "request", "--force", "--reason", reason, "--model", &model,
-        ])
-        .env("LEADSCORE_LOG", "error");
-        for (k, v) in t.env() {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let request = |reason: &str| request_retrain(&t, &model, reason);
     let group = format!("{}.worker", t.group);
     // A margin of -1 lets any later version past the gate: the second becomes challenger.
     let worker = start_worker(
@@ -496,20 +499,7 @@ async fn the_worker_as_a_job_serves_one_request_per_run_and_exits_when_none_is_p
     leadscore_e2e::write_leads_csv(&csv, 5, 300);
     let model = unique("it-job");
     for reason in ["first", "second"] {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
-        cmd.args([
-            "retrain", "request", "--force", "--reason", reason, "--model", &model,
-        ])
-        .env("LEADSCORE_LOG", "error");
-        for (k, v) in t.env() {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        request_retrain(&t, &model, reason);
     }
     let group = format!("{}.worker", t.group);
     // Too little data: each run fails fast with its reason, which is what this test needs.
