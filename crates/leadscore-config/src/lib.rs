@@ -89,6 +89,11 @@ pub struct LookupConfig {
     pub lifecycle_topic: String,
     /// Live scores WatchScores follows.
     pub scores_topic: String,
+    /// Leads whose latest score the service keeps in memory, kept current by
+    /// `scores_topic` and filled by reads; 0 (or no `scores_topic`): none.
+    pub memory_entries: usize,
+    /// How long a remembered score is answered without a newer one from the stream, ms.
+    pub memory_ttl_ms: u64,
     /// Most ids in one BatchGetScores.
     pub max_batch: usize,
     /// Largest request body or message, bytes.
@@ -123,6 +128,8 @@ impl Default for LookupConfig {
             model_poll_secs: 30,
             lifecycle_topic: "leadscore.model.lifecycle.v1".into(),
             scores_topic: "leads.scores.v1".into(),
+            memory_entries: 200_000,
+            memory_ttl_ms: 60_000,
             max_batch: 1_000,
             max_request_bytes: 64 * 1024,
             auth_tokens: Vec::new(),

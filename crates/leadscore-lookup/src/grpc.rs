@@ -61,6 +61,7 @@ fn found_message(f: &Found) -> v1::Score {
     score_message(
         &f.score,
         match f.origin {
+            Origin::Memory => v1::ScoreSource::Memory,
             Origin::Cache => v1::ScoreSource::Cache,
             Origin::Database => v1::ScoreSource::Database,
         },

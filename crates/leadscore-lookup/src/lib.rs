@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod grpc;
+pub mod memory;
 pub mod metrics;
 pub mod models;
 pub mod rest;
@@ -144,12 +145,13 @@ fn parse_time(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         .map(|t| t.and_utc())
 }
 
-/// Follows the live scores topic into `tx` (for WatchScores) until `shutdown`.
+/// Follows the live scores topic into `tx` (for WatchScores) and `memory` until `shutdown`.
 async fn follow_scores(
     consumer: StreamConsumer,
     topic: String,
     decoder: leadscore_registry::Decoder,
     tx: broadcast::Sender<proto::v1::Score>,
+    memory: Option<Arc<memory::Memory>>,
     shutdown: CancellationToken,
 ) {
     use apache_avro::types::Value;
@@ -169,9 +171,20 @@ async fn follow_scores(
                 continue;
             }
         };
-        // Tombstones (deleted leads) and records with no subscriber are skipped.
-        let Some(payload) = m.payload() else { continue };
-        if tx.receiver_count() == 0 {
+        let Some(payload) = m.payload() else {
+            // A tombstone: the lead was deleted.
+            if let (Some(memory), Some(key)) = (&memory, m.key())
+                && let Ok(id) = std::str::from_utf8(key)
+            {
+                let at = m
+                    .timestamp()
+                    .to_millis()
+                    .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+                memory.deleted(id, at);
+            }
+            continue;
+        };
+        if memory.is_none() && tx.receiver_count() == 0 {
             continue;
         }
         let value = match decoder.decode(payload).await {
@@ -198,7 +211,7 @@ async fn follow_scores(
             _ => 0,
         };
         let band = text("band");
-        let _ = tx.send(proto::v1::Score {
+        let streamed = proto::v1::Score {
             lead_id: text("lead_id"),
             score,
             band: grpc::band_of(&band) as i32,
@@ -207,7 +220,21 @@ async fn follow_scores(
             model_role: text("model_role"),
             scored_at_ms,
             source: proto::v1::ScoreSource::Stream as i32,
-        });
+        };
+        if let Some(memory) = &memory {
+            memory.streamed(leadscore_cache::CachedScore {
+                lead_id: streamed.lead_id.clone(),
+                score,
+                band,
+                model_name: streamed.model_name.clone(),
+                model_version: streamed.model_version.clone(),
+                model_role: streamed.model_role.clone(),
+                scored_at_ms,
+            });
+        }
+        if tx.receiver_count() > 0 {
+            let _ = tx.send(streamed);
+        }
     }
 }
 
@@ -238,14 +265,24 @@ pub async fn serve(
         ),
         None => None,
     };
-    let store = Arc::new(store::Store::new(
-        cache,
-        store::Pool::new(
-            &config.postgres.url,
-            cfg.pool_size,
-            Duration::from_millis(cfg.db_timeout_ms),
-        ),
-    ));
+    // The memory needs the stream to stay current: none without it.
+    let memory = if cfg.scores_topic.is_empty() {
+        None
+    } else {
+        memory::Memory::new(cfg.memory_entries, Duration::from_millis(cfg.memory_ttl_ms))
+            .map(Arc::new)
+    };
+    let store = Arc::new(
+        store::Store::new(
+            cache,
+            store::Pool::new(
+                &config.postgres.url,
+                cfg.pool_size,
+                Duration::from_millis(cfg.db_timeout_ms),
+            ),
+        )
+        .with_memory(memory.clone()),
+    );
     let (live, _) = broadcast::channel(4096);
     if !cfg.scores_topic.is_empty() {
         let mut c = leadscore_kafka::client_config(&config.kafka);
@@ -266,6 +303,7 @@ pub async fn serve(
             cfg.scores_topic.clone(),
             leadscore_registry::Decoder::new(registry),
             live.clone(),
+            memory,
             shutdown.clone(),
         ));
     }

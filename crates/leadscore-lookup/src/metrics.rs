@@ -101,7 +101,7 @@ impl Metrics {
     }
 
     /// Prometheus text.
-    pub fn render(&self, store: &StoreCounts) -> String {
+    pub fn render(&self, store: &StoreCounts, memory_entries: Option<usize>) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -116,6 +116,11 @@ impl Metrics {
             }
         }
         for (name, help, v) in [
+            (
+                "leadscore_lookup_memory_hits_total",
+                "Scores (and deleted leads) answered from the service's memory.",
+                &store.memory_hits,
+            ),
             (
                 "leadscore_lookup_cache_hits_total",
                 "Scores answered from Redis.",
@@ -153,6 +158,12 @@ impl Metrics {
             "# HELP leadscore_lookup_watchers Open WatchScores streams.\n# TYPE leadscore_lookup_watchers gauge\nleadscore_lookup_watchers {}",
             self.watchers.load(Ordering::Relaxed)
         );
+        if let Some(n) = memory_entries {
+            let _ = writeln!(
+                out,
+                "# HELP leadscore_lookup_memory_entries Leads held in the service's memory.\n# TYPE leadscore_lookup_memory_entries gauge\nleadscore_lookup_memory_entries {n}"
+            );
+        }
         let _ = writeln!(
             out,
             "# HELP leadscore_lookup_ready Whether the service is ready.\n# TYPE leadscore_lookup_ready gauge\nleadscore_lookup_ready {}",

@@ -287,7 +287,10 @@ pub fn router(
         )
         .route(
             "/metrics",
-            get(|State(l): State<Arc<Lookup>>| async move { l.metrics.render(&l.store.counts) }),
+            get(|State(l): State<Arc<Lookup>>| async move {
+                l.metrics
+                    .render(&l.store.counts, l.store.memory().map(|m| m.len()))
+            }),
         );
     let mut app = protected
         .merge(open)

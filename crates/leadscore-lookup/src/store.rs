@@ -1,5 +1,6 @@
-//! Where scores are read: the Redis cache first, the CRM's `lead_scores` table
-//! on a miss or when Redis is down. The answer says where it came from.
+//! Where scores are read: the service's memory (kept current by the live
+//! score stream) first, then the Redis cache, then the CRM's `lead_scores`
+//! table on a miss or when Redis is down. The answer says where it came from.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -10,6 +11,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::{Client, Statement};
 
 use crate::Error;
+use crate::memory::{Known, Memory};
 
 const ONE: &str = "SELECT lead_id, score, band, model_name, model_version, model_role, scored_at \
                    FROM public.lead_scores WHERE lead_id = $1";
@@ -19,6 +21,8 @@ const MANY: &str = "SELECT lead_id, score, band, model_name, model_version, mode
 /// Where a stored score was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
+    /// The service's memory, kept current by the live score stream.
+    Memory,
     /// The Redis cache.
     Cache,
     /// The CRM database.
@@ -29,6 +33,7 @@ impl Origin {
     /// Name for logs and REST answers.
     pub fn as_str(self) -> &'static str {
         match self {
+            Origin::Memory => "memory",
             Origin::Cache => "cache",
             Origin::Database => "database",
         }
@@ -140,6 +145,8 @@ impl Pool {
 /// Counters of the read path.
 #[derive(Debug, Default)]
 pub struct StoreCounts {
+    /// Answers from the memory (deleted leads included).
+    pub memory_hits: AtomicU64,
     /// Answers from Redis.
     pub cache_hits: AtomicU64,
     /// Redis misses.
@@ -150,8 +157,9 @@ pub struct StoreCounts {
     pub db_errors: AtomicU64,
 }
 
-/// Redis first, then Postgres.
+/// Memory first, then Redis, then Postgres.
 pub struct Store {
+    memory: Option<Arc<Memory>>,
     cache: Option<Cache>,
     db: Pool,
     /// What happened so far.
@@ -162,10 +170,22 @@ impl Store {
     /// A store over an optional cache and the CRM database.
     pub fn new(cache: Option<Cache>, db: Pool) -> Self {
         Self {
+            memory: None,
             cache,
             db,
             counts: StoreCounts::default(),
         }
+    }
+
+    /// Answers from `memory` first, and remembers what Redis and Postgres return.
+    pub fn with_memory(mut self, memory: Option<Arc<Memory>>) -> Self {
+        self.memory = memory;
+        self
+    }
+
+    /// The memory, if there is one.
+    pub fn memory(&self) -> Option<&Memory> {
+        self.memory.as_deref()
     }
 
     /// The latest score of `lead_id`; `None` when neither store has it.
@@ -175,9 +195,47 @@ impl Store {
         Ok(found.pop().flatten())
     }
 
-    /// Scores of `lead_ids`, in order. Misses in Redis (or all of them, when Redis is down)
-    /// are read from Postgres in one query. Unavailable only when an answer cannot be given.
+    /// Scores of `lead_ids`, in order. What the memory does not know is read
+    /// from Redis; misses there (or all of them, when Redis is down) from
+    /// Postgres in one query. A lead the stream deleted is `None`.
+    /// Unavailable only when an answer cannot be given.
     pub async fn get_many(&self, lead_ids: &[String]) -> Result<Vec<Option<Found>>, Error> {
+        let Some(memory) = &self.memory else {
+            return self.read_stores(lead_ids).await;
+        };
+        let mut out: Vec<Option<Found>> = vec![None; lead_ids.len()];
+        let mut unknown = Vec::new();
+        for (i, id) in lead_ids.iter().enumerate() {
+            match memory.get(id) {
+                Some(Known::Score(score)) => {
+                    out[i] = Some(Found {
+                        score,
+                        origin: Origin::Memory,
+                    });
+                }
+                Some(Known::Deleted) => {}
+                None => unknown.push(i),
+            }
+        }
+        self.counts
+            .memory_hits
+            .fetch_add((lead_ids.len() - unknown.len()) as u64, Ordering::Relaxed);
+        if unknown.is_empty() {
+            return Ok(out);
+        }
+        let ids: Vec<String> = unknown.iter().map(|&i| lead_ids[i].clone()).collect();
+        let read = self.read_stores(&ids).await?;
+        for (i, found) in unknown.into_iter().zip(read) {
+            if let Some(f) = &found {
+                memory.read(&f.score);
+            }
+            out[i] = found;
+        }
+        Ok(out)
+    }
+
+    /// Redis, then Postgres for the misses.
+    async fn read_stores(&self, lead_ids: &[String]) -> Result<Vec<Option<Found>>, Error> {
         let mut out: Vec<Option<Found>> = vec![None; lead_ids.len()];
         let mut cache_error = None;
         if let Some(cache) = &self.cache {

@@ -39,6 +39,16 @@ impl Drop for Lookup {
     }
 }
 
+/// A child process killed when the test ends, failed or not.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn start_lookup(env: &[(&str, String)]) -> Lookup {
     let (grpc, rest) = (free_port(), free_port());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
@@ -404,28 +414,30 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
         ("LEADSCORE__LOOKUP__LIFECYCLE_TOPIC", String::new()),
     ]);
     let mut c = lookup.scores(None).await;
-    let mut scorer = Command::new(env!("CARGO_BIN_EXE_leadscore"))
-        .arg("scorer")
-        .env("LEADSCORE__SCORER__INPUT_TOPIC", t("in"))
-        .env("LEADSCORE__SCORER__SCORES_TOPIC", t("scores"))
-        .env("LEADSCORE__SCORER__SHADOW_TOPIC", t("shadow"))
-        .env("LEADSCORE__SCORER__DLQ_TOPIC", t("dlq"))
-        .env("LEADSCORE__SCORER__GROUP_ID", format!("{base}-scorer"))
-        .env(
-            "LEADSCORE__SCORER__TRANSACTIONAL_ID_PREFIX",
-            format!("{base}-scorer"),
-        )
-        .env("LEADSCORE__SCORER__CHAMPION_MODEL", models())
-        .env("LEADSCORE__SCORER__LIFECYCLE_TOPIC", "")
-        .env(
-            "LEADSCORE__SCORER__HTTP_LISTEN",
-            format!("127.0.0.1:{}", free_port()),
-        )
-        .env("LEADSCORE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let scorer = Killed(
+        Command::new(env!("CARGO_BIN_EXE_leadscore"))
+            .arg("scorer")
+            .env("LEADSCORE__SCORER__INPUT_TOPIC", t("in"))
+            .env("LEADSCORE__SCORER__SCORES_TOPIC", t("scores"))
+            .env("LEADSCORE__SCORER__SHADOW_TOPIC", t("shadow"))
+            .env("LEADSCORE__SCORER__DLQ_TOPIC", t("dlq"))
+            .env("LEADSCORE__SCORER__GROUP_ID", format!("{base}-scorer"))
+            .env(
+                "LEADSCORE__SCORER__TRANSACTIONAL_ID_PREFIX",
+                format!("{base}-scorer"),
+            )
+            .env("LEADSCORE__SCORER__CHAMPION_MODEL", models())
+            .env("LEADSCORE__SCORER__LIFECYCLE_TOPIC", "")
+            .env(
+                "LEADSCORE__SCORER__HTTP_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env("LEADSCORE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
     let producer: FutureProducer = client(&[]).create().unwrap();
     let send = |l: leadscore_crm::Lead| {
         let producer = producer.clone();
@@ -584,7 +596,93 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
     }
     let found = found.expect("the streamed score is not readable");
     assert_eq!(found.score.to_bits(), stream[first].to_bits());
-    assert_eq!(found.source, v1::ScoreSource::Cache as i32);
+    assert_eq!(found.source, v1::ScoreSource::Memory as i32);
+
+    // A change re-scores the lead; the memory follows the stream, never
+    // answering the old score once the new one is streamed.
+    let mut changed = leads[0].clone();
+    changed.page_views = Some(changed.page_views.unwrap_or(0) + 250);
+    changed.time_on_site = Some(changed.time_on_site.unwrap_or(0.0) + 1_800.0);
+    changed.form_completion_time = Some(12.0);
+    changed.updated_at = chrono::Utc::now();
+    let expected = c
+        .score_lead(v1::ScoreLeadRequest {
+            lead: Some(v1::Lead::from(&changed)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .score
+        .unwrap()
+        .score;
+    assert_ne!(
+        expected.to_bits(),
+        found.score.to_bits(),
+        "the change must move the score"
+    );
+    send(changed).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = c
+            .get_score(v1::GetScoreRequest {
+                lead_id: first.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .score
+            .unwrap();
+        assert_eq!(now.source, v1::ScoreSource::Memory as i32);
+        if now.score.to_bits() == expected.to_bits() {
+            break;
+        }
+        assert_eq!(
+            now.score.to_bits(),
+            found.score.to_bits(),
+            "neither old nor new"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the re-score never reached GetScore"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A deleted lead: its tombstone makes it unknown, though its score was remembered.
+    let mut delete: serde_json::Value =
+        serde_json::from_slice(&leadscore_e2e::debezium_create(&leads[0], 0)).unwrap();
+    delete["op"] = "d".into();
+    delete["before"] = delete["after"].take();
+    producer
+        .send(
+            FutureRecord::to(&t("in"))
+                .key(first.as_str())
+                .payload(&serde_json::to_vec(&delete).unwrap()),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match c
+            .get_score(v1::GetScoreRequest {
+                lead_id: first.clone(),
+            })
+            .await
+        {
+            Err(status) if status.code() == tonic::Code::NotFound => break,
+            Ok(r) => assert_eq!(
+                r.into_inner().score.unwrap().score.to_bits(),
+                expected.to_bits()
+            ),
+            Err(status) => panic!("{status}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deletion never reached GetScore"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let info = c
         .get_model_info(v1::GetModelInfoRequest {})
         .await
@@ -603,13 +701,16 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
 
     // SIGTERM ends open streams and the service exits cleanly.
     terminate(lookup.child.take().unwrap());
-    assert!(
-        tokio::time::timeout(Duration::from_secs(10), all.message())
-            .await
-            .is_ok_and(|m| !matches!(m, Ok(Some(_))))
-    );
-    let _ = scorer.kill();
-    let _ = scorer.wait();
+    // (Scores streamed since the last read arrive first.)
+    let ended = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(ended, all.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(_) => break,
+            Err(_) => panic!("WatchScores stayed open after SIGTERM"),
+        }
+    }
+    drop(scorer);
     for s in ["in", "scores", "shadow", "dlq"] {
         delete_topics(&[&t(s)]).await;
     }
