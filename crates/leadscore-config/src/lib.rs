@@ -61,6 +61,18 @@ pub struct Config {
     pub lifecycle: LifecycleConfig,
     /// The lookup service (gRPC, the seed's REST contract, Open Inference Protocol).
     pub lookup: LookupConfig,
+    /// The async runtime every command runs on.
+    pub runtime: RuntimeConfig,
+}
+
+/// The async runtime.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Runtime worker threads; 0: one per CPU available to the process.
+    /// Fewer than the CPUs helps when a service shares its cores (one
+    /// thread saves cross-core wake-ups on a small machine).
+    pub worker_threads: usize,
 }
 
 /// The lookup service: score reads, on-demand scoring, model info.

@@ -1,12 +1,14 @@
 //! `leadscore bench lookup`: GetScore and ScoreLead latency and throughput under load.
 //!
 //! Starts the lookup service (this binary, `leadscore lookup`, on free local
-//! ports, reading the local Redis and Postgres), puts `--leads` scores in
-//! Redis, then drives it over gRPC from `--concurrency` HTTP/2 connections:
-//! (a) GetScore at a fixed `--rate` (each caller keeps its share of the
-//! schedule, catching up after a stall), latency measured from the send;
-//! (b) GetScore as fast as it goes; (c) ScoreLead as fast as it goes. Prints a
-//! Markdown table for BENCHMARKS.md.
+//! ports, reading the local Redis and Postgres and following the live score
+//! topic), puts `--leads` scores in Redis, warms up (every id read once, which
+//! fills the service's memory as reads do), then drives it over gRPC from
+//! `--concurrency` callers sharing `--connections` HTTP/2 connections:
+//! (a) GetScore at a fixed `--rate`, each request sent at its scheduled time
+//! by a pacer thread, latency measured from the send, with how far sends fell
+//! behind the schedule; (b) GetScore as fast as the callers go; (c) ScoreLead
+//! as fast as they go. Prints a Markdown table for BENCHMARKS.md.
 
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -36,6 +38,15 @@ pub(crate) struct LookupBenchArgs {
     /// HTTP/2 connections the callers share (round robin; 0: one per caller).
     #[arg(long, default_value_t = 0)]
     connections: usize,
+    /// `lookup.memory_entries` of the service (0: every GetScore reads Redis).
+    #[arg(long, default_value_t = 200_000)]
+    memory_entries: usize,
+    /// `runtime.worker_threads` of the service (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    service_threads: usize,
+    /// Worker threads of the load generator's own runtime (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    client_threads: usize,
 }
 
 #[derive(Default)]
@@ -141,13 +152,37 @@ pub(crate) async fn run(args: LookupBenchArgs, config: &Config) -> anyhow::Resul
         .arg("lookup")
         .env("LEADSCORE__LOOKUP__GRPC_LISTEN", &grpc)
         .env("LEADSCORE__LOOKUP__REST_LISTEN", &rest)
-        .env("LEADSCORE__LOOKUP__SCORES_TOPIC", "")
         .env("LEADSCORE__LOOKUP__LIFECYCLE_TOPIC", "")
+        .env(
+            "LEADSCORE__LOOKUP__MEMORY_ENTRIES",
+            args.memory_entries.to_string(),
+        )
+        .env(
+            "LEADSCORE__RUNTIME__WORKER_THREADS",
+            args.service_threads.to_string(),
+        )
         .env("LEADSCORE_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .context("starting `leadscore lookup`")?;
-    let result = drive(&args, &grpc, &ids).await;
+    // The load generator on its own runtime, sized apart from the service's.
+    let result = tokio::task::block_in_place(|| {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let mut rt = tokio::runtime::Builder::new_multi_thread();
+                    if args.client_threads > 0 {
+                        rt.worker_threads(args.client_threads);
+                    }
+                    rt.enable_all()
+                        .build()
+                        .context("the load generator's runtime")?
+                        .block_on(drive(&args, &grpc, &ids))
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("the load generator panicked"))?
+        })
+    });
     let _ = child.kill();
     let _ = child.wait();
     cache.write(&[], &ids).await.ok();
@@ -171,35 +206,72 @@ async fn drive(args: &LookupBenchArgs, grpc: &str, ids: &[String]) -> anyhow::Re
     let run_for = Duration::from_secs(args.seconds);
     let ids = std::sync::Arc::new(ids.to_vec());
 
-    // (a) GetScore at a fixed rate: one pacer sends each request at its
-    // scheduled time on its own task (a slow answer delays no other send),
+    // Warm up, untimed: every id read once (which also fills the service's
+    // memory, as reads do in steady state), then a second of GetScore.
+    let mut warm = LeadScoresClient::new(channels[0].clone());
+    for chunk in ids.chunks(1_000) {
+        let got = warm
+            .batch_get_scores(v1::BatchGetScoresRequest {
+                lead_ids: chunk.to_vec(),
+            })
+            .await
+            .context("warm-up BatchGetScores")?
+            .into_inner();
+        anyhow::ensure!(
+            got.missing.is_empty(),
+            "warm-up: {} ids not found",
+            got.missing.len()
+        );
+    }
+    let until = Instant::now() + Duration::from_secs(1);
+    let mut i = 0;
+    while Instant::now() < until {
+        let _ = warm
+            .get_score(v1::GetScoreRequest {
+                lead_id: ids[i % ids.len()].clone(),
+            })
+            .await;
+        i += 1;
+    }
+
+    // (a) GetScore at a fixed rate. A pacer on its own OS thread (the
+    // runtime's timers are too coarse under load) starts each request at its
+    // scheduled time as its own task, so a slow answer delays no other send,
     // round robin over the connections. Latency is measured from the send;
     // how late sends were against the schedule is reported beside it.
     let period = Duration::from_secs_f64(1.0 / args.rate.max(1) as f64);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<(u64, u64)>>();
     let started = Instant::now();
-    let mut n: u64 = 0;
-    while started.elapsed() < run_for {
-        let due = started + period.mul_f64(n as f64);
-        tokio::time::sleep_until(due.into()).await;
-        let now = Instant::now();
-        while started + period.mul_f64(n as f64) <= now {
-            let scheduled = started + period.mul_f64(n as f64);
-            let mut c = LeadScoresClient::new(channels[n as usize % channels.len()].clone());
-            let id = ids[(n as usize * 7919) % ids.len()].clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let sent = Instant::now();
-                let ok = c
-                    .get_score(v1::GetScoreRequest { lead_id: id })
-                    .await
-                    .is_ok();
-                let lag = sent.duration_since(scheduled).as_micros() as u64;
-                let _ = tx.send(ok.then(|| (sent.elapsed().as_micros() as u64, lag)));
-            });
-            n += 1;
-        }
-    }
+    let runtime = tokio::runtime::Handle::current();
+    let pacer = {
+        let (channels, ids, tx) = (channels.clone(), ids.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let mut n: u64 = 0;
+            loop {
+                let due = started + period.mul_f64(n as f64);
+                if due.duration_since(started) >= run_for {
+                    return n;
+                }
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let mut c = LeadScoresClient::new(channels[n as usize % channels.len()].clone());
+                let id = ids[(n as usize * 7919) % ids.len()].clone();
+                let tx = tx.clone();
+                runtime.spawn(async move {
+                    let sent = Instant::now();
+                    let ok = c.get_score(v1::GetScoreRequest { lead_id: id }).await.is_ok();
+                    let lag = sent.duration_since(due).as_micros() as u64;
+                    let _ = tx.send(ok.then(|| (sent.elapsed().as_micros() as u64, lag)));
+                });
+                n += 1;
+            }
+        })
+    };
+    let n = tokio::task::spawn_blocking(move || pacer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the pacer thread panicked"))?;
     drop(tx);
     let mut fixed = Run::default();
     let mut lags = Vec::with_capacity(n as usize);
