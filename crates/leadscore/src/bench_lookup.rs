@@ -261,7 +261,10 @@ async fn drive(args: &LookupBenchArgs, grpc: &str, ids: &[String]) -> anyhow::Re
                 let tx = tx.clone();
                 runtime.spawn(async move {
                     let sent = Instant::now();
-                    let ok = c.get_score(v1::GetScoreRequest { lead_id: id }).await.is_ok();
+                    let ok = c
+                        .get_score(v1::GetScoreRequest { lead_id: id })
+                        .await
+                        .is_ok();
                     let lag = sent.duration_since(due).as_micros() as u64;
                     let _ = tx.send(ok.then(|| (sent.elapsed().as_micros() as u64, lag)));
                 });
