@@ -100,6 +100,33 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Where a [`follower_config`] consumer starts when its group has no offsets (always: it never commits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The topic's beginning (replay, e.g. a compacted state topic).
+    Earliest,
+    /// New records only.
+    Latest,
+}
+
+/// A consumer that follows topics without ever committing: read_committed,
+/// its own group `group-<process id>` (so replicas and restarts each read
+/// everything), starting at `start`.
+pub fn follower_config(config: &KafkaConfig, group: &str, start: Start) -> ClientConfig {
+    let mut c = client_config(config);
+    c.set("group.id", format!("{group}-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set(
+            "auto.offset.reset",
+            match start {
+                Start::Earliest => "earliest",
+                Start::Latest => "latest",
+            },
+        )
+        .set("isolation.level", "read_committed");
+    c
+}
+
 /// Topic administration against one cluster.
 pub struct TopicAdmin {
     admin: Arc<AdminClient<DefaultClientContext>>,
@@ -371,6 +398,25 @@ fn new_topic(c: &Creation) -> NewTopic<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn followers_never_commit_read_committed_data_in_their_own_group() {
+        let config = KafkaConfig {
+            security_protocol: "SASL_SSL".into(),
+            ..KafkaConfig::default()
+        };
+        let c = follower_config(&config, "watch", Start::Latest);
+        assert_eq!(
+            c.get("group.id"),
+            Some(format!("watch-{}", std::process::id()).as_str())
+        );
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+        assert_eq!(c.get("isolation.level"), Some("read_committed"));
+        assert_eq!(c.get("auto.offset.reset"), Some("latest"));
+        assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
+        let c = follower_config(&config, "replay", Start::Earliest);
+        assert_eq!(c.get("auto.offset.reset"), Some("earliest"));
+    }
 
     #[test]
     fn sasl_settings_reach_librdkafka() {

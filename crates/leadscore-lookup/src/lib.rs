@@ -285,17 +285,13 @@ pub async fn serve(
     );
     let (live, _) = broadcast::channel(4096);
     if !cfg.scores_topic.is_empty() {
-        let mut c = leadscore_kafka::client_config(&config.kafka);
-        c.set(
-            "group.id",
-            format!("leadscore-lookup-watch-{}", std::process::id()),
+        let consumer: StreamConsumer = leadscore_kafka::follower_config(
+            &config.kafka,
+            "leadscore-lookup-watch",
+            leadscore_kafka::Start::Latest,
         )
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "latest")
-        .set("isolation.level", "read_committed");
-        let consumer: StreamConsumer = c
-            .create()
-            .map_err(|e| Error::Startup(format!("scores consumer: {e}")))?;
+        .create()
+        .map_err(|e| Error::Startup(format!("scores consumer: {e}")))?;
         let registry = leadscore_registry::Registry::new(&config.registry)
             .map_err(|e| Error::Startup(format!("registry: {e}")))?;
         tokio::spawn(follow_scores(

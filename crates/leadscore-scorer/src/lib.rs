@@ -191,20 +191,11 @@ pub fn lifecycle_consumer_config(
     kafka: &leadscore_config::KafkaConfig,
     cfg: &ScorerConfig,
 ) -> rdkafka::ClientConfig {
-    let mut c = leadscore_kafka::client_config(kafka);
-    c.set(
-        "group.id",
-        format!(
-            "{}-lifecycle-{}-{}",
-            cfg.group_id,
-            cfg.instance_id,
-            std::process::id()
-        ),
+    leadscore_kafka::follower_config(
+        kafka,
+        &format!("{}-lifecycle-{}", cfg.group_id, cfg.instance_id),
+        leadscore_kafka::Start::Earliest,
     )
-    .set("enable.auto.commit", "false")
-    .set("auto.offset.reset", "earliest")
-    .set("isolation.level", "read_committed");
-    c
 }
 
 /// Transactional producer settings.

@@ -136,12 +136,12 @@ fn band_line(bands: &BTreeMap<String, i64>) -> String {
 async fn shadow_comparison(config: &Config, prefix: &str) -> anyhow::Result<(usize, f64, f64)> {
     let registry = leadscore_registry::Registry::new(&config.registry)?;
     let decoder = leadscore_registry::Decoder::new(registry);
-    let consumer: StreamConsumer = leadscore_kafka::client_config(&config.kafka)
-        .set("group.id", format!("demo-shadow-{}", std::process::id()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()?;
+    let consumer: StreamConsumer = leadscore_kafka::follower_config(
+        &config.kafka,
+        "demo-shadow",
+        leadscore_kafka::Start::Earliest,
+    )
+    .create()?;
     consumer.subscribe(&[&config.scorer.shadow_topic])?;
     let (mut n, mut diff, mut agree) = (0usize, 0.0, 0usize);
     while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(3), consumer.recv()).await {

@@ -70,16 +70,13 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         shutdown.clone(),
     ));
     if !cfg.lifecycle_topic.is_empty() {
-        let mut c = leadscore_kafka::client_config(&config.kafka);
-        c.set(
-            "group.id",
-            format!("leadscore-lookup-lifecycle-{}", std::process::id()),
+        let lc: rdkafka::consumer::StreamConsumer = leadscore_kafka::follower_config(
+            &config.kafka,
+            "leadscore-lookup-lifecycle",
+            leadscore_kafka::Start::Earliest,
         )
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed");
-        let lc: rdkafka::consumer::StreamConsumer =
-            c.create().context("creating the lifecycle consumer")?;
+        .create()
+        .context("creating the lifecycle consumer")?;
         let registry = leadscore_registry::Registry::new(&config.registry)?;
         tokio::spawn(leadscore_scorer::watch::lifecycle(
             lc,

@@ -185,15 +185,12 @@ async fn command(
 ) -> anyhow::Result<ExitCode> {
     let cfg = &config.lifecycle;
     // Watch the lifecycle topic from its end before sending, so the answer is not missed.
-    let watcher: StreamConsumer = leadscore_kafka::client_config(&config.kafka)
-        .set(
-            "group.id",
-            format!("leadscore-model-cli-{}", std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "latest")
-        .set("isolation.level", "read_committed")
-        .create()?;
+    let watcher: StreamConsumer = leadscore_kafka::follower_config(
+        &config.kafka,
+        "leadscore-model-cli",
+        leadscore_kafka::Start::Latest,
+    )
+    .create()?;
     watcher.subscribe(&[&cfg.lifecycle_topic])?;
     // Wait for the assignment so "latest" is resolved before the command goes out.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
