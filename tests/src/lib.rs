@@ -148,8 +148,51 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A spawned process that is killed when dropped, so a failed assertion
+/// leaves nothing running; otherwise used as the `Child` it holds.
+pub struct Service(Option<std::process::Child>);
+
+impl From<std::process::Child> for Service {
+    fn from(child: std::process::Child) -> Self {
+        Self(Some(child))
+    }
+}
+
+impl From<Service> for std::process::Child {
+    fn from(mut s: Service) -> Self {
+        s.0.take().expect("a Service holds its child until dropped")
+    }
+}
+
+impl std::ops::Deref for Service {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        self.0
+            .as_ref()
+            .expect("a Service holds its child until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Service {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0
+            .as_mut()
+            .expect("a Service holds its child until dropped")
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Stops a service the way Kubernetes does: SIGTERM, up to 10 s for a graceful exit, then SIGKILL.
-pub fn terminate(mut child: std::process::Child) {
+pub fn terminate(child: impl Into<std::process::Child>) {
+    let mut child = child.into();
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();

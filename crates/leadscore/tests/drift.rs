@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
+use leadscore_e2e::Service;
 use std::time::Duration;
 
 use apache_avro::types::Value;
@@ -83,7 +85,7 @@ impl Run {
     }
 }
 
-fn start(input: &Input, run: &Run, instance: &str, extra: &[(&str, String)]) -> (Child, u16) {
+fn start(input: &Input, run: &Run, instance: &str, extra: &[(&str, String)]) -> (Service, u16) {
     let port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
     cmd.arg("drift")
@@ -110,7 +112,7 @@ fn start(input: &Input, run: &Run, instance: &str, extra: &[(&str, String)]) -> 
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    (cmd.spawn().unwrap(), port)
+    (cmd.spawn().unwrap().into(), port)
 }
 
 async fn http_get(port: u16, path: &str) -> String {

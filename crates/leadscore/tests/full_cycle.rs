@@ -7,7 +7,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use leadscore_e2e::Service;
 use std::time::Duration;
 
 use leadscore_crm::{DriftSpec, Generator, GeneratorConfig};
@@ -21,7 +23,7 @@ fn free_port() -> String {
     format!("127.0.0.1:{}", leadscore_e2e::free_port())
 }
 
-fn spawn(args: &[&str], env: &[(String, String)]) -> Child {
+fn spawn(args: &[&str], env: &[(String, String)]) -> Service {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
     cmd.args(args)
         .env("LEADSCORE_LOG", "warn")
@@ -30,7 +32,7 @@ fn spawn(args: &[&str], env: &[(String, String)]) -> Child {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.spawn().unwrap()
+    cmd.spawn().unwrap().into()
 }
 
 fn kv(pairs: &[(&str, String)]) -> Vec<(String, String)> {

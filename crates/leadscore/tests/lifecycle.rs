@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
 
 use std::process::{Child, Command, Stdio};
+
+use leadscore_e2e::Service;
 use std::time::Duration;
 
 use leadscore_drift::report::{LatencySummary, ShadowAgreement, WindowKind, WindowReport};
@@ -82,7 +84,7 @@ fn leadscore(args: &[&str], env: &[(&'static str, String)]) -> Command {
     cmd
 }
 
-fn start(t: &Topics, model: &str) -> Child {
+fn start(t: &Topics, model: &str) -> Service {
     leadscore(&["model", "controller"], &t.env(model))
         .env(
             "LEADSCORE__LIFECYCLE__HTTP_LISTEN",
@@ -92,6 +94,7 @@ fn start(t: &Topics, model: &str) -> Child {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap()
+        .into()
 }
 
 /// What the training worker would publish.
@@ -186,7 +189,8 @@ async fn alias(model: &str, alias: &str) -> Option<String> {
     leadscore_e2e::mlflow_alias(&mlflow_url(), model, alias).await
 }
 
-fn kill(mut child: Child) {
+fn kill(child: impl Into<Child>) {
+    let mut child = child.into();
     child.kill().unwrap();
     child.wait().unwrap();
 }

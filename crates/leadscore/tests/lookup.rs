@@ -39,16 +39,6 @@ impl Drop for Lookup {
     }
 }
 
-/// A child process killed when the test ends, failed or not.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start_lookup(env: &[(&str, String)]) -> Lookup {
     let (grpc, rest) = (free_port(), free_port());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
@@ -414,7 +404,7 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
         ("LEADSCORE__LOOKUP__LIFECYCLE_TOPIC", String::new()),
     ]);
     let mut c = lookup.scores(None).await;
-    let scorer = Killed(
+    let scorer = leadscore_e2e::Service::from(
         Command::new(env!("CARGO_BIN_EXE_leadscore"))
             .arg("scorer")
             .env("LEADSCORE__SCORER__INPUT_TOPIC", t("in"))

@@ -5,7 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use leadscore_e2e::Service;
 use std::time::Duration;
 
 use apache_avro::types::Value;
@@ -60,7 +62,7 @@ impl Topics {
     }
 }
 
-fn start(t: &Topics, extra: &[(&str, String)]) -> (Child, u16) {
+fn start(t: &Topics, extra: &[(&str, String)]) -> (Service, u16) {
     let port = free_port();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
     cmd.arg("retrain")
@@ -77,7 +79,7 @@ fn start(t: &Topics, extra: &[(&str, String)]) -> (Child, u16) {
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    (cmd.spawn().unwrap(), port)
+    (cmd.spawn().unwrap().into(), port)
 }
 
 async fn metrics_text(port: u16) -> String {
@@ -376,10 +378,11 @@ fn start_worker(
     group: &str,
     csv: &std::path::Path,
     extra: &[&str],
-) -> Child {
+) -> Service {
     worker_command(requests, lifecycle, group, csv, extra)
         .spawn()
         .unwrap()
+        .into()
 }
 
 fn worker_command(

@@ -6,7 +6,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use leadscore_e2e::Service;
 use std::time::Duration;
 
 use apache_avro::types::Value;
@@ -54,7 +56,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_scorer(t: &Topics, group: &str, instance: &str, challenger: bool) -> Child {
+fn start_scorer(t: &Topics, group: &str, instance: &str, challenger: bool) -> Service {
     start_scorer_with(t, group, instance, challenger, &[]).0
 }
 
@@ -64,7 +66,7 @@ fn start_scorer_with(
     instance: &str,
     challenger: bool,
     extra: &[(&str, &str)],
-) -> (Child, u16) {
+) -> (Service, u16) {
     let port = free_port();
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/default");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
@@ -90,7 +92,7 @@ fn start_scorer_with(
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    (cmd.spawn().unwrap(), port)
+    (cmd.spawn().unwrap().into(), port)
 }
 
 async fn http_get(port: u16, path: &str) -> String {
