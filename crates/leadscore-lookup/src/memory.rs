@@ -35,10 +35,18 @@ struct Slot {
     expires: Instant,
 }
 
+#[derive(Debug)]
+struct Shard {
+    map: HashMap<String, Slot>,
+    /// When expired entries were last swept out (a full shard sweeps at most
+    /// once per sweep interval, not on every insert).
+    swept: Instant,
+}
+
 /// A bounded, sharded map from lead id to what is known about it.
 #[derive(Debug)]
 pub struct Memory {
-    shards: Vec<RwLock<HashMap<String, Slot>>>,
+    shards: Vec<RwLock<Shard>>,
     hasher: RandomState,
     per_shard: usize,
     ttl: Duration,
@@ -52,14 +60,21 @@ impl Memory {
             return None;
         }
         Some(Self {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| {
+                    RwLock::new(Shard {
+                        map: HashMap::new(),
+                        swept: Instant::now(),
+                    })
+                })
+                .collect(),
             hasher: RandomState::new(),
             per_shard: entries.div_ceil(SHARDS),
             ttl,
         })
     }
 
-    fn shard(&self, lead_id: &str) -> &RwLock<HashMap<String, Slot>> {
+    fn shard(&self, lead_id: &str) -> &RwLock<Shard> {
         let i = self.hasher.hash_one(lead_id) as usize % SHARDS;
         &self.shards[i]
     }
@@ -72,6 +87,7 @@ impl Memory {
     fn get_at(&self, lead_id: &str, now: Instant) -> Option<Known> {
         let shard = self.shard(lead_id).read().ok()?;
         shard
+            .map
             .get(lead_id)
             .filter(|s| s.expires > now)
             .map(|s| s.known.clone())
@@ -109,21 +125,25 @@ impl Memory {
         let Ok(mut shard) = self.shard(&id).write() else {
             return;
         };
-        if let Some(held) = shard.get(&id)
+        if let Some(held) = shard.map.get(&id)
             && held.expires > now
             && (held.at_ms > at_ms || (held.at_ms == at_ms && !replace_equal))
         {
             return;
         }
-        if shard.len() >= self.per_shard && !shard.contains_key(&id) {
-            shard.retain(|_, s| s.expires > now);
-            if shard.len() >= self.per_shard
-                && let Some(victim) = shard.keys().next().cloned()
+        if shard.map.len() >= self.per_shard && !shard.map.contains_key(&id) {
+            // Sweeping is a scan of the shard: at most once per sweep interval.
+            if now.saturating_duration_since(shard.swept) >= self.sweep_every() {
+                shard.map.retain(|_, s| s.expires > now);
+                shard.swept = now;
+            }
+            if shard.map.len() >= self.per_shard
+                && let Some(victim) = shard.map.keys().next().cloned()
             {
-                shard.remove(&victim);
+                shard.map.remove(&victim);
             }
         }
-        shard.insert(
+        shard.map.insert(
             id,
             Slot {
                 known,
@@ -133,11 +153,16 @@ impl Memory {
         );
     }
 
+    /// How often a full shard may scan itself for expired entries.
+    fn sweep_every(&self) -> Duration {
+        (self.ttl / 4).max(Duration::from_millis(100))
+    }
+
     /// Entries held (expired ones included until they are swept).
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.read().map(|m| m.len()).unwrap_or(0))
+            .map(|s| s.read().map(|m| m.map.len()).unwrap_or(0))
             .sum()
     }
 
