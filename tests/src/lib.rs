@@ -190,6 +190,22 @@ impl Drop for Service {
     }
 }
 
+/// Runs `cmd` to the end and returns its output; a failure fails the test
+/// with the command, its exit status and everything it printed.
+pub fn succeed(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Stops a service the way Kubernetes does: SIGTERM, up to 10 s for a graceful exit, then SIGKILL.
 pub fn terminate(child: impl Into<std::process::Child>) {
     let mut child = child.into();
@@ -254,17 +270,12 @@ pub fn register_static_batch_copy(
         .expect("LEADSCORE_PYTHON (from `deploy/local/stack env`) runs the registration");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../crates/leadscore/tests/support/static_batch_version.py");
-    let done = std::process::Command::new(python)
-        .arg(script)
-        .args([mlflow, name])
-        .arg(trained)
-        .arg(out)
-        .output()
-        .unwrap();
-    assert!(
-        done.status.success(),
-        "{}",
-        String::from_utf8_lossy(&done.stderr)
+    let done = succeed(
+        std::process::Command::new(python)
+            .arg(script)
+            .args([mlflow, name])
+            .arg(trained)
+            .arg(out),
     );
     // MLflow prints its own lines first.
     String::from_utf8_lossy(&done.stdout)

@@ -30,31 +30,20 @@ fn repo() -> PathBuf {
 }
 
 fn leadscore(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_leadscore"))
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .unwrap();
-    let text = format!(
+    let out = leadscore_e2e::succeed(
+        Command::new(env!("CARGO_BIN_EXE_leadscore"))
+            .args(args)
+            .current_dir(repo()),
+    );
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "leadscore {args:?} failed:\n{text}");
-    text
+    )
 }
 
 fn stack(args: &[&str]) {
-    let out = Command::new(repo().join("deploy/local/stack"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "stack {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    leadscore_e2e::succeed(Command::new(repo().join("deploy/local/stack")).args(args));
 }
 
 /// A `leadscore` process of the test, stopped with SIGTERM on drop.

@@ -5,18 +5,16 @@
 use std::process::Command;
 
 fn seed(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_leadscore"))
-        .args(["crm", "seed"])
-        .args(args)
-        .output()
-        .expect("run leadscore");
-    let text = format!(
+    let out = leadscore_e2e::succeed(
+        Command::new(env!("CARGO_BIN_EXE_leadscore"))
+            .args(["crm", "seed"])
+            .args(args),
+    );
+    format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
-    text
+    )
 }
 
 #[tokio::test]

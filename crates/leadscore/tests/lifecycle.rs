@@ -257,17 +257,10 @@ async fn a_challenger_is_rolled_out_to_champion_and_a_slower_one_is_rolled_back(
     assert_eq!(alias(&model, "challenger").await, None);
 
     // One command: v1 is champion again.
-    let out = leadscore(
+    let out = leadscore_e2e::succeed(&mut leadscore(
         &["model", "rollback", "--model", &model, "--by", "ops-1"],
         &t.env(&model),
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     assert!(String::from_utf8_lossy(&out.stdout).contains("rolled_back"));
     assert_eq!(alias(&model, "champion").await.as_deref(), Some("1"));
 
@@ -333,20 +326,13 @@ async fn rescoring_sends_every_open_lead_through_the_scorer_keyed_like_debezium(
     for t in [&input, &scores, &shadow, &dlq] {
         create_topic(t, 3).await;
     }
-    let out = leadscore(
+    leadscore_e2e::succeed(&mut leadscore(
         &["model", "rescore", "--rate", "5000"],
         &[
             ("LEADSCORE__LIFECYCLE__RESCORE_TOPIC", input.clone()),
             ("LEADSCORE_LOG", "error".into()),
         ],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     // Our open leads are on the input topic, keyed like Debezium, without PII.
     let sent = receive(
         &consumer(&input, "read_committed"),

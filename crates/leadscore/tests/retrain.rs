@@ -364,12 +364,7 @@ fn request_retrain(t: &Topics, model: &str, reason: &str) {
     for (k, v) in t.env() {
         cmd.env(k, v);
     }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    leadscore_e2e::succeed(&mut cmd);
 }
 
 fn start_worker(
