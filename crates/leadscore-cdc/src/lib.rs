@@ -10,6 +10,8 @@
 //!
 //! Pure: no I/O. PII columns are ignored even when a producer sends them.
 
+pub mod dead;
+
 use apache_avro::types::Value;
 use chrono::{DateTime, TimeZone, Utc};
 use leadscore_crm::{Lead, Status};
@@ -36,6 +38,10 @@ pub enum ErrorKind {
     InvalidValue,
     /// An `op` other than c, r, u, d, t.
     UnknownOp,
+    /// Bytes left over after a complete Avro datum: not the record its schema describes.
+    TrailingBytes,
+    /// An output for the record could not be written (e.g. larger than the topic allows).
+    Unwritable,
 }
 
 impl ErrorKind {
@@ -51,6 +57,8 @@ impl ErrorKind {
             ErrorKind::WrongType => "wrong_type",
             ErrorKind::InvalidValue => "invalid_value",
             ErrorKind::UnknownOp => "unknown_op",
+            ErrorKind::TrailingBytes => "trailing_bytes",
+            ErrorKind::Unwritable => "unwritable",
         }
     }
 }

@@ -624,6 +624,15 @@ pub struct ScorerConfig {
     pub lifecycle_topic: String,
     /// Fallback: re-resolve MLflow aliases this often, in seconds (0 disables). Directory models never change.
     pub model_poll_secs: u64,
+    /// Largest dead-letter payload, bytes: a longer one is cut (its size and SHA-256 stay in
+    /// headers), so a dead letter always fits the topic whatever the input.
+    pub dlq_max_payload_bytes: usize,
+    /// Columns removed from dead letters besides `email`, `phone` and `full_name` (any depth, case-insensitive).
+    pub pii_columns: Vec<String>,
+    /// The same batch aborted this many times in a row makes the scorer not ready (a stuck loop).
+    pub stuck_after_aborts: u32,
+    /// No commit for this long while records wait makes the scorer not ready, in milliseconds.
+    pub stuck_after_ms: u64,
 }
 
 impl ScorerConfig {
@@ -658,6 +667,10 @@ impl Default for ScorerConfig {
             cache_ttl_secs: 7 * 86_400,
             lifecycle_topic: "leadscore.model.lifecycle.v1".into(),
             model_poll_secs: 30,
+            dlq_max_payload_bytes: 64 * 1024,
+            pii_columns: Vec::new(),
+            stuck_after_aborts: 5,
+            stuck_after_ms: 60_000,
         }
     }
 }
@@ -805,6 +818,22 @@ impl Config {
             return Err(Error::Invalid {
                 key: "scorer.max_batch",
                 reason: format!("{} is not in 1..=100000", s.max_batch),
+            });
+        }
+        if !(1024..=512 * 1024).contains(&s.dlq_max_payload_bytes) {
+            return Err(Error::Invalid {
+                key: "scorer.dlq_max_payload_bytes",
+                reason: format!(
+                    "{} is not in 1024..=524288 (a dead letter must fit the topic's max.message.bytes)",
+                    s.dlq_max_payload_bytes
+                ),
+            });
+        }
+        if s.stuck_after_aborts == 0 || s.stuck_after_ms == 0 {
+            return Err(Error::Invalid {
+                key: "scorer.stuck_after_aborts",
+                reason: "scorer.stuck_after_aborts and scorer.stuck_after_ms must be at least 1"
+                    .into(),
             });
         }
         if !(0.0..=100.0).contains(&s.canary_percent) {

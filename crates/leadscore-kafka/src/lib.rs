@@ -6,6 +6,7 @@
 //! pure `leadscore-topics` crate; this crate only talks to the brokers.
 
 pub mod latest;
+pub mod txn;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -247,6 +248,38 @@ impl TopicAdmin {
             });
         }
         Ok((brokers, observed))
+    }
+
+    /// The smallest `max.message.bytes` of `topics` as the cluster has them: the largest record
+    /// a producer writing to all of them may send. A topic that does not exist is an error.
+    pub async fn max_message_bytes(&self, topics: &[&str]) -> Result<usize> {
+        let specs: Vec<ResourceSpecifier<'_>> =
+            topics.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
+        let results = self
+            .admin
+            .describe_configs(specs.iter(), &self.opts())
+            .await
+            .map_err(|source| Error::Admin {
+                action: "describe topic configs".into(),
+                source,
+            })?;
+        let mut smallest = usize::MAX;
+        for (name, result) in topics.iter().zip(results) {
+            let resource = result.map_err(|code| Error::Topic {
+                action: "describe configs",
+                topic: (*name).to_string(),
+                code,
+            })?;
+            let value = resource
+                .entries
+                .into_iter()
+                .find(|e| e.name == "max.message.bytes")
+                .and_then(|e| e.value)
+                .and_then(|v| v.parse::<usize>().ok())
+                .ok_or_else(|| Error::Missing((*name).to_string()))?;
+            smallest = smallest.min(value);
+        }
+        Ok(smallest)
     }
 
     /// Creates the plan's missing topics and, if `fix`, repairs fixable drift.

@@ -56,6 +56,14 @@ pub enum Error {
     /// A schema from the registry or the catalogue does not parse.
     #[error(transparent)]
     Schema(#[from] leadscore_schemas::Error),
+    /// A complete datum was read and bytes were left: the record is not what its schema says.
+    #[error("{left} bytes left after the Avro datum of writer schema {schema_id}")]
+    TrailingBytes {
+        /// Writer schema id.
+        schema_id: u32,
+        /// Bytes left over.
+        left: usize,
+    },
     /// An Avro value does not match the schema or bytes do not decode.
     #[error("avro {action} failed for schema id {schema_id}: {source}")]
     Avro {
@@ -553,11 +561,20 @@ impl Decoder {
                 built
             }
         };
-        reader.read_value(&mut datum).map_err(|source| Error::Avro {
-            action: "decode",
-            schema_id: id,
-            source: Box::new(source),
-        })
+        let value = reader
+            .read_value(&mut datum)
+            .map_err(|source| Error::Avro {
+                action: "decode",
+                schema_id: id,
+                source: Box::new(source),
+            })?;
+        if !datum.is_empty() {
+            return Err(Error::TrailingBytes {
+                schema_id: id,
+                left: datum.len(),
+            });
+        }
+        Ok(value)
     }
 }
 

@@ -24,15 +24,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use leadscore_cdc::dead::{self, DeadPayload};
 use leadscore_cdc::{CdcError, ErrorKind};
 use leadscore_config::ScorerConfig;
+use leadscore_kafka::txn::{Class, Transactional, Txn, TxnError};
 use leadscore_model::{BandThresholds, ModelHandle};
 use leadscore_registry::{Decoder, Encoder, Registry};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -60,6 +61,9 @@ pub enum Error {
     /// The producer was fenced: another instance with the same transactional id took over.
     #[error("fenced: another scorer uses transactional id {0}; this instance stops")]
     Fenced(String),
+    /// The transactional producer cannot go on.
+    #[error(transparent)]
+    Transaction(TxnError),
     /// Output schemas could not be registered.
     #[error("schema registry: {0}")]
     Registry(#[from] leadscore_registry::Error),
@@ -198,29 +202,39 @@ pub fn lifecycle_consumer_config(
     )
 }
 
-/// Transactional producer settings.
+/// Transactional producer settings: the shared transactional settings, a deep queue, and
+/// `message.max.bytes` at `max_message_bytes` (the smallest `max.message.bytes` of the output
+/// topics), so a record the broker would refuse is refused at once, record by record.
 pub fn producer_config(
     kafka: &leadscore_config::KafkaConfig,
     cfg: &ScorerConfig,
+    max_message_bytes: usize,
 ) -> rdkafka::ClientConfig {
-    let mut c = leadscore_kafka::client_config(kafka);
-    c.set("transactional.id", cfg.transactional_id())
-        .set("enable.idempotence", "true")
-        .set(
-            "transaction.timeout.ms",
-            cfg.transaction_timeout_ms.to_string(),
-        )
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set("queue.buffering.max.messages", "200000")
-        .set("client.id", format!("leadscore-scorer-{}", cfg.instance_id));
+    let mut c = leadscore_kafka::txn::transactional_config(
+        kafka,
+        &cfg.transactional_id(),
+        cfg.transaction_timeout_ms,
+        &format!("leadscore-scorer-{}", cfg.instance_id),
+    );
+    c.set("queue.buffering.max.messages", "200000")
+        .set("message.max.bytes", max_message_bytes.to_string());
     c
 }
+
+/// Room kept for a dead letter's key and headers beside its capped payload, bytes.
+pub const DEAD_LETTER_OVERHEAD: usize = 8 * 1024;
+
+/// Longest error message in a dead letter's headers, bytes.
+const MAX_MESSAGE_BYTES: usize = 1024;
 
 struct Codecs {
     decoder: Decoder,
     scores: Encoder,
     shadow: Encoder,
+    /// Extra PII columns removed from dead letters.
+    pii: Vec<String>,
+    /// Dead-letter payload cap, bytes.
+    dead_cap: usize,
 }
 
 fn map_decode_error(
@@ -245,6 +259,7 @@ fn map_decode_error(
             ErrorKind::AvroDecode,
             format!("does not decode with writer schema {schema_id}: {source}"),
         )),
+        e @ R::TrailingBytes { .. } => Ok(CdcError::new(ErrorKind::TrailingBytes, e.to_string())),
         e if e.is_retryable() => Err(e),
         other => Ok(CdcError::new(ErrorKind::UnknownSchema, other.to_string())),
     }
@@ -254,27 +269,31 @@ async fn decode(
     codecs: &Codecs,
     m: &BorrowedMessage<'_>,
 ) -> Result<Decoded, leadscore_registry::Error> {
-    let payload = m.payload().map(<[u8]>::to_vec);
     let kafka_ts = m
         .timestamp()
         .to_millis()
         .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
     let mut event_time_ms = kafka_ts;
-    let action = match payload.as_deref() {
+    // On the error path only: what the dead letter carries (the record without PII when it decoded).
+    let mut redacted: Option<Vec<u8>> = None;
+    let payload = m.payload();
+    let action = match payload {
         // Debezium follows a delete with a Kafka tombstone for compaction: nothing to do.
         None => Ok(leadscore_cdc::Action::Ignore("kafka tombstone")),
         Some([]) => Err(CdcError::new(ErrorKind::Undecodable, "empty value")),
-        Some(bytes) if matches!(bytes[0], b'{' | b'[') => {
-            leadscore_cdc::from_json(bytes).and_then(|e| {
+        Some(bytes) if matches!(bytes[0], b'{' | b'[') => leadscore_cdc::from_json(bytes)
+            .and_then(|e| {
                 event_time_ms = e.source_ts_ms.unwrap_or(kafka_ts);
                 leadscore_cdc::decide(e)
             })
-        }
+            .inspect_err(|_| redacted = dead::redact_json(bytes, &codecs.pii)),
         Some(bytes) if bytes[0] == 0 => match codecs.decoder.decode(bytes).await {
-            Ok(value) => leadscore_cdc::from_avro(&value).and_then(|e| {
-                event_time_ms = e.source_ts_ms.unwrap_or(kafka_ts);
-                leadscore_cdc::decide(e)
-            }),
+            Ok(value) => leadscore_cdc::from_avro(&value)
+                .and_then(|e| {
+                    event_time_ms = e.source_ts_ms.unwrap_or(kafka_ts);
+                    leadscore_cdc::decide(e)
+                })
+                .inspect_err(|_| redacted = Some(dead::redact_avro(&value, &codecs.pii))),
             Err(e) => Err(map_decode_error(e)?),
         },
         Some(bytes) => Err(CdcError::new(
@@ -285,6 +304,9 @@ async fn decode(
             ),
         )),
     };
+    let dead = action
+        .is_err()
+        .then(|| DeadPayload::new(payload.unwrap_or_default(), redacted, codecs.dead_cap));
     Ok(Decoded {
         position: Position {
             topic: m.topic().to_string(),
@@ -292,7 +314,8 @@ async fn decode(
             offset: m.offset(),
         },
         key: m.key().map(<[u8]>::to_vec),
-        payload,
+        size: payload.map_or(0, <[u8]>::len),
+        dead,
         event_time_ms,
         action,
     })
@@ -306,7 +329,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 pub async fn run(
     cfg: ScorerConfig,
     consumer: ScorerConsumer,
-    producer: FutureProducer,
+    producer: Transactional,
     registry: Registry,
     models: Models,
     metrics: Arc<Metrics>,
@@ -331,12 +354,10 @@ pub async fn run(
             schema("ShadowScore.avsc")?,
         )
         .await?,
+        pii: cfg.pii_columns.clone(),
+        dead_cap: cfg.dlq_max_payload_bytes,
     };
-    let timeout = Duration::from_millis(cfg.transaction_timeout_ms);
-    blocking(|| producer.init_transactions(timeout)).map_err(|source| Error::Kafka {
-        context: "init transactions",
-        source,
-    })?;
+    blocking(|| producer.init()).map_err(Error::Transaction)?;
     consumer
         .subscribe(&[&cfg.input_topic])
         .map_err(|source| Error::Kafka {
@@ -378,8 +399,6 @@ pub async fn run(
         dlq_topic: cfg.dlq_topic.clone(),
         scores_schema: codecs.scores.schema_id(),
         shadow_schema: codecs.shadow.schema_id(),
-        timeout,
-        transactional_id: cfg.transactional_id(),
     });
     // The batch being committed on a blocking thread while the next one is read and scored.
     let mut in_flight: Option<InFlight> = None;
@@ -479,9 +498,9 @@ pub async fn run(
                 return Err(e);
             }
             Err(TxError::Retry(why)) => {
-                metrics.batch_aborted();
+                let in_a_row = metrics.batch_aborted();
                 span.record("outcome", "aborted");
-                tracing::warn!(reason = %why, "batch not scored; re-reading it");
+                tracing::warn!(reason = %why, in_a_row, "batch not scored; re-reading it");
                 rewind(&consumer, [&ranges]);
                 backoff.wait().await;
                 continue;
@@ -565,8 +584,6 @@ struct PublishTarget {
     dlq_topic: String,
     scores_schema: u32,
     shadow_schema: u32,
-    timeout: Duration,
-    transactional_id: String,
 }
 
 /// A batch whose transaction is running on a blocking thread.
@@ -621,8 +638,8 @@ fn settle(
         }
         Err(TxError::Retry(why)) => {
             prev.span.record("outcome", "aborted");
-            metrics.batch_aborted();
-            tracing::warn!(reason = %why, "transaction aborted; re-reading the batch");
+            let in_a_row = metrics.batch_aborted();
+            tracing::warn!(reason = %why, in_a_row, "transaction aborted; re-reading the batch");
             Err(TxError::Retry(why))
         }
         Err(fatal) => Err(fatal),
@@ -688,16 +705,13 @@ enum TxError {
     Fatal(Error),
 }
 
-fn classify(context: &'static str, e: KafkaError, transactional_id: &str) -> TxError {
-    if let KafkaError::Transaction(ref t) = e
-        && t.is_fatal()
-    {
-        if t.code() == RDKafkaErrorCode::Fenced || t.code() == RDKafkaErrorCode::ProducerFenced {
-            return TxError::Fatal(Error::Fenced(transactional_id.to_string()));
-        }
-        return TxError::Fatal(Error::Kafka { context, source: e });
+/// Routes a transactional failure: fenced and fatal stop the scorer, the rest re-read the batch.
+fn route(e: TxnError) -> TxError {
+    match e.class {
+        Class::Fenced => TxError::Fatal(Error::Fenced(e.transactional_id)),
+        Class::Fatal => TxError::Fatal(Error::Transaction(e)),
+        _ => TxError::Retry(e.to_string()),
     }
-    TxError::Retry(format!("{context}: {e}"))
 }
 
 /// Decodes and scores a batch: no side effects, so a failed transaction can simply re-read it.
@@ -753,138 +767,144 @@ async fn prepare(
 
 /// Publishes a batch's outputs and its offsets in one Kafka transaction. Runs on a blocking thread.
 ///
-/// A failure after the transaction began aborts it, so the producer is ready for the next one.
+/// A failure after the transaction began aborts it (in [`Txn`]), so the producer is ready
+/// for the next one. Returns the outputs as published: one that could not be written is
+/// replaced by its dead letter or, if even that cannot be written, by [`Output::Skipped`].
 fn publish(
-    producer: &FutureProducer,
+    producer: &Transactional,
     target: &PublishTarget,
-    outputs: Vec<Output>,
+    mut outputs: Vec<Output>,
     offsets: &TopicPartitionList,
     group: &rdkafka::consumer::ConsumerGroupMetadata,
     metrics: &Metrics,
 ) -> Result<Vec<Output>, TxError> {
-    let txid = target.transactional_id.as_str();
     let started = std::time::Instant::now();
-    producer
-        .begin_transaction()
-        .map_err(|e| classify("begin transaction", e, txid))?;
-    let result = produce_all(producer, target, &outputs).and_then(|()| {
-        metrics.stage(Stage::Produce, started.elapsed());
-        let started = std::time::Instant::now();
-        producer
-            .send_offsets_to_transaction(offsets, group, target.timeout)
-            .map_err(|e| classify("send offsets", e, txid))?;
-        tracing::info_span!("scorer.commit")
-            .in_scope(|| producer.commit_transaction(target.timeout))
-            .map_err(|e| classify("commit", e, txid))?;
-        metrics.stage(Stage::Commit, started.elapsed());
-        Ok(())
-    });
-    match result {
-        Ok(()) => Ok(outputs),
-        Err(TxError::Retry(why)) => {
-            if let Err(e) = producer.abort_transaction(target.timeout) {
-                tracing::warn!(error = %e, "abort after a failed transaction");
-            }
-            Err(TxError::Retry(why))
-        }
-        Err(fatal) => Err(fatal),
-    }
+    let mut txn = producer.begin().map_err(route)?;
+    produce_all(&mut txn, target, &mut outputs)?;
+    metrics.stage(Stage::Produce, started.elapsed());
+    let started = std::time::Instant::now();
+    tracing::info_span!("scorer.commit")
+        .in_scope(|| txn.commit(Some((offsets, group))))
+        .map_err(route)?;
+    metrics.stage(Stage::Commit, started.elapsed());
+    Ok(outputs)
 }
 
 fn produce_all(
-    producer: &FutureProducer,
+    txn: &mut Txn<'_>,
     target: &PublishTarget,
-    outputs: &[Output],
+    outputs: &mut [Output],
 ) -> Result<(), TxError> {
-    let txid = target.transactional_id.as_str();
-    for out in outputs {
-        let sent = match out {
-            Output::Score { key, record, .. } => {
-                let bytes = records::framed(target.scores_schema, |out| record.encode(out));
-                send(
-                    producer,
-                    FutureRecord::to(&target.scores_topic)
-                        .key(key.as_str())
-                        .payload(&bytes),
-                )
-            }
-            Output::Shadow { key, record } => {
-                let bytes = records::framed(target.shadow_schema, |out| record.encode(out));
-                send(
-                    producer,
-                    FutureRecord::to(&target.shadow_topic)
-                        .key(key.as_str())
-                        .payload(&bytes),
-                )
-            }
-            Output::Tombstone { key } => send(
-                producer,
-                FutureRecord::<str, [u8]>::to(&target.scores_topic).key(key.as_str()),
-            ),
-            Output::Dead {
-                key,
-                payload,
-                kind,
-                message,
-                position,
-            } => {
-                let headers = OwnedHeaders::new()
-                    .insert(Header {
-                        key: "leadscore.error.kind",
-                        value: Some(*kind),
-                    })
-                    .insert(Header {
-                        key: "leadscore.error.message",
-                        value: Some(message.as_str()),
-                    })
-                    .insert(Header {
-                        key: "leadscore.source.topic",
-                        value: Some(position.topic.as_str()),
-                    })
-                    .insert(Header {
-                        key: "leadscore.source.partition",
-                        value: Some(&position.partition.to_string()),
-                    })
-                    .insert(Header {
-                        key: "leadscore.source.offset",
-                        value: Some(&position.offset.to_string()),
-                    });
-                let mut rec = FutureRecord::<[u8], [u8]>::to(&target.dlq_topic).headers(headers);
-                if let Some(k) = key {
-                    rec = rec.key(k.as_slice());
-                }
-                if let Some(p) = payload {
-                    rec = rec.payload(p.as_slice());
-                }
-                send(producer, rec)
-            }
-            Output::Outcome | Output::Ignored => Ok(()),
-        };
-        sent.map_err(|e| classify("produce", e, txid))?;
+    for out in outputs.iter_mut() {
+        match send_output(txn, target, out) {
+            Ok(()) => {}
+            // Dead letters are capped to fit, so this is a record nothing can carry: skip it.
+            Err(e) if e.class == Class::Poison => *out = unwritable(out, &e),
+            Err(e) => return Err(route(e)),
+        }
     }
     Ok(())
 }
 
-/// Enqueues one record, waiting while the producer's queue is full. Delivery is confirmed by the commit.
-fn send<K, P>(
-    producer: &FutureProducer,
-    mut record: FutureRecord<'_, K, P>,
-) -> Result<(), KafkaError>
-where
-    K: rdkafka::message::ToBytes + ?Sized,
-    P: rdkafka::message::ToBytes + ?Sized,
-{
-    loop {
-        match producer.send_result(record) {
-            // A failed delivery fails the commit.
-            Ok(_delivery) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                record = r;
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err((e, _)) => return Err(e),
+/// What replaces an output the producer refused for good (larger than the topic allows,
+/// invalid): a skip, logged without payload and counted, so the batch commits. Never retried.
+fn unwritable(out: &Output, e: &TxnError) -> Output {
+    let reason = dead::bounded(&e.source.to_string(), MAX_MESSAGE_BYTES).to_string();
+    let what = match out {
+        Output::Dead { position, kind, .. } => {
+            format!(
+                "dead letter ({kind}) of {}/{}@{}",
+                position.topic, position.partition, position.offset
+            )
         }
+        Output::Score { key, .. } => format!("score of lead {key}"),
+        Output::Shadow { key, .. } => format!("shadow score of lead {key}"),
+        Output::Tombstone { key } => format!("tombstone of lead {key}"),
+        Output::Skipped { what, .. } => what.clone(),
+        Output::Outcome | Output::Ignored => "nothing".into(),
+    };
+    // No payload in the log: only what it was and why it could not be written.
+    tracing::error!(record = %what, error = %reason, "output cannot be written; skipped and counted (leadscore_scorer_skipped_total)");
+    Output::Skipped { what, reason }
+}
+
+fn send_output(txn: &mut Txn<'_>, target: &PublishTarget, out: &Output) -> Result<(), TxnError> {
+    match out {
+        Output::Score { key, record, .. } => {
+            let bytes = records::framed(target.scores_schema, |out| record.encode(out));
+            txn.send(
+                FutureRecord::to(&target.scores_topic)
+                    .key(key.as_str())
+                    .payload(&bytes),
+            )
+        }
+        Output::Shadow { key, record } => {
+            let bytes = records::framed(target.shadow_schema, |out| record.encode(out));
+            txn.send(
+                FutureRecord::to(&target.shadow_topic)
+                    .key(key.as_str())
+                    .payload(&bytes),
+            )
+        }
+        Output::Tombstone { key } => {
+            txn.send(FutureRecord::<str, [u8]>::to(&target.scores_topic).key(key.as_str()))
+        }
+        Output::Dead {
+            key,
+            dead,
+            kind,
+            message,
+            position,
+        } => {
+            let mut rec = FutureRecord::<[u8], [u8]>::to(&target.dlq_topic)
+                .headers(dead_letter_headers(dead, kind, message, position));
+            if let Some(k) = key {
+                rec = rec.key(k.as_slice());
+            }
+            if dead.form != dead::Form::Omitted {
+                rec = rec.payload(dead.bytes.as_slice());
+            }
+            txn.send(rec)
+        }
+        Output::Skipped { .. } | Output::Outcome | Output::Ignored => Ok(()),
     }
+}
+
+/// The headers of a dead letter: why, where from, what the payload is and what the original was.
+fn dead_letter_headers(
+    dead: &DeadPayload,
+    kind: &str,
+    message: &str,
+    position: &Position,
+) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    let mut add = |key: &str, value: &str| {
+        headers = std::mem::take(&mut headers).insert(Header {
+            key,
+            value: Some(value),
+        });
+    };
+    add("leadscore.error.kind", kind);
+    add(
+        "leadscore.error.message",
+        dead::bounded(message, MAX_MESSAGE_BYTES),
+    );
+    add("leadscore.source.topic", &position.topic);
+    add(
+        "leadscore.source.partition",
+        &position.partition.to_string(),
+    );
+    add("leadscore.source.offset", &position.offset.to_string());
+    add("leadscore.payload.form", dead.form.as_str());
+    add(
+        "leadscore.payload.truncated",
+        if dead.truncated { "true" } else { "false" },
+    );
+    add("leadscore.original.size", &dead.original_size.to_string());
+    if !dead.original_sha256.is_empty() {
+        add("leadscore.original.sha256", &dead.original_sha256);
+    }
+    headers
 }
 
 /// Reads the dead-letter headers of a message (tests and operators' tools).

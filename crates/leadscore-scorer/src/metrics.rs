@@ -10,10 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use leadscore_runtime::Liveness;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram as OtelHistogram, Meter};
 
@@ -139,14 +140,21 @@ pub struct Metrics {
     event_to_score: Histogram,
     stages: [Histogram; Stage::ALL.len()],
     lag: Mutex<BTreeMap<(String, i32), i64>>,
-    ready: AtomicBool,
+    skipped: AtomicU64,
+    liveness: Arc<Liveness>,
     model: Mutex<String>,
     otel: Otel,
 }
 
 impl Metrics {
-    /// Creates the metrics and registers the OpenTelemetry instruments on the global meter.
+    /// Creates the metrics with the default stuck rule (5 aborts in a row, 60 s without progress).
     pub fn new() -> Arc<Self> {
+        Self::with_liveness(Liveness::new(5, Duration::from_secs(60)))
+    }
+
+    /// Creates the metrics, whose readiness is `liveness`, and registers the OpenTelemetry
+    /// instruments on the global meter.
+    pub fn with_liveness(liveness: Arc<Liveness>) -> Arc<Self> {
         let meter = opentelemetry::global::meter("leadscore-scorer");
         Arc::new_cyclic(|weak: &Weak<Metrics>| {
             register_gauges(&meter, weak.clone());
@@ -167,7 +175,8 @@ impl Metrics {
                 event_to_score: Histogram::default(),
                 stages: Default::default(),
                 lag: Mutex::default(),
-                ready: AtomicBool::new(false),
+                skipped: AtomicU64::new(0),
+                liveness,
                 model: Mutex::default(),
                 otel: instruments(&meter),
             }
@@ -177,6 +186,7 @@ impl Metrics {
     /// Counts a committed batch and what it produced.
     pub fn batch_committed(&self, inputs: usize, outputs: &[crate::process::Output]) {
         use crate::process::Output;
+        self.liveness.progressed();
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.otel
             .transactions
@@ -197,6 +207,12 @@ impl Metrics {
                 Output::Tombstone { .. } => tombstones += 1,
                 Output::Outcome => outcomes += 1,
                 Output::Ignored => ignored += 1,
+                Output::Skipped { .. } => {
+                    self.skipped.fetch_add(1, Ordering::Relaxed);
+                    self.otel
+                        .outputs
+                        .add(1, &[KeyValue::new("kind", "skipped")]);
+                }
                 Output::Dead { kind, .. } => {
                     self.otel.dead.add(1, &[KeyValue::new("kind", *kind)]);
                     if let Ok(mut d) = self.dead.lock() {
@@ -220,12 +236,14 @@ impl Metrics {
         }
     }
 
-    /// Counts an aborted transaction (its batch is re-read).
-    pub fn batch_aborted(&self) {
+    /// Counts an aborted transaction (its batch is re-read); returns the aborts in a row.
+    pub fn batch_aborted(&self) -> u32 {
         self.aborted.fetch_add(1, Ordering::Relaxed);
+        let in_a_row = self.liveness.aborted();
         self.otel
             .transactions
             .add(1, &[KeyValue::new("outcome", "aborted")]);
+        in_a_row
     }
 
     /// Records how long one stage of a batch took.
@@ -248,6 +266,7 @@ impl Metrics {
     pub fn retain_lag(&self, keep: impl Fn(&str, i32) -> bool) {
         if let Ok(mut l) = self.lag.lock() {
             l.retain(|(t, p), _| keep(t, *p));
+            self.liveness.set_backlog(l.values().sum());
         }
     }
 
@@ -285,14 +304,28 @@ impl Metrics {
         self.cache_errors.load(Ordering::Relaxed)
     }
 
-    /// Marks the scorer ready (models loaded, consuming) or not.
+    /// Marks the scorer started (models loaded, consuming) or stopped for good.
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
+        if ready {
+            self.liveness.started();
+        } else {
+            self.liveness.stopped();
+        }
     }
 
-    /// Whether the scorer is ready.
+    /// Whether the scorer is ready: started, not stopped, not stuck.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.liveness.readiness().is_ok()
+    }
+
+    /// The readiness rule this scorer reports to.
+    pub fn liveness(&self) -> &Arc<Liveness> {
+        &self.liveness
+    }
+
+    /// Outputs skipped because nothing could carry them.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
     }
 
     /// Records the champion in service (`name vversion`).
@@ -326,6 +359,11 @@ impl Metrics {
                 "leadscore_scorer_inputs_total",
                 "Input records consumed and committed.",
                 &self.inputs,
+            ),
+            (
+                "leadscore_scorer_skipped_total",
+                "Outputs no record could carry (not even a capped dead letter): logged without payload and skipped.",
+                &self.skipped,
             ),
             (
                 "leadscore_scorer_scored_total",
@@ -431,11 +469,7 @@ impl Metrics {
             "# HELP leadscore_scorer_model_info Champion model in service.\n# TYPE leadscore_scorer_model_info gauge\nleadscore_scorer_model_info{{model=\"{}\"}} 1",
             self.model()
         );
-        let _ = writeln!(
-            out,
-            "# HELP leadscore_scorer_ready Whether the scorer is ready.\n# TYPE leadscore_scorer_ready gauge\nleadscore_scorer_ready {}",
-            u8::from(self.is_ready())
-        );
+        out.push_str(&self.liveness.render("scorer"));
         out
     }
 }

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use leadscore_cdc::dead::DeadPayload;
 use leadscore_cdc::{Action, CdcError, ErrorKind};
 use leadscore_crm::Lead;
 use leadscore_model::{BandThresholds, Model};
@@ -26,8 +27,10 @@ pub struct Decoded {
     pub position: Position,
     /// Original key bytes.
     pub key: Option<Vec<u8>>,
-    /// Original value bytes (kept for the dead-letter topic).
-    pub payload: Option<Vec<u8>>,
+    /// Size of the original value, bytes.
+    pub size: usize,
+    /// What a dead letter of this input carries; set only when decoding refused it.
+    pub dead: Option<DeadPayload>,
     /// Event time in ms: the source change time, else the Kafka timestamp.
     pub event_time_ms: i64,
     /// What to do, or why not.
@@ -66,14 +69,22 @@ pub enum Output {
     Dead {
         /// Original key.
         key: Option<Vec<u8>>,
-        /// Original bytes.
-        payload: Option<Vec<u8>>,
+        /// The payload (PII-free when the record decoded, capped) and its digest.
+        dead: DeadPayload,
         /// Error kind.
         kind: &'static str,
         /// Error message.
         message: String,
         /// Where it came from.
         position: Position,
+    },
+    /// An output that could not be written even as a dead letter: counted, logged without
+    /// payload, and skipped so the partition moves on.
+    Skipped {
+        /// lead_id or the input's position, for the log.
+        what: String,
+        /// Why.
+        reason: String,
     },
     /// An outcome was seen (counted; drift reads outcomes from the input topic).
     Outcome,
@@ -130,7 +141,10 @@ pub fn process(
         let out = match &d.action {
             Err(e) => Output::Dead {
                 key: d.key.clone(),
-                payload: d.payload.clone(),
+                dead: d
+                    .dead
+                    .clone()
+                    .unwrap_or_else(|| DeadPayload::omitted(d.size)),
                 kind: e.kind.as_str(),
                 message: e.message.clone(),
                 position: d.position.clone(),
@@ -205,15 +219,16 @@ pub fn process(
             position,
             event_time_ms,
             key,
-            payload,
+            size,
             ..
         } = &inputs[i];
         let score = match result {
             Ok(s) => s.probability,
             Err(invalid) => {
+                // The lead decoded; its record is not kept (it may hold PII): see the position.
                 outputs[i] = Output::Dead {
                     key: key.clone(),
-                    payload: payload.clone(),
+                    dead: DeadPayload::omitted(*size),
                     kind: ErrorKind::InvalidValue.as_str(),
                     message: invalid.to_string(),
                     position: position.clone(),

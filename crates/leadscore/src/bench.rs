@@ -135,16 +135,17 @@ async fn passthrough(
         .set("isolation.level", "read_committed")
         .create()?;
     consumer.subscribe(&[input])?;
-    let producer: FutureProducer = leadscore_kafka::client_config(&config.kafka)
-        .set(
-            "transactional.id",
-            format!("bench-passthrough-{}", std::process::id()),
+    let producer = leadscore_kafka::txn::Transactional::create(
+        leadscore_kafka::txn::transactional_config(
+            &config.kafka,
+            &format!("bench-passthrough-{}", std::process::id()),
+            60_000,
+            "bench-passthrough",
         )
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set("queue.buffering.max.messages", "200000")
-        .create()?;
-    tokio::task::block_in_place(|| producer.init_transactions(Duration::from_secs(30)))?;
+        .set("queue.buffering.max.messages", "200000"),
+        Duration::from_secs(30),
+    )?;
+    tokio::task::block_in_place(|| producer.init())?;
     let mut done = 0usize;
     while done < want {
         let first = consumer.recv().await?;
@@ -156,36 +157,29 @@ async fn passthrough(
                 _ => break,
             }
         }
-        tokio::task::block_in_place(|| producer.begin_transaction())?;
-        let mut next: HashMap<i32, i64> = HashMap::new();
-        for m in &batch {
-            let mut rec = FutureRecord::<[u8], [u8]>::to(output);
-            if let Some(k) = m.key() {
-                rec = rec.key(k);
-            }
-            if let Some(p) = m.payload() {
-                rec = rec.payload(p);
-            }
-            loop {
-                match producer.send_result(rec) {
-                    Ok(_) => break,
-                    Err((_, r)) => {
-                        rec = r;
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                }
-            }
-            let e = next.entry(m.partition()).or_insert(0);
-            *e = (*e).max(m.offset() + 1);
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (p, o) in &next {
-            tpl.add_partition_offset(input, *p, Offset::Offset(*o))?;
-        }
         let group = consumer.group_metadata().context("group metadata")?;
-        tokio::task::block_in_place(|| {
-            producer.send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))?;
-            producer.commit_transaction(Duration::from_secs(30))
+        // The same commit path as the scorer: begin, send, await delivery, offsets, commit.
+        tokio::task::block_in_place(|| -> anyhow::Result<()> {
+            let mut txn = producer.begin()?;
+            let mut next: HashMap<i32, i64> = HashMap::new();
+            for m in &batch {
+                let mut rec = FutureRecord::<[u8], [u8]>::to(output);
+                if let Some(k) = m.key() {
+                    rec = rec.key(k);
+                }
+                if let Some(p) = m.payload() {
+                    rec = rec.payload(p);
+                }
+                txn.send(rec)?;
+                let e = next.entry(m.partition()).or_insert(0);
+                *e = (*e).max(m.offset() + 1);
+            }
+            let mut tpl = TopicPartitionList::new();
+            for (p, o) in &next {
+                tpl.add_partition_offset(input, *p, Offset::Offset(*o))?;
+            }
+            txn.commit(Some((&tpl, &group)))?;
+            Ok(())
         })?;
         done += batch.len();
     }

@@ -95,15 +95,31 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         canary_stand_in: canary_stand_in.clone(),
     };
     let registry = leadscore_registry::Registry::new(&config.registry)?;
-    let metrics = Metrics::new();
+    let metrics = Metrics::with_liveness(leadscore_runtime::Liveness::new(
+        cfg.stuck_after_aborts,
+        Duration::from_millis(cfg.stuck_after_ms),
+    ));
     let consumer: leadscore_scorer::ScorerConsumer =
         leadscore_scorer::consumer_config(&config.kafka, &cfg)
             .create_with_context(leadscore_scorer::ScorerContext::new(metrics.clone()))
             .context("creating the Kafka consumer")?;
-    let producer: rdkafka::producer::FutureProducer =
-        leadscore_scorer::producer_config(&config.kafka, &cfg)
-            .create()
-            .context("creating the Kafka producer")?;
+    // Records the broker would refuse are refused by the producer at once, record by record,
+    // and a capped dead letter always fits.
+    let max_message_bytes = leadscore_kafka::TopicAdmin::new(&config.kafka)?
+        .max_message_bytes(&[&cfg.scores_topic, &cfg.shadow_topic, &cfg.dlq_topic])
+        .await
+        .context("reading max.message.bytes of the output topics")?;
+    anyhow::ensure!(
+        cfg.dlq_max_payload_bytes + leadscore_scorer::DEAD_LETTER_OVERHEAD <= max_message_bytes,
+        "scorer.dlq_max_payload_bytes ({}) plus {} bytes of headers exceeds max.message.bytes of the output topics ({max_message_bytes}); lower it",
+        cfg.dlq_max_payload_bytes,
+        leadscore_scorer::DEAD_LETTER_OVERHEAD
+    );
+    let producer = leadscore_kafka::txn::Transactional::create(
+        &leadscore_scorer::producer_config(&config.kafka, &cfg, max_message_bytes),
+        Duration::from_millis(cfg.transaction_timeout_ms),
+    )
+    .context("creating the Kafka producer")?;
     let shutdown = CancellationToken::new();
     on_signal(shutdown.clone());
 
