@@ -28,9 +28,20 @@ pub fn unique(prefix: &str) -> String {
 
 /// Creates a topic with one partition and waits until it is usable.
 pub async fn create_topic(name: &str, partitions: i32) {
-    let yaml = format!(
+    create_topic_with(name, partitions, &[]).await;
+}
+
+/// Creates a topic with topic `configs` (e.g. `max.message.bytes`), if it does not exist.
+pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &str)]) {
+    let mut yaml = format!(
         "defaults:\n  replication_factor: 1\ntopics:\n  - name: {name}\n    partitions: {partitions}\n"
     );
+    if !configs.is_empty() {
+        yaml.push_str("    configs:\n");
+        for (k, v) in configs {
+            yaml.push_str(&format!("      {k}: \"{v}\"\n"));
+        }
+    }
     let declared = leadscore_topics::Declarations::parse(&yaml).unwrap();
     let admin = leadscore_kafka::TopicAdmin::new(&config().kafka).unwrap();
     let (brokers, observed) = admin.observe(&declared).await.unwrap();

@@ -4,6 +4,7 @@
 //! Pure: the scorer calls it on the error path only, so good records pay nothing.
 
 use apache_avro::types::Value;
+use leadscore_crm::Lead;
 use serde_json::Value as Json;
 use sha2::{Digest as _, Sha256};
 
@@ -43,7 +44,7 @@ pub struct DeadPayload {
     pub truncated: bool,
     /// Size of the input record's value, bytes.
     pub original_size: usize,
-    /// SHA-256 of the input record's value, lower-case hex; empty when not computed.
+    /// SHA-256 of the input record's value, lower-case hex.
     pub original_sha256: String,
 }
 
@@ -66,15 +67,34 @@ impl DeadPayload {
         }
     }
 
-    /// No payload (the record decoded into a lead that could not be scored): only its size;
-    /// the source position in the headers finds it.
-    pub fn omitted(original_size: usize) -> Self {
+    /// The lead `original` decoded into (a row without PII columns) as JSON, for a lead that
+    /// decoded but could not be scored.
+    pub fn lead(lead: &Lead, original: &[u8], cap: usize) -> Self {
+        let doc = serde_json::json!({
+            "lead_id": lead.lead_id,
+            "company_size": lead.company_size,
+            "industry": lead.industry,
+            "page_views": lead.page_views,
+            "time_on_site": lead.time_on_site.map(number),
+            "form_completion_time": lead.form_completion_time.map(number),
+            "referral_source": lead.referral_source,
+            "country": lead.country,
+            "created_at": lead.created_at.to_rfc3339(),
+            "updated_at": lead.updated_at.to_rfc3339(),
+            "status": lead.status.as_str(),
+            "converted_at": lead.converted_at.map(|t| t.to_rfc3339()),
+        });
+        Self::new(original, serde_json::to_vec(&doc).ok(), cap)
+    }
+
+    /// No payload: only the original's size and digest; the source position finds the record.
+    pub fn omitted(original: &[u8]) -> Self {
         Self {
             bytes: Vec::new(),
             form: Form::Omitted,
             truncated: false,
-            original_size,
-            original_sha256: String::new(),
+            original_size: original.len(),
+            original_sha256: sha256_hex(original),
         }
     }
 }
@@ -269,6 +289,33 @@ mod tests {
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    #[test]
+    fn a_refused_lead_is_carried_without_pii_and_with_the_original_digest() {
+        let lead = Lead {
+            lead_id: "l9".into(),
+            company_size: Some("Small".into()),
+            industry: Some("X".repeat(500)),
+            page_views: Some(3),
+            time_on_site: Some(-4.0),
+            form_completion_time: None,
+            referral_source: None,
+            country: None,
+            created_at: chrono::DateTime::UNIX_EPOCH,
+            updated_at: chrono::DateTime::UNIX_EPOCH,
+            status: leadscore_crm::Status::New,
+            converted_at: None,
+        };
+        let original = br#"{"after": {"lead_id": "l9", "email": "a@b.c"}}"#;
+        let d = DeadPayload::lead(&lead, original, 100_000);
+        assert_eq!(d.form, Form::Redacted);
+        let doc: Json = serde_json::from_slice(&d.bytes).unwrap();
+        assert_eq!(doc["lead_id"], "l9");
+        assert_eq!(doc["time_on_site"], -4.0);
+        assert_eq!(d.original_sha256, sha256_hex(original));
+        assert_eq!(d.original_size, original.len());
+        assert!(DeadPayload::lead(&lead, original, 64).truncated);
     }
 
     proptest! {

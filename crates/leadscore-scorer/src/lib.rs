@@ -265,10 +265,10 @@ fn map_decode_error(
     }
 }
 
-async fn decode(
+async fn decode<'m>(
     codecs: &Codecs,
-    m: &BorrowedMessage<'_>,
-) -> Result<Decoded, leadscore_registry::Error> {
+    m: &'m BorrowedMessage<'_>,
+) -> Result<Decoded<'m>, leadscore_registry::Error> {
     let kafka_ts = m
         .timestamp()
         .to_millis()
@@ -314,7 +314,7 @@ async fn decode(
             offset: m.offset(),
         },
         key: m.key().map(<[u8]>::to_vec),
-        size: payload.map_or(0, <[u8]>::len),
+        payload,
         dead,
         event_time_ms,
         action,
@@ -755,7 +755,7 @@ async fn prepare(
     let outputs = tracing::info_span!("scorer.score", leads = decoded.len())
         .in_scope(|| {
             tokio::task::block_in_place(|| {
-                process::process(decoded, &batch_models, bands, || {
+                process::process(decoded, &batch_models, bands, codecs.dead_cap, || {
                     chrono::Utc::now().timestamp_millis()
                 })
             })
@@ -901,9 +901,7 @@ fn dead_letter_headers(
         if dead.truncated { "true" } else { "false" },
     );
     add("leadscore.original.size", &dead.original_size.to_string());
-    if !dead.original_sha256.is_empty() {
-        add("leadscore.original.sha256", &dead.original_sha256);
-    }
+    add("leadscore.original.sha256", &dead.original_sha256);
     headers
 }
 

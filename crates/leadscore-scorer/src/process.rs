@@ -20,15 +20,15 @@ pub struct Position {
     pub offset: i64,
 }
 
-/// An input record after decoding.
+/// An input record after decoding; borrows the consumed message's bytes.
 #[derive(Debug, Clone)]
-pub struct Decoded {
+pub struct Decoded<'a> {
     /// Source position.
     pub position: Position,
     /// Original key bytes.
     pub key: Option<Vec<u8>>,
-    /// Size of the original value, bytes.
-    pub size: usize,
+    /// The original value (for a dead letter's size and digest).
+    pub payload: Option<&'a [u8]>,
     /// What a dead letter of this input carries; set only when decoding refused it.
     pub dead: Option<DeadPayload>,
     /// Event time in ms: the source change time, else the Kafka timestamp.
@@ -127,10 +127,13 @@ fn failure_log_due(now_ms: i64) -> bool {
 }
 
 /// Scores one batch. Leads are scored with one ONNX call per model.
+///
+/// `dead_cap` bounds the payload of a dead letter made here (a lead the model refuses).
 pub fn process(
-    inputs: Vec<Decoded>,
+    inputs: Vec<Decoded<'_>>,
     models: &BatchModels<'_>,
     bands: &BandThresholds,
+    dead_cap: usize,
     now_ms: impl Fn() -> i64,
 ) -> Result<Vec<Output>, leadscore_model::Error> {
     let mut outputs: Vec<Output> = Vec::with_capacity(inputs.len());
@@ -144,7 +147,7 @@ pub fn process(
                 dead: d
                     .dead
                     .clone()
-                    .unwrap_or_else(|| DeadPayload::omitted(d.size)),
+                    .unwrap_or_else(|| DeadPayload::omitted(d.payload.unwrap_or_default())),
                 kind: e.kind.as_str(),
                 message: e.message.clone(),
                 position: d.position.clone(),
@@ -219,16 +222,16 @@ pub fn process(
             position,
             event_time_ms,
             key,
-            size,
+            payload,
             ..
         } = &inputs[i];
         let score = match result {
             Ok(s) => s.probability,
             Err(invalid) => {
-                // The lead decoded; its record is not kept (it may hold PII): see the position.
+                // The lead decoded: the dead letter carries it (a row without PII columns).
                 outputs[i] = Output::Dead {
                     key: key.clone(),
-                    dead: DeadPayload::omitted(*size),
+                    dead: DeadPayload::lead(lead, payload.unwrap_or_default(), dead_cap),
                     kind: ErrorKind::InvalidValue.as_str(),
                     message: invalid.to_string(),
                     position: position.clone(),

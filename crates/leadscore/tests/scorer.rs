@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use apache_avro::types::Value;
 use leadscore_crm::{Generator, GeneratorConfig, Lead};
-use leadscore_e2e::{client, consumer, create_topic, delete_topics, unique};
+use leadscore_e2e::{client, consumer, create_topic, create_topic_with, delete_topics, unique};
 use leadscore_registry::{Decoder, Registry};
 use rdkafka::Message;
 use rdkafka::consumer::StreamConsumer;
@@ -30,6 +30,11 @@ struct Topics {
 
 impl Topics {
     async fn create(partitions: i32) -> Self {
+        Self::create_with(partitions, &[]).await
+    }
+
+    /// Topics whose input has `input_configs`.
+    async fn create_with(partitions: i32, input_configs: &[(&str, &str)]) -> Self {
         let base = unique("it.scorer");
         let t = Topics {
             input: format!("{base}.in"),
@@ -37,7 +42,8 @@ impl Topics {
             shadow: format!("{base}.shadow"),
             dlq: format!("{base}.dlq"),
         };
-        for name in [&t.input, &t.scores, &t.shadow, &t.dlq] {
+        create_topic_with(&t.input, partitions, input_configs).await;
+        for name in [&t.scores, &t.shadow, &t.dlq] {
             create_topic(name, partitions).await;
         }
         t
@@ -338,9 +344,13 @@ fn create_event(l: &Lead) -> Vec<u8> {
 }
 
 async fn produce(topic: &str, records: Vec<(Option<String>, Vec<u8>)>) {
-    let producer: FutureProducer = client(&[("message.timeout.ms", "30000"), ("linger.ms", "5")])
-        .create()
-        .unwrap();
+    let producer: FutureProducer = client(&[
+        ("message.timeout.ms", "30000"),
+        ("linger.ms", "5"),
+        ("message.max.bytes", "4194304"),
+    ])
+    .create()
+    .unwrap();
     let futures: Vec<_> = records
         .iter()
         .map(|(k, v)| {
@@ -465,10 +475,58 @@ async fn exactly_once_across_sigkill_and_a_second_instance() {
     t.delete().await;
 }
 
+/// A dead letter as the DLQ holds it.
+struct DeadLetter {
+    payload: Vec<u8>,
+    headers: HashMap<String, String>,
+}
+
+/// Reads dead letters by key until `want` keys are seen or `within` passes.
+async fn read_dead_letters(
+    topic: &str,
+    want: usize,
+    within: Duration,
+) -> HashMap<String, DeadLetter> {
+    let reader = consumer(topic, "read_committed");
+    let mut out = HashMap::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while out.len() < want {
+        let Ok(Ok(m)) = tokio::time::timeout_at(deadline, reader.recv()).await else {
+            break;
+        };
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.insert(
+            String::from_utf8_lossy(m.key().unwrap()).into_owned(),
+            DeadLetter {
+                payload: m.payload().unwrap_or_default().to_vec(),
+                headers,
+            },
+        );
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_inputs_go_to_the_dlq_with_their_kind_and_the_rest_is_scored() {
-    let t = Topics::create(1).await;
-    let good = leads("poison_ok", 30, 3);
+    // The input topic takes records up to 4 MiB; the outputs keep the broker's default (~1 MiB).
+    let t = Topics::create_with(1, &[("max.message.bytes", "4194304")]).await;
+    let config = leadscore_config::Config::load(None).unwrap();
+    let registry = Registry::new(&config.registry).unwrap();
+    // A CRM that does not exclude PII at the source: its rows carry `email`.
+    let (avro, subject) = evolved_encoder(&registry, &t.input, "email").await;
+    let good = leads("poison_ok", 40, 3);
     let base = lead_json(&good[0]);
     let with = |field: &str, v: serde_json::Value| {
         let mut row = base.clone();
@@ -480,7 +538,51 @@ async fn poison_inputs_go_to_the_dlq_with_their_kind_and_the_rest_is_scored() {
         }
         serde_json::to_vec(&json!({"op": "c", "after": row})).unwrap()
     };
-    let poison: Vec<(Vec<u8>, &str)> = vec![
+    let email = |v: Option<&str>| {
+        vec![(
+            "email".to_string(),
+            v.map_or(Value::Union(0, Box::new(Value::Null)), |e| {
+                Value::Union(1, Box::new(Value::String(e.into())))
+            }),
+        )]
+    };
+    let mut negative = good[1].clone();
+    negative.page_views = Some(-5);
+    let avro_bad_value = avro
+        .encode(avro_envelope(avro_row(
+            &negative,
+            "poison_avro_negative",
+            email(Some("pii@example.com")),
+        )))
+        .unwrap();
+    let mut avro_trailing = avro
+        .encode(avro_envelope(avro_row(
+            &good[2],
+            "poison_avro_trailing",
+            email(None),
+        )))
+        .unwrap();
+    avro_trailing.extend_from_slice(&[1, 2, 3]);
+    let avro_cut = {
+        let full = avro
+            .encode(avro_envelope(avro_row(
+                &good[3],
+                "poison_avro_cut",
+                email(None),
+            )))
+            .unwrap();
+        full[..full.len() / 2].to_vec()
+    };
+    // Over 1 MiB, and one just under the outputs' limit: as raw dead letters neither would fit.
+    let huge = with("industry", json!("I".repeat(1_200_000)));
+    let near_limit = with("industry", json!("J".repeat(1_040_000)));
+    let schemaful = serde_json::to_vec(&json!({
+        "schema": {"type": "struct", "fields": [{"field": "email", "type": "string"}]},
+        "payload": {"op": "c", "after": {"page_views": "many", "email": "pii@example.com", "lead_id": "sf", "created_at": "2026-01-01T00:00:00Z"}}
+    }))
+    .unwrap();
+    let poison: Vec<(Vec<u8>, &str)> =
+        vec![
         (b"\x07\x08\x09".to_vec(), "bad_magic"),
         (b"\x00\x01".to_vec(), "undecodable"),
         (vec![0, 0x7f, 0xff, 0xff, 0xf0, 1, 2], "unknown_schema"),
@@ -523,7 +625,21 @@ async fn poison_inputs_go_to_the_dlq_with_their_kind_and_the_rest_is_scored() {
             "invalid_value",
         ),
         (Vec::new(), "undecodable"),
+        (huge.clone(), "invalid_value"),
+        (near_limit.clone(), "invalid_value"),
+        (avro_bad_value, "invalid_value"),
+        (avro_trailing, "trailing_bytes"),
+        (avro_cut, "avro_decode"),
+        (schemaful, "wrong_type"),
+        (b"null".to_vec(), "bad_magic"),
+        (
+            format!("{}{}", "[".repeat(300), "]".repeat(300)).into_bytes(),
+            "undecodable",
+        ),
+        (b"{\"op\": \"c\", \"after\": {\"lead_id\": \"\xff\"}}".to_vec(), "undecodable"),
+        (br#"{"op": "c"} trailing"#.to_vec(), "undecodable"),
     ];
+    assert!(poison.len() >= 36, "the corpus has {} kinds", poison.len());
     let mut records = Vec::new();
     for (i, l) in good.iter().enumerate() {
         records.push((Some(l.lead_id.clone()), create_event(l)));
@@ -536,46 +652,67 @@ async fn poison_inputs_go_to_the_dlq_with_their_kind_and_the_rest_is_scored() {
     }
     produce(&t.input, records).await;
 
-    let mut scorer = start_scorer(&t, &unique("it-poison"), "p", false);
+    let (mut scorer, port) = start_scorer_with(&t, &unique("it-poison"), "p", false, &[]);
     let scores = read_scores(
         &consumer(&t.scores, "read_committed"),
         good.len(),
         Duration::from_secs(60),
     )
     .await;
-    let dlq_reader = consumer(&t.dlq, "read_committed");
-    let mut kinds: HashMap<String, String> = HashMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while kinds.len() < poison.len() {
-        let Ok(Ok(m)) = tokio::time::timeout_at(deadline, dlq_reader.recv()).await else {
-            break;
-        };
-        let headers = m.headers().unwrap();
-        let get = |k: &str| {
-            headers
-                .iter()
-                .find(|h| h.key == k)
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default()
-        };
-        assert_eq!(get("leadscore.source.topic"), t.input);
-        assert!(!get("leadscore.error.message").is_empty());
-        assert!(!get("leadscore.error.message").contains("pii@example.com"));
-        kinds.insert(
-            String::from_utf8_lossy(m.key().unwrap()).into_owned(),
-            get("leadscore.error.kind"),
-        );
-    }
+    let dead = read_dead_letters(&t.dlq, poison.len(), Duration::from_secs(30)).await;
+    let ready = http_get(port, "/readyz").await;
     scorer.kill().unwrap();
     scorer.wait().unwrap();
 
-    assert!(poison.len() >= 20);
-    for (i, (_, kind)) in poison.iter().enumerate() {
+    for (i, (bytes, kind)) in poison.iter().enumerate() {
+        let d = dead
+            .get(&format!("poison-{i}"))
+            .unwrap_or_else(|| panic!("poison input {i} ({kind}) has no dead letter"));
+        let h = |k: &str| d.headers.get(k).map(String::as_str).unwrap_or_default();
+        assert_eq!(h("leadscore.error.kind"), *kind, "poison input {i}");
+        assert_eq!(h("leadscore.source.topic"), t.input);
+        assert!(!h("leadscore.error.message").is_empty());
+        assert!(h("leadscore.error.message").len() <= 1024);
         assert_eq!(
-            kinds.get(&format!("poison-{i}")).map(String::as_str),
-            Some(*kind),
+            h("leadscore.original.size"),
+            bytes.len().to_string(),
             "poison input {i}"
+        );
+        assert!(
+            d.payload.len() <= 64 * 1024,
+            "poison input {i}: payload capped"
+        );
+        let text = String::from_utf8_lossy(&d.payload);
+        for pii in ["pii@example.com", "+971500000000"] {
+            assert!(
+                !text.contains(pii),
+                "poison input {i} ({kind}): PII in the dead letter"
+            );
+            assert!(!h("leadscore.error.message").contains(pii));
+        }
+        match h("leadscore.payload.form") {
+            "redacted-json" if h("leadscore.payload.truncated") == "false" => {
+                let doc: serde_json::Value = serde_json::from_slice(&d.payload)
+                    .unwrap_or_else(|e| panic!("poison input {i}: redacted payload is JSON: {e}"));
+                assert!(!doc.to_string().contains("email"), "poison input {i}");
+            }
+            "redacted-json" => {}
+            "raw" => assert_eq!(
+                &d.payload[..],
+                &bytes[..d.payload.len()],
+                "poison input {i}"
+            ),
+            other => panic!("poison input {i}: payload form {other:?}"),
+        }
+    }
+    for big in [&huge, &near_limit] {
+        let i = poison.iter().position(|(b, _)| b == big).unwrap();
+        let d = &dead[&format!("poison-{i}")];
+        assert_eq!(d.headers["leadscore.payload.truncated"], "true");
+        assert_eq!(d.headers["leadscore.payload.form"], "redacted-json");
+        assert_eq!(
+            d.headers["leadscore.original.sha256"],
+            leadscore_cdc::dead::sha256_hex(big)
         );
     }
     for l in &good {
@@ -587,6 +724,11 @@ async fn poison_inputs_go_to_the_dlq_with_their_kind_and_the_rest_is_scored() {
         );
     }
     assert_eq!(scores.len(), good.len(), "nothing else was scored");
+    assert!(
+        ready.starts_with("HTTP/1.1 200") || ready.starts_with("HTTP/1.0 200"),
+        "the scorer stays ready: {ready}"
+    );
+    registry.delete_subject(&subject).await.unwrap();
     t.delete().await;
 }
 
@@ -596,20 +738,7 @@ async fn evolved_avro_writer_schema_scores_like_json_and_shadow_is_published() {
     let config = leadscore_config::Config::load(None).unwrap();
     let registry = Registry::new(&config.registry).unwrap();
     // The CRM added a nullable column: the writer schema has one field more than ours.
-    let envelope = leadscore_schemas::find("crm.public.leads.Envelope.avsc")
-        .unwrap()
-        .text;
-    let mut doc: serde_json::Value = serde_json::from_str(envelope).unwrap();
-    let row = &mut doc["fields"][0]["type"][1]["fields"];
-    row.as_array_mut().unwrap().insert(
-        1,
-        json!({"name": "campaign", "type": ["null", "string"], "default": null}),
-    );
-    let evolved_text = serde_json::to_string(&doc).unwrap();
-    let subject = leadscore_schemas::value_subject(&t.input);
-    let encoder = leadscore_registry::Encoder::for_subject(&registry, &subject, &evolved_text)
-        .await
-        .unwrap();
+    let (encoder, subject) = evolved_encoder(&registry, &t.input, "campaign").await;
 
     let ls = leads("evo", 20, 4);
     let mut records = Vec::new();
@@ -618,90 +747,15 @@ async fn evolved_avro_writer_schema_scores_like_json_and_shadow_is_published() {
         let mut json_lead = l.clone();
         json_lead.lead_id = format!("{}_json", l.lead_id);
         records.push((Some(json_lead.lead_id.clone()), create_event(&json_lead)));
-        let opt = |v: &Option<String>| match v {
-            Some(s) => Value::Union(1, Box::new(Value::String(s.clone()))),
-            None => Value::Union(0, Box::new(Value::Null)),
-        };
-        let row = Value::Record(vec![
-            (
-                "lead_id".into(),
-                Value::String(format!("{}_avro", l.lead_id)),
-            ),
-            (
+        let row = avro_row(
+            l,
+            &format!("{}_avro", l.lead_id),
+            vec![(
                 "campaign".into(),
                 Value::Union(1, Box::new(Value::String("spring".into()))),
-            ),
-            ("company_size".into(), opt(&l.company_size)),
-            ("industry".into(), opt(&l.industry)),
-            (
-                "page_views".into(),
-                l.page_views
-                    .map_or(Value::Union(0, Box::new(Value::Null)), |v| {
-                        Value::Union(1, Box::new(Value::Int(v)))
-                    }),
-            ),
-            (
-                "time_on_site".into(),
-                l.time_on_site
-                    .map_or(Value::Union(0, Box::new(Value::Null)), |v| {
-                        Value::Union(1, Box::new(Value::Double(v)))
-                    }),
-            ),
-            (
-                "form_completion_time".into(),
-                l.form_completion_time
-                    .map_or(Value::Union(0, Box::new(Value::Null)), |v| {
-                        Value::Union(1, Box::new(Value::Double(v)))
-                    }),
-            ),
-            ("referral_source".into(), opt(&l.referral_source)),
-            ("country".into(), opt(&l.country)),
-            (
-                "created_at".into(),
-                Value::String(l.created_at.to_rfc3339()),
-            ),
-            (
-                "updated_at".into(),
-                Value::String(l.updated_at.to_rfc3339()),
-            ),
-            ("status".into(), Value::String("new".into())),
-            (
-                "converted_at".into(),
-                Value::Union(0, Box::new(Value::Null)),
-            ),
-        ]);
-        let source = Value::Record(vec![
-            ("version".into(), Value::String("3.6.1.Final".into())),
-            ("connector".into(), Value::String("postgresql".into())),
-            ("name".into(), Value::String("crm".into())),
-            (
-                "ts_ms".into(),
-                Value::Long(chrono::Utc::now().timestamp_millis()),
-            ),
-            (
-                "snapshot".into(),
-                Value::Union(0, Box::new(Value::String("false".into()))),
-            ),
-            ("db".into(), Value::String("crm".into())),
-            ("sequence".into(), Value::Union(0, Box::new(Value::Null))),
-            ("ts_us".into(), Value::Union(0, Box::new(Value::Null))),
-            ("ts_ns".into(), Value::Union(0, Box::new(Value::Null))),
-            ("schema".into(), Value::String("public".into())),
-            ("table".into(), Value::String("leads".into())),
-            ("txId".into(), Value::Union(0, Box::new(Value::Null))),
-            ("lsn".into(), Value::Union(0, Box::new(Value::Null))),
-            ("xmin".into(), Value::Union(0, Box::new(Value::Null))),
-        ]);
-        let env = Value::Record(vec![
-            ("before".into(), Value::Union(0, Box::new(Value::Null))),
-            ("after".into(), Value::Union(1, Box::new(row))),
-            ("source".into(), source),
-            ("transaction".into(), Value::Union(0, Box::new(Value::Null))),
-            ("op".into(), Value::String("c".into())),
-            ("ts_ms".into(), Value::Union(0, Box::new(Value::Null))),
-            ("ts_us".into(), Value::Union(0, Box::new(Value::Null))),
-            ("ts_ns".into(), Value::Union(0, Box::new(Value::Null))),
-        ]);
+            )],
+        );
+        let env = avro_envelope(row);
         records.push((
             Some(format!("{}_avro", l.lead_id)),
             encoder.encode(env).unwrap(),
@@ -759,6 +813,110 @@ async fn evolved_avro_writer_schema_scores_like_json_and_shadow_is_published() {
     );
     registry.delete_subject(&subject).await.unwrap();
     t.delete().await;
+}
+
+/// An encoder for `topic` whose row schema has one more nullable string column, `extra`,
+/// after `lead_id` (a CRM that added a column, or one that does not exclude PII at the source).
+async fn evolved_encoder(
+    registry: &Registry,
+    topic: &str,
+    extra: &str,
+) -> (leadscore_registry::Encoder, String) {
+    let envelope = leadscore_schemas::find("crm.public.leads.Envelope.avsc")
+        .unwrap()
+        .text;
+    let mut doc: serde_json::Value = serde_json::from_str(envelope).unwrap();
+    let row = &mut doc["fields"][0]["type"][1]["fields"];
+    row.as_array_mut().unwrap().insert(
+        1,
+        json!({"name": extra, "type": ["null", "string"], "default": null}),
+    );
+    let evolved_text = serde_json::to_string(&doc).unwrap();
+    let subject = leadscore_schemas::value_subject(topic);
+    let encoder = leadscore_registry::Encoder::for_subject(registry, &subject, &evolved_text)
+        .await
+        .unwrap();
+    (encoder, subject)
+}
+
+/// The Avro row of `l` with id `id`, `extra` columns inserted after `lead_id`.
+fn avro_row(l: &Lead, id: &str, extra: Vec<(String, Value)>) -> Value {
+    let opt = |v: &Option<String>| match v {
+        Some(s) => Value::Union(1, Box::new(Value::String(s.clone()))),
+        None => Value::Union(0, Box::new(Value::Null)),
+    };
+    let null = || Value::Union(0, Box::new(Value::Null));
+    let mut fields = vec![("lead_id".to_string(), Value::String(id.to_string()))];
+    fields.extend(extra);
+    fields.extend([
+        ("company_size".into(), opt(&l.company_size)),
+        ("industry".into(), opt(&l.industry)),
+        (
+            "page_views".into(),
+            l.page_views
+                .map_or_else(null, |v| Value::Union(1, Box::new(Value::Int(v)))),
+        ),
+        (
+            "time_on_site".into(),
+            l.time_on_site
+                .map_or_else(null, |v| Value::Union(1, Box::new(Value::Double(v)))),
+        ),
+        (
+            "form_completion_time".into(),
+            l.form_completion_time
+                .map_or_else(null, |v| Value::Union(1, Box::new(Value::Double(v)))),
+        ),
+        ("referral_source".into(), opt(&l.referral_source)),
+        ("country".into(), opt(&l.country)),
+        (
+            "created_at".into(),
+            Value::String(l.created_at.to_rfc3339()),
+        ),
+        (
+            "updated_at".into(),
+            Value::String(l.updated_at.to_rfc3339()),
+        ),
+        ("status".into(), Value::String("new".into())),
+        ("converted_at".into(), null()),
+    ]);
+    Value::Record(fields)
+}
+
+/// A Debezium create envelope around `row`.
+fn avro_envelope(row: Value) -> Value {
+    let null = || Value::Union(0, Box::new(Value::Null));
+    let source = Value::Record(vec![
+        ("version".into(), Value::String("3.6.1.Final".into())),
+        ("connector".into(), Value::String("postgresql".into())),
+        ("name".into(), Value::String("crm".into())),
+        (
+            "ts_ms".into(),
+            Value::Long(chrono::Utc::now().timestamp_millis()),
+        ),
+        (
+            "snapshot".into(),
+            Value::Union(0, Box::new(Value::String("false".into()))),
+        ),
+        ("db".into(), Value::String("crm".into())),
+        ("sequence".into(), null()),
+        ("ts_us".into(), null()),
+        ("ts_ns".into(), null()),
+        ("schema".into(), Value::String("public".into())),
+        ("table".into(), Value::String("leads".into())),
+        ("txId".into(), null()),
+        ("lsn".into(), null()),
+        ("xmin".into(), null()),
+    ]);
+    Value::Record(vec![
+        ("before".into(), null()),
+        ("after".into(), Value::Union(1, Box::new(row))),
+        ("source".into(), source),
+        ("transaction".into(), null()),
+        ("op".into(), Value::String("c".into())),
+        ("ts_ms".into(), null()),
+        ("ts_us".into(), null()),
+        ("ts_ns".into(), null()),
+    ])
 }
 
 async fn scored_versions(
