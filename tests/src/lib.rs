@@ -307,3 +307,71 @@ pub async fn mlflow_alias(mlflow: &str, model: &str, alias: &str) -> Option<Stri
     .ok()
     .map(|v| v.version)
 }
+
+/// A TCP forwarder from a local port to a real service that a test can cut and restore,
+/// to put a real dependency out of reach mid-test without stopping it for other tests.
+pub struct Cuttable {
+    /// The local port that forwards to the target.
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cuttable {
+    /// Forwards `127.0.0.1:<port>` to `target` (`host:port`).
+    pub async fn start(target: &str) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let epoch = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (cut2, epoch2, target) = (cut.clone(), epoch.clone(), target.to_string());
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if cut2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let (target, epoch) = (target.clone(), epoch2.clone());
+                let born = epoch.load(Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                    let cut_off = async {
+                        while epoch.load(Ordering::SeqCst) == born {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    };
+                    tokio::select! { _ = copy => {}, () = cut_off => {} }
+                });
+            }
+        });
+        Self {
+            port,
+            cut,
+            epoch,
+            task,
+        }
+    }
+
+    /// Drops every open connection and refuses new ones until [`Cuttable::restore`].
+    pub fn cut(&self) {
+        use std::sync::atomic::Ordering;
+        self.cut.store(true, Ordering::SeqCst);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Forwards again.
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cuttable {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

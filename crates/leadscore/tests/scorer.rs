@@ -102,16 +102,21 @@ fn start_scorer_with(
 }
 
 async fn http_get(port: u16, path: &str) -> String {
+    try_http_get(port, path).await.unwrap()
+}
+
+/// GET over HTTP/1.0; `None` while nothing listens.
+async fn try_http_get(port: u16, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
-        .unwrap();
+        .ok()?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
         .await
-        .unwrap();
+        .ok()?;
     let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -728,6 +733,109 @@ async fn poison_inputs_go_to_the_dlq_with_their_kind_and_the_rest_is_scored() {
         ready.starts_with("HTTP/1.1 200") || ready.starts_with("HTTP/1.0 200"),
         "the scorer stays ready: {ready}"
     );
+    registry.delete_subject(&subject).await.unwrap();
+    t.delete().await;
+}
+
+/// Polls `/readyz` until its status line starts with `want` (e.g. "HTTP/1.1 503"); returns the response.
+async fn wait_readyz(port: u16, want: &str, within: Duration) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(r) = try_http_get(port, "/readyz").await
+            && r.split_whitespace().nth(1) == want.split_whitespace().nth(1)
+        {
+            return Some(r);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_outage_stalls_scoring_flips_readiness_and_loses_nothing() {
+    let t = Topics::create(1).await;
+    let config = leadscore_config::Config::load(None).unwrap();
+    let registry = Registry::new(&config.registry).unwrap();
+    // The scorer reaches the real registry through a forwarder the test can cut.
+    let proxy = leadscore_e2e::Cuttable::start("127.0.0.1:8081").await;
+    let url = format!("http://127.0.0.1:{}/apis/ccompat/v7", proxy.port);
+    let (mut scorer, port) = start_scorer_with(
+        &t,
+        &unique("it-outage"),
+        "o",
+        false,
+        &[
+            ("LEADSCORE__REGISTRY__URL", &url),
+            ("LEADSCORE__SCORER__STUCK_AFTER_ABORTS", "3"),
+        ],
+    );
+    wait_readyz(port, "HTTP/1.1 200", Duration::from_secs(60))
+        .await
+        .expect("the scorer becomes ready");
+
+    proxy.cut();
+    // A writer schema the scorer has never seen: decoding needs the registry, which is gone.
+    let (avro, subject) = evolved_encoder(&registry, &t.input, "campaign").await;
+    let ls = leads("outage", 60, 9);
+    let mut records = Vec::new();
+    for (i, l) in ls.iter().enumerate() {
+        let bytes = if i % 2 == 0 {
+            avro.encode(avro_envelope(avro_row(
+                l,
+                &l.lead_id,
+                vec![("campaign".into(), Value::Union(0, Box::new(Value::Null)))],
+            )))
+            .unwrap()
+        } else {
+            create_event(l)
+        };
+        records.push((Some(l.lead_id.clone()), bytes));
+    }
+    produce(&t.input, records).await;
+    let stuck = wait_readyz(port, "HTTP/1.1 503", Duration::from_secs(30))
+        .await
+        .expect("readiness turns false while the same batch keeps aborting");
+    assert!(stuck.contains("aborted"), "{stuck}");
+    let metrics = http_get(port, "/metrics").await;
+    assert!(metrics.contains("leadscore_scorer_stuck 1"), "{metrics}");
+    // The outage lasts a while: several aborts with backoff, nothing scored, nothing dead-lettered.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let during = read_scores(
+        &consumer(&t.scores, "read_committed"),
+        1,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(
+        during.is_empty(),
+        "nothing commits while the registry is out: {during:?}"
+    );
+    proxy.restore();
+
+    let scores = read_scores(
+        &consumer(&t.scores, "read_committed"),
+        ls.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let ready = wait_readyz(port, "HTTP/1.1 200", Duration::from_secs(30)).await;
+    let dead = read_dead_letters(&t.dlq, 1, Duration::from_secs(3)).await;
+    scorer.kill().unwrap();
+    scorer.wait().unwrap();
+    for l in &ls {
+        assert_eq!(
+            scores.get(&l.lead_id),
+            Some(&1),
+            "{} scored once",
+            l.lead_id
+        );
+    }
+    assert!(
+        dead.is_empty(),
+        "no good record was dead-lettered: {:?}",
+        dead.keys().collect::<Vec<_>>()
+    );
+    assert!(ready.is_some(), "ready again once the registry answers");
     registry.delete_subject(&subject).await.unwrap();
     t.delete().await;
 }
