@@ -31,11 +31,11 @@ use leadscore_drift::state::{
 };
 use leadscore_drift::{Profile, Window};
 use leadscore_features::RawValue;
+use leadscore_kafka::txn::{Transactional, TxnError};
 use leadscore_registry::{Encoder, Registry};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +84,17 @@ pub enum Error {
     /// Configuration does not fit the cluster.
     #[error("{0}")]
     Config(String),
+    /// A checkpoint transaction failed (its class says whether the service may go on).
+    #[error(transparent)]
+    Txn(#[from] TxnError),
+}
+
+impl Error {
+    /// Whether restarting from the last committed checkpoint can recover (abortable or
+    /// retriable); fenced, fatal and everything else stop the service.
+    pub fn rewinds(&self) -> bool {
+        matches!(self, Error::Txn(e) if !e.class.stops())
+    }
 }
 
 /// Result alias for this crate.
@@ -181,19 +192,15 @@ pub fn consumer_config(kafka: &KafkaConfig, cfg: &DriftConfig) -> rdkafka::Clien
     c
 }
 
-/// Transactional producer settings.
+/// Transactional producer settings: the shared ones, and room for large window reports.
 pub fn producer_config(kafka: &KafkaConfig, cfg: &DriftConfig) -> rdkafka::ClientConfig {
-    let mut c = leadscore_kafka::client_config(kafka);
-    c.set("transactional.id", cfg.transactional_id())
-        .set("enable.idempotence", "true")
-        .set(
-            "transaction.timeout.ms",
-            cfg.transaction_timeout_ms.to_string(),
-        )
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .set("message.max.bytes", "10000000")
-        .set("client.id", format!("leadscore-drift-{}", cfg.instance_id));
+    let mut c = leadscore_kafka::txn::transactional_config(
+        kafka,
+        &cfg.transactional_id(),
+        cfg.transaction_timeout_ms,
+        &format!("leadscore-drift-{}", cfg.instance_id),
+    );
+    c.set("message.max.bytes", "10000000");
     c
 }
 
@@ -277,7 +284,7 @@ fn caught_up(consumer: &BaseConsumer, s: &Source, timeout: Duration) -> bool {
 /// The running aggregator.
 pub struct Aggregator {
     consumer: BaseConsumer,
-    producer: FutureProducer,
+    producer: Transactional,
     timeout: Duration,
     core: Core,
 }
@@ -365,13 +372,8 @@ impl Aggregator {
             let consumer: BaseConsumer = consumer_config(&kc, &c2)
                 .create()
                 .map_err(kerr("creating the consumer"))?;
-            let producer: FutureProducer = producer_config(&kc, &c2)
-                .create()
-                .map_err(kerr("creating the producer"))?;
-            producer.init_transactions(timeout).map_err(kerr(format!(
-                "init transactions as {}",
-                c2.transactional_id()
-            )))?;
+            let producer = Transactional::create(&producer_config(&kc, &c2), timeout)?;
+            producer.init()?;
             // After init_transactions: an earlier incarnation's open transaction is aborted.
             let checkpoints = leadscore_kafka::latest::read_latest(
                 &kc,
@@ -660,38 +662,25 @@ impl Aggregator {
                     .map_err(kerr("offsets"))?;
             }
         }
-        let txid = self.core.cfg.transactional_id();
-        self.producer
-            .begin_transaction()
-            .map_err(kerr(format!("begin transaction ({txid})")))?;
-        for (topic, key, bytes) in &records {
-            let mut record = FutureRecord::to(topic)
-                .key(key.as_str())
-                .payload(bytes.as_slice());
-            loop {
-                match self.producer.send_result(record) {
-                    Ok(_) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err((e, _)) => return Err(kerr(format!("produce to {topic}"))(e)),
-                }
-            }
-        }
-        if offsets.count() > 0 {
-            let group = self
-                .consumer
-                .group_metadata()
-                .ok_or_else(|| Error::Config("the consumer has no group metadata".into()))?;
-            self.producer
-                .send_offsets_to_transaction(&offsets, &group, self.timeout)
-                .map_err(kerr("send offsets"))?;
-        }
+        let group = match offsets.count() {
+            0 => None,
+            _ => Some(
+                self.consumer
+                    .group_metadata()
+                    .ok_or_else(|| Error::Config("the consumer has no group metadata".into()))?,
+            ),
+        };
         // A failed commit stops the service: it restarts from the last committed checkpoint.
-        self.producer
-            .commit_transaction(self.timeout)
-            .map_err(kerr(format!("commit ({txid})")))?;
+        let mut txn = self.producer.begin()?;
+        for (topic, key, bytes) in &records {
+            txn.send(
+                FutureRecord::to(topic)
+                    .key(key.as_str())
+                    .payload(bytes.as_slice()),
+            )?;
+        }
+        txn.commit(group.as_ref().map(|g| (&offsets, g)))?;
+        self.core.metrics.liveness().progressed();
         for s in self.core.sources.values_mut() {
             s.dirty = false;
         }

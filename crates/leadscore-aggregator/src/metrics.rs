@@ -4,7 +4,9 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use leadscore_runtime::Liveness;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::ObservableCounter;
@@ -70,7 +72,7 @@ pub struct Metrics {
     open_windows: AtomicU64,
     pending_windows: AtomicU64,
     last_checkpoint_ms: AtomicU64,
-    ready: AtomicBool,
+    liveness: Arc<Liveness>,
     otel: std::sync::OnceLock<ObservableCounter<u64>>,
 }
 
@@ -79,12 +81,17 @@ impl Metrics {
     /// counter is observed from the same atomics at export time, so counting
     /// a record costs one relaxed atomic add.
     pub fn new() -> Arc<Self> {
+        Self::with_liveness(Liveness::new(5, std::time::Duration::from_secs(60)))
+    }
+
+    /// New metrics whose readiness is `liveness`.
+    pub fn with_liveness(liveness: Arc<Liveness>) -> Arc<Self> {
         let metrics = Arc::new(Self {
             counts: Default::default(),
             open_windows: AtomicU64::new(0),
             pending_windows: AtomicU64::new(0),
             last_checkpoint_ms: AtomicU64::new(0),
-            ready: AtomicBool::new(false),
+            liveness,
             otel: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&metrics);
@@ -127,14 +134,23 @@ impl Metrics {
         self.last_checkpoint_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// Ready once state is restored and input assigned.
+    /// Started once state is restored and input assigned; `false`: stopped for good.
     pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
+        if ready {
+            self.liveness.started();
+        } else {
+            self.liveness.stopped();
+        }
     }
 
-    /// Whether the aggregator is ready.
+    /// Whether the aggregator is ready: started, not stopped, not stuck.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.liveness.readiness().is_ok()
+    }
+
+    /// The readiness rule this aggregator reports to.
+    pub fn liveness(&self) -> &Arc<Liveness> {
+        &self.liveness
     }
 
     /// Prometheus text exposition.
@@ -176,44 +192,17 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP leadscore_drift_ready Whether state is restored and input assigned.\n# TYPE leadscore_drift_ready gauge\nleadscore_drift_ready {}",
-            u8::from(self.is_ready())
-        );
+        out.push_str(&self.liveness.render("drift"));
         out
     }
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` until `shutdown`.
-pub async fn serve(
-    addr: std::net::SocketAddr,
-    metrics: Arc<Metrics>,
-    shutdown: tokio_util::sync::CancellationToken,
-) -> std::io::Result<()> {
-    use axum::extract::State;
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(m): State<Arc<Metrics>>| async move {
-                if m.is_ready() {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(|State(m): State<Arc<Metrics>>| async move { m.render() }),
-        )
-        .with_state(metrics);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "health and metrics endpoints listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+impl leadscore_runtime::Status for Metrics {
+    fn readiness(&self) -> Result<(), leadscore_runtime::NotReady> {
+        self.liveness.readiness()
+    }
+
+    fn metrics(&self) -> String {
+        self.render()
+    }
 }

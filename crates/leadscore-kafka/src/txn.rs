@@ -158,6 +158,17 @@ pub fn transactional_config(
     c
 }
 
+/// A consumer whose offsets are committed only inside transactions (`group`, read_committed,
+/// no auto-commit, from the beginning when the group has no offsets).
+pub fn consumer_config(kafka: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut c = crate::client_config(kafka);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed");
+    c
+}
+
 /// How often a retriable call is repeated before the transaction is aborted.
 const RETRIES: u32 = 5;
 
@@ -188,6 +199,23 @@ impl Transactional {
             transactional_id,
             timeout,
         })
+    }
+
+    /// Creates a producer with [`transactional_config`] and initialises it (fencing older
+    /// instances of `transactional_id`). Blocking.
+    pub fn start(
+        kafka: &KafkaConfig,
+        transactional_id: &str,
+        client_id: &str,
+        transaction_timeout_ms: u64,
+        timeout: Duration,
+    ) -> Result<Self, TxnError> {
+        let t = Self::create(
+            &transactional_config(kafka, transactional_id, transaction_timeout_ms, client_id),
+            timeout,
+        )?;
+        t.init()?;
+        Ok(t)
     }
 
     /// `init_transactions`, repeated while retriable: fences older instances and aborts

@@ -11,16 +11,17 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use leadscore_config::{KafkaConfig, LifecycleConfig};
+use leadscore_kafka::txn::Transactional;
 use leadscore_lifecycle::events::LifecycleEvent;
 use leadscore_lifecycle::rollout::{Action, Rollout, RolloutPolicy, VersionWindow};
 use leadscore_model::source::Mlflow;
 use leadscore_registry::{Decoder, Encoder, Registry};
+use leadscore_runtime::Liveness;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -73,15 +74,14 @@ pub struct Controller {
     cfg: LifecycleConfig,
     policy: RolloutPolicy,
     consumer: BaseConsumer,
-    producer: FutureProducer,
+    producer: Transactional,
     decoder: Decoder,
     encoder: Encoder,
     mlflow: Mlflow,
     state: ControllerState,
     dirty: bool,
-    ready: Arc<AtomicBool>,
+    liveness: Arc<Liveness>,
     rt: tokio::runtime::Handle,
-    timeout: Duration,
     rescore: Option<RescoreWith>,
 }
 
@@ -102,7 +102,7 @@ impl Controller {
         cfg: LifecycleConfig,
         kafka: &KafkaConfig,
         registry: Registry,
-        ready: Arc<AtomicBool>,
+        liveness: Arc<Liveness>,
         rescore: Option<RescoreWith>,
     ) -> Result<Self> {
         let timeout = Duration::from_millis(kafka.request_timeout_ms.max(5_000));
@@ -117,22 +117,16 @@ impl Controller {
         let mlflow = Mlflow::new(&cfg.mlflow_url).map_err(|e| Error::Checkpoint(e.to_string()))?;
         let (kc, c2) = (kafka.clone(), cfg.clone());
         let (consumer, producer, state) = tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = leadscore_kafka::client_config(&kc)
-                .set("group.id", &c2.group_id)
-                .set("enable.auto.commit", "false")
-                .set("auto.offset.reset", "earliest")
-                .set("isolation.level", "read_committed")
+            let consumer: BaseConsumer = leadscore_kafka::txn::consumer_config(&kc, &c2.group_id)
                 .create()
                 .map_err(kerr("creating the consumer"))?;
-            let producer: FutureProducer = leadscore_kafka::client_config(&kc)
-                .set("transactional.id", &c2.transactional_id)
-                .set("enable.idempotence", "true")
-                .create()
-                .map_err(kerr("creating the producer"))?;
-            producer.init_transactions(timeout).map_err(kerr(format!(
-                "init transactions as {}",
-                c2.transactional_id
-            )))?;
+            let producer = Transactional::start(
+                &kc,
+                &c2.transactional_id,
+                "leadscore-lifecycle",
+                60_000,
+                timeout,
+            )?;
             let key = state_key(&c2.group_id);
             let stored = leadscore_kafka::latest::read_latest(&kc, &c2.state_topic, &key, timeout)?;
             let state: ControllerState = match stored.get(&key) {
@@ -174,7 +168,7 @@ impl Controller {
         for (m, r) in &state.rollouts {
             tracing::info!(model = %m, phase = ?r.phase, champion = ?r.champion, "rollout restored");
         }
-        ready.store(true, Ordering::Relaxed);
+        liveness.started();
         let cfg_rate_positive = cfg.rescore_rate > 0;
         Ok(Self {
             policy: policy(&cfg),
@@ -186,9 +180,8 @@ impl Controller {
             mlflow,
             state,
             dirty: false,
-            ready,
+            liveness,
             rt: tokio::runtime::Handle::current(),
-            timeout,
             rescore: rescore.filter(|_| cfg_rate_positive),
         })
     }
@@ -266,7 +259,7 @@ impl Controller {
         if self.dirty {
             self.commit(&[])?;
         }
-        self.ready.store(false, Ordering::Relaxed);
+        self.liveness.stopped();
         tracing::info!("lifecycle controller stopped");
         Ok(())
     }
@@ -426,61 +419,35 @@ impl Controller {
             }
         }
         let key = state_key(&self.cfg.group_id);
-        self.producer
-            .begin_transaction()
-            .map_err(kerr("begin transaction"))?;
+        let group =
+            match offsets.count() {
+                0 => None,
+                _ => Some(self.consumer.group_metadata().ok_or_else(|| {
+                    Error::Checkpoint("the consumer has no group metadata".into())
+                })?),
+            };
+        let mut txn = self.producer.begin()?;
         for (model, bytes) in &encoded {
-            self.producer
-                .send_result(
-                    FutureRecord::to(&self.cfg.lifecycle_topic)
-                        .key(model.as_str())
-                        .payload(bytes.as_slice()),
-                )
-                .map_err(|(e, _)| kerr("produce a lifecycle event")(e))?;
+            txn.send(
+                FutureRecord::to(&self.cfg.lifecycle_topic)
+                    .key(model.as_str())
+                    .payload(bytes.as_slice()),
+            )?;
         }
-        self.producer
-            .send_result(
-                FutureRecord::to(&self.cfg.state_topic)
-                    .key(key.as_str())
-                    .payload(checkpoint.as_slice()),
-            )
-            .map_err(|(e, _)| kerr("produce the checkpoint")(e))?;
-        if offsets.count() > 0 {
-            let group = self
-                .consumer
-                .group_metadata()
-                .ok_or_else(|| Error::Checkpoint("the consumer has no group metadata".into()))?;
-            self.producer
-                .send_offsets_to_transaction(&offsets, &group, self.timeout)
-                .map_err(kerr("send offsets"))?;
-        }
-        // Delivering the records makes the broker check this producer's epoch.
-        let flushed = self.producer.flush(self.timeout);
-        if let Some((_, why)) = self.producer.client().fatal_error() {
-            return Err(Error::Fenced(self.cfg.transactional_id.clone(), why));
-        }
-        flushed.map_err(kerr("deliver the transaction's records"))?;
+        txn.send(
+            FutureRecord::to(&self.cfg.state_topic)
+                .key(key.as_str())
+                .payload(checkpoint.as_slice()),
+        )?;
+        // Delivering the records makes the broker check this producer's epoch: a fenced
+        // controller stops here, before it acts on MLflow.
+        txn.deliver()?;
         if !apply(self) {
-            self.producer
-                .abort_transaction(self.timeout)
-                .map_err(kerr("abort transaction"))?;
+            txn.abort()?;
             return Ok(false);
         }
-        self.producer
-            .commit_transaction(self.timeout)
-            .map_err(|e| match &e {
-                rdkafka::error::KafkaError::Transaction(t)
-                    if matches!(
-                        t.code(),
-                        rdkafka::types::RDKafkaErrorCode::ProducerFenced
-                            | rdkafka::types::RDKafkaErrorCode::Fenced
-                            | rdkafka::types::RDKafkaErrorCode::InvalidProducerEpoch
-                    ) =>
-                {
-                    Error::Fenced(self.cfg.transactional_id.clone(), t.to_string())
-                }
-                _ => kerr(format!("commit ({})", self.cfg.transactional_id))(e),
-            })?;
+        txn.commit(group.as_ref().map(|g| (&offsets, g)))?;
+        self.liveness.progressed();
         self.dirty = false;
         Ok(true)
     }

@@ -18,13 +18,14 @@ use std::time::{Duration, Instant};
 
 use apache_avro::types::Value;
 use leadscore_config::{KafkaConfig, RetrainConfig};
+use leadscore_kafka::txn::{Transactional, TxnError};
 use leadscore_lifecycle::retrain::{
     Candidate, Decision, Evidence, ModelState, Policy, ReportView, Request, Trigger, request_time,
 };
 use leadscore_registry::{Decoder, Encoder, Registry};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -61,6 +62,17 @@ pub enum Error {
         "fenced: another instance with transactional id `{0}` took over ({1}); this one stops without acting. Run one instance per transactional id"
     )]
     Fenced(String, String),
+    /// A transaction failed; its class says whether the service may go on.
+    #[error(transparent)]
+    Txn(#[from] TxnError),
+}
+
+impl Error {
+    /// Whether restarting from the last committed checkpoint can recover (abortable or
+    /// retriable); fenced, fatal and everything else stop the service.
+    pub fn rewinds(&self) -> bool {
+        matches!(self, Error::Txn(e) if !e.class.stops())
+    }
 }
 
 /// Result alias for this crate.
@@ -109,7 +121,8 @@ pub async fn labelled_rows(client: &leadscore_postgres::Client, months: i32) -> 
 pub struct Metrics {
     decisions: Mutex<BTreeMap<(String, String), u64>>,
     reports: std::sync::atomic::AtomicU64,
-    ready: std::sync::atomic::AtomicBool,
+    /// The trigger's readiness rule.
+    pub liveness: Arc<leadscore_runtime::Liveness>,
 }
 
 impl Metrics {
@@ -160,45 +173,19 @@ impl Metrics {
             "# HELP leadscore_retrain_reports_total Hourly window reports read.\n# TYPE leadscore_retrain_reports_total counter\nleadscore_retrain_reports_total {}\n",
             self.reports.load(std::sync::atomic::Ordering::Relaxed)
         ));
-        out.push_str(&format!(
-            "# HELP leadscore_retrain_ready Whether the trigger is running.\n# TYPE leadscore_retrain_ready gauge\nleadscore_retrain_ready {}\n",
-            u8::from(self.ready.load(std::sync::atomic::Ordering::Relaxed))
-        ));
+        out.push_str(&self.liveness.render("retrain"));
         out
     }
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` until `shutdown`.
-pub async fn serve(
-    addr: std::net::SocketAddr,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    use axum::extract::State;
-    use axum::http::StatusCode;
-    use axum::routing::get;
-    let app = axum::Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(m): State<Arc<Metrics>>| async move {
-                if m.ready.load(std::sync::atomic::Ordering::Relaxed) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(|State(m): State<Arc<Metrics>>| async move { m.render() }),
-        )
-        .with_state(metrics);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "health and metrics endpoints listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+impl leadscore_runtime::Status for Metrics {
+    fn readiness(&self) -> Result<(), leadscore_runtime::NotReady> {
+        self.liveness.readiness()
+    }
+
+    fn metrics(&self) -> String {
+        self.render()
+    }
 }
 
 /// The checkpoint: every model's state and the next offset of every input partition.
@@ -266,7 +253,7 @@ pub struct RetrainTrigger {
     cfg: RetrainConfig,
     policy: Policy,
     consumer: BaseConsumer,
-    producer: FutureProducer,
+    producer: Transactional,
     decoder: Decoder,
     encoder: Encoder,
     crm_url: String,
@@ -275,7 +262,6 @@ pub struct RetrainTrigger {
     dirty: bool,
     metrics: Arc<Metrics>,
     rt: tokio::runtime::Handle,
-    timeout: Duration,
 }
 
 impl RetrainTrigger {
@@ -298,22 +284,16 @@ impl RetrainTrigger {
         .await?;
         let (kc, c2) = (kafka.clone(), cfg.clone());
         let (consumer, producer, state) = tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = leadscore_kafka::client_config(&kc)
-                .set("group.id", &c2.group_id)
-                .set("enable.auto.commit", "false")
-                .set("auto.offset.reset", "earliest")
-                .set("isolation.level", "read_committed")
+            let consumer: BaseConsumer = leadscore_kafka::txn::consumer_config(&kc, &c2.group_id)
                 .create()
                 .map_err(kerr("creating the consumer"))?;
-            let producer: FutureProducer = leadscore_kafka::client_config(&kc)
-                .set("transactional.id", &c2.transactional_id)
-                .set("enable.idempotence", "true")
-                .create()
-                .map_err(kerr("creating the producer"))?;
-            producer.init_transactions(timeout).map_err(kerr(format!(
-                "init transactions as {}",
-                c2.transactional_id
-            )))?;
+            let producer = Transactional::start(
+                &kc,
+                &c2.transactional_id,
+                "leadscore-retrain",
+                60_000,
+                timeout,
+            )?;
             let key = format!("{}/state", c2.group_id);
             let stored = leadscore_kafka::latest::read_latest(&kc, &c2.state_topic, &key, timeout)?;
             let state: Checkpoint = match stored.get(&key) {
@@ -353,9 +333,7 @@ impl RetrainTrigger {
         .await
         .map_err(|e| Error::Checkpoint(format!("startup task: {e}")))??;
         tracing::info!(models = ?state.models.keys().collect::<Vec<_>>(), "retrain trigger state restored");
-        metrics
-            .ready
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        metrics.liveness.started();
         Ok(Self {
             policy: policy(&cfg),
             cfg,
@@ -369,7 +347,6 @@ impl RetrainTrigger {
             dirty: false,
             metrics,
             rt: tokio::runtime::Handle::current(),
-            timeout,
         })
     }
 
@@ -530,37 +507,28 @@ impl RetrainTrigger {
             }
         }
         let key = format!("{}/state", self.cfg.group_id);
-        self.producer
-            .begin_transaction()
-            .map_err(kerr("begin transaction"))?;
+        let group =
+            match offsets.count() {
+                0 => None,
+                _ => Some(self.consumer.group_metadata().ok_or_else(|| {
+                    Error::Checkpoint("the consumer has no group metadata".into())
+                })?),
+            };
+        let mut txn = self.producer.begin()?;
         if let (Some(r), Some(bytes)) = (request, &request_bytes) {
-            self.producer
-                .send_result(
-                    FutureRecord::to(&self.cfg.requests_topic)
-                        .key(r.candidate.model_name.as_str())
-                        .payload(bytes.as_slice()),
-                )
-                .map_err(|(e, _)| kerr("produce the request")(e))?;
+            txn.send(
+                FutureRecord::to(&self.cfg.requests_topic)
+                    .key(r.candidate.model_name.as_str())
+                    .payload(bytes.as_slice()),
+            )?;
         }
-        self.producer
-            .send_result(
-                FutureRecord::to(&self.cfg.state_topic)
-                    .key(key.as_str())
-                    .payload(checkpoint.as_slice()),
-            )
-            .map_err(|(e, _)| kerr("produce the checkpoint")(e))?;
-        if offsets.count() > 0 {
-            let group = self
-                .consumer
-                .group_metadata()
-                .ok_or_else(|| Error::Checkpoint("the consumer has no group metadata".into()))?;
-            self.producer
-                .send_offsets_to_transaction(&offsets, &group, self.timeout)
-                .map_err(kerr("send offsets"))?;
-        }
-        self.producer
-            .commit_transaction(self.timeout)
-            .map_err(kerr(format!("commit ({})", self.cfg.transactional_id)))?;
+        txn.send(
+            FutureRecord::to(&self.cfg.state_topic)
+                .key(key.as_str())
+                .payload(checkpoint.as_slice()),
+        )?;
+        txn.commit(group.as_ref().map(|g| (&offsets, g)))?;
+        self.metrics.liveness.progressed();
         self.dirty = false;
         Ok(())
     }
@@ -626,7 +594,7 @@ pub async fn request_manually(
     )
     .await?;
     let bytes = encoder.encode(request.to_value())?;
-    let producer: FutureProducer = leadscore_kafka::client_config(kafka)
+    let producer: rdkafka::producer::FutureProducer = leadscore_kafka::client_config(kafka)
         .set("enable.idempotence", "true")
         .create()
         .map_err(kerr("creating the producer"))?;

@@ -20,11 +20,12 @@ use std::time::Duration;
 
 use apache_avro::types::Value;
 use leadscore_config::{KafkaConfig, TrainingConfig};
+use leadscore_kafka::txn::Transactional;
 use leadscore_lifecycle::events::{LifecycleEvent, Stage, training_outcome};
 use leadscore_registry::{Decoder, Encoder, Registry};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +40,8 @@ pub struct WorkerMetrics {
     pub busy: AtomicBool,
     /// Seconds the last run took.
     pub last_run_secs: AtomicU64,
+    /// The worker's readiness rule.
+    pub liveness: Arc<leadscore_runtime::Liveness>,
 }
 
 impl WorkerMetrics {
@@ -59,7 +62,18 @@ impl WorkerMetrics {
             u8::from(self.busy.load(Ordering::Relaxed)),
             self.last_run_secs.load(Ordering::Relaxed)
         ));
+        out.push_str(&self.liveness.render("training"));
         out
+    }
+}
+
+impl leadscore_runtime::Status for WorkerMetrics {
+    fn readiness(&self) -> Result<(), leadscore_runtime::NotReady> {
+        self.liveness.readiness()
+    }
+
+    fn metrics(&self) -> String {
+        self.render()
     }
 }
 
@@ -125,11 +139,10 @@ pub struct Worker {
     cfg: TrainingConfig,
     data: String,
     consumer: StreamConsumer,
-    producer: FutureProducer,
+    producer: Transactional,
     decoder: Decoder,
     encoder: Encoder,
     metrics: Arc<WorkerMetrics>,
-    timeout: Duration,
 }
 
 impl Worker {
@@ -150,11 +163,7 @@ impl Worker {
                 .text,
         )
         .await?;
-        let consumer: StreamConsumer = leadscore_kafka::client_config(kafka)
-            .set("group.id", &cfg.group_id)
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("isolation.level", "read_committed")
+        let consumer: StreamConsumer = leadscore_kafka::txn::consumer_config(kafka, &cfg.group_id)
             // A run holds its request for its whole duration.
             .set(
                 "max.poll.interval.ms",
@@ -167,16 +176,13 @@ impl Worker {
         consumer
             .subscribe(&[&cfg.requests_topic])
             .map_err(kerr("subscribing"))?;
-        let producer: FutureProducer = leadscore_kafka::client_config(kafka)
-            .set("transactional.id", &cfg.transactional_id)
-            .set("enable.idempotence", "true")
-            .create()
-            .map_err(kerr("creating the producer"))?;
-        let p2 = producer.clone();
-        tokio::task::spawn_blocking(move || p2.init_transactions(timeout))
-            .await
-            .map_err(|e| Error::Checkpoint(format!("init task: {e}")))?
-            .map_err(kerr("init transactions"))?;
+        let (kc, txid) = (kafka.clone(), cfg.transactional_id.clone());
+        let producer = tokio::task::spawn_blocking(move || {
+            Transactional::start(&kc, &txid, "leadscore-training", 60_000, timeout)
+        })
+        .await
+        .map_err(|e| Error::Checkpoint(format!("init task: {e}")))??;
+        metrics.liveness.started();
         Ok(Self {
             data: cfg.data.clone().unwrap_or(default_data),
             cfg,
@@ -185,7 +191,6 @@ impl Worker {
             decoder: Decoder::new(registry),
             encoder,
             metrics,
-            timeout,
         })
     }
 
@@ -357,26 +362,19 @@ impl Worker {
         let topic = self.cfg.lifecycle_topic.clone();
         let offsets = offsets.cloned();
         let group = self.consumer.group_metadata();
-        let timeout = self.timeout;
+        let liveness = self.metrics.liveness.clone();
         tokio::task::spawn_blocking(move || {
-            producer
-                .begin_transaction()
-                .map_err(kerr("begin transaction"))?;
+            let mut txn = producer.begin()?;
             for (key, bytes) in &records {
-                producer
-                    .send_result(
-                        FutureRecord::to(&topic)
-                            .key(key.as_str())
-                            .payload(bytes.as_slice()),
-                    )
-                    .map_err(|(e, _)| kerr("produce a lifecycle event")(e))?;
+                txn.send(
+                    FutureRecord::to(&topic)
+                        .key(key.as_str())
+                        .payload(bytes.as_slice()),
+                )?;
             }
-            if let (Some(o), Some(g)) = (&offsets, &group) {
-                producer
-                    .send_offsets_to_transaction(o, g, timeout)
-                    .map_err(kerr("send offsets"))?;
-            }
-            producer.commit_transaction(timeout).map_err(kerr("commit"))
+            txn.commit(offsets.as_ref().zip(group.as_ref()))?;
+            liveness.progressed();
+            Ok(())
         })
         .await
         .map_err(|e| Error::Checkpoint(format!("publish task: {e}")))?

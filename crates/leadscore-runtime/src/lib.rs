@@ -64,18 +64,29 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-impl Liveness {
-    /// A loop is stuck after `stuck_after_aborts` aborts in a row, or after `stuck_after`
-    /// without progress while its backlog is above zero.
-    pub fn new(stuck_after_aborts: u32, stuck_after: Duration) -> Arc<Self> {
-        Arc::new(Self {
+impl Default for Liveness {
+    /// Stuck after 5 aborts in a row or 60 s without progress while input waits.
+    fn default() -> Self {
+        Self {
             started: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             aborts: AtomicU32::new(0),
             last_progress_ms: AtomicI64::new(now_ms()),
             backlog: AtomicI64::new(0),
+            stuck_after_aborts: 5,
+            stuck_after_ms: 60_000,
+        }
+    }
+}
+
+impl Liveness {
+    /// A loop is stuck after `stuck_after_aborts` aborts in a row, or after `stuck_after`
+    /// without progress while its backlog is above zero.
+    pub fn new(stuck_after_aborts: u32, stuck_after: Duration) -> Arc<Self> {
+        Arc::new(Self {
             stuck_after_aborts: stuck_after_aborts.max(1),
             stuck_after_ms: stuck_after.as_millis().max(1) as i64,
+            ..Self::default()
         })
     }
 
@@ -195,6 +206,102 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "health and metrics endpoints listening");
     serve_on(listener, status, shutdown).await
+}
+
+/// A [`Status`] from a liveness and a metrics renderer (services whose metrics type does not
+/// implement [`Status`] itself).
+pub struct Report {
+    /// Service name in metric names (`leadscore_<name>_ready`).
+    pub name: &'static str,
+    /// The readiness rule.
+    pub liveness: Arc<Liveness>,
+    /// The service's own Prometheus text.
+    pub render: Box<dyn Fn() -> String + Send + Sync>,
+}
+
+impl Status for Report {
+    fn readiness(&self) -> Result<(), NotReady> {
+        self.liveness.readiness()
+    }
+
+    fn metrics(&self) -> String {
+        let mut out = (self.render)();
+        out.push_str(&self.liveness.render(self.name));
+        out
+    }
+}
+
+/// How a hosted service ended.
+#[derive(Debug)]
+pub enum Ended<T> {
+    /// The work returned (after shutdown or on its own).
+    Finished(T),
+    /// Shutdown was asked and the work did not return within the grace.
+    GraceExceeded,
+}
+
+/// Runs one service: binds `addr` for `/healthz` `/readyz` `/metrics` (a port in use fails
+/// here, at start), cancels the token given to `work` on SIGTERM or Ctrl-C, and waits for
+/// `work` at most `grace` after that. The health server stops last.
+pub async fn host<T, Fut>(
+    service: &'static str,
+    addr: SocketAddr,
+    status: Arc<dyn Status>,
+    grace: Duration,
+    work: impl FnOnce(CancellationToken) -> Fut,
+) -> std::io::Result<Ended<T>>
+where
+    Fut: std::future::Future<Output = T>,
+{
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, service, "health and metrics endpoints listening");
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(serve_on(listener, status, http_stop.clone()));
+    let work = work(shutdown.clone());
+    tokio::pin!(work);
+    let ended = tokio::select! {
+        r = &mut work => Ended::Finished(r),
+        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::error!(service, grace_ms = grace.as_millis() as u64, "did not stop within the shutdown grace; exiting (what was not committed is redone after a restart)");
+            Ended::GraceExceeded
+        }
+    };
+    http_stop.cancel();
+    let _ = http.await;
+    Ok(ended)
+}
+
+/// Runs `attempt` (restore from the last committed checkpoint, then work) again after an
+/// error that `rewinds` says a restore recovers from (an aborted transaction), with backoff,
+/// counting each in `liveness` (so repeated failure reads as a stuck loop); any other
+/// error, or one after shutdown was asked, is returned.
+pub async fn rewinding<T, E, Fut>(
+    service: &'static str,
+    liveness: &Liveness,
+    shutdown: &CancellationToken,
+    rewinds: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut() -> Fut,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    loop {
+        match attempt().await {
+            Err(e) if rewinds(&e) && !shutdown.is_cancelled() => {
+                let in_a_row = liveness.aborted();
+                let wait = Duration::from_millis(100 * (1u64 << in_a_row.min(7)));
+                tracing::warn!(service, error = %e, in_a_row, wait_ms = wait.as_millis() as u64, "transaction aborted; restoring the last committed checkpoint and going on");
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = shutdown.cancelled() => return Err(e),
+                }
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Cancels `token` on the first SIGTERM or Ctrl-C.

@@ -204,7 +204,7 @@ async fn supervise(
     max_backoff: Duration,
 ) -> anyhow::Result<ExitCode> {
     let stop = tokio_util::sync::CancellationToken::new();
-    crate::scorer::on_signal(stop.clone());
+    leadscore_runtime::cancel_on_signal(stop.clone());
     // Per connector: when it may be restarted next, and the wait after that.
     let mut backoff: std::collections::HashMap<String, (tokio::time::Instant, Duration)> =
         std::collections::HashMap::new();

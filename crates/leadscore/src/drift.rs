@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use leadscore_aggregator::{Aggregator, Metrics};
 use leadscore_config::Config;
-use tokio_util::sync::CancellationToken;
+use leadscore_runtime::{Ended, Liveness};
 
 pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let cfg = config.drift.clone();
@@ -14,25 +14,10 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         .await
         .context("drift.models")?;
     let registry = leadscore_registry::Registry::new(&config.registry)?;
-    let metrics = Metrics::new();
-    let shutdown = CancellationToken::new();
-    crate::scorer::on_signal(shutdown.clone());
-    let http_stop = CancellationToken::new();
+    let liveness = std::sync::Arc::new(Liveness::default());
+    let metrics = Metrics::with_liveness(liveness.clone());
     let addr = cfg.http_listen.parse().context("drift.http_listen")?;
-    let http = tokio::spawn(leadscore_aggregator::metrics::serve(
-        addr,
-        metrics.clone(),
-        http_stop.clone(),
-    ));
-    if config.alerting.enabled {
-        tokio::spawn(leadscore_aggregator::route::run(
-            config.alerting.clone(),
-            config.kafka.clone(),
-            cfg.alerts_topic.clone(),
-            registry.clone(),
-            shutdown.clone(),
-        ));
-    }
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
     tracing::info!(
         instance = %cfg.instance_id,
         window_ms = cfg.window_ms,
@@ -41,32 +26,60 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         merge = cfg.merge,
         "drift aggregator starting"
     );
-    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
-    let aggregator = Aggregator::start(
-        cfg,
-        &config.kafka,
-        registry,
-        profiles,
-        (config.drift.outcomes_after_ms > 0).then(|| config.postgres.url.clone()),
-        metrics,
+    let m = metrics.clone();
+    let ended = leadscore_runtime::host(
+        "drift",
+        addr,
+        metrics.clone(),
+        grace,
+        |shutdown| async move {
+            if config.alerting.enabled {
+                tokio::spawn(leadscore_aggregator::route::run(
+                    config.alerting.clone(),
+                    config.kafka.clone(),
+                    cfg.alerts_topic.clone(),
+                    registry.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            let outcomes = (cfg.outcomes_after_ms > 0).then(|| config.postgres.url.clone());
+            // An aborted checkpoint restores the last committed one and goes on.
+            leadscore_runtime::rewinding(
+                "drift",
+                &liveness,
+                &shutdown,
+                leadscore_aggregator::Error::rewinds,
+                || {
+                    let (cfg, kafka, registry, profiles, outcomes, metrics, token) = (
+                        cfg.clone(),
+                        config.kafka.clone(),
+                        registry.clone(),
+                        profiles.clone(),
+                        outcomes.clone(),
+                        m.clone(),
+                        shutdown.clone(),
+                    );
+                    async move {
+                        let aggregator =
+                            Aggregator::start(cfg, &kafka, registry, profiles, outcomes, metrics)
+                                .await?;
+                        tokio::task::spawn_blocking(move || aggregator.run(&token))
+                            .await
+                            .map_err(|e| {
+                                leadscore_aggregator::Error::Config(format!("aggregator task: {e}"))
+                            })?
+                    }
+                },
+            )
+            .await
+        },
     )
     .await
-    .context("starting the drift aggregator")?;
-    let token = shutdown.clone();
-    let work = tokio::task::spawn_blocking(move || aggregator.run(&token));
-    tokio::pin!(work);
-    let result = tokio::select! {
-        r = &mut work => r,
-        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::error!(grace_ms = grace.as_millis() as u64, "the last checkpoint did not finish within the shutdown grace; exiting (the previous checkpoint stands)");
-            http_stop.cancel();
-            return Ok(ExitCode::FAILURE);
-        }
-    };
-    http_stop.cancel();
-    let _ = http.await;
-    result
-        .context("aggregator task")?
-        .context("drift aggregator")?;
+    .context("drift.http_listen")?;
+    metrics.set_ready(false);
+    match ended {
+        Ended::Finished(r) => r.context("drift aggregator")?,
+        Ended::GraceExceeded => return Ok(ExitCode::FAILURE),
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -43,7 +43,7 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     });
     let metrics = Arc::new(leadscore_lookup::metrics::Metrics::default());
     let shutdown = CancellationToken::new();
-    crate::scorer::on_signal(shutdown.clone());
+    leadscore_runtime::cancel_on_signal(shutdown.clone());
 
     // Follow MLflow aliases (lifecycle events, and a timer as a fallback), as the scorer does.
     let wake = Arc::new(tokio::sync::Notify::new());

@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,7 +13,6 @@ use leadscore_retrain::controller::{Command, Controller, ControllerState, state_
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ModelCommand {
@@ -59,51 +57,67 @@ pub(crate) async fn run(cmd: ModelCommand, config: Config) -> anyhow::Result<Exi
     let registry = leadscore_registry::Registry::new(&config.registry)?;
     match cmd {
         ModelCommand::Controller => {
-            let ready = Arc::new(AtomicBool::new(false));
-            let shutdown = CancellationToken::new();
-            crate::scorer::on_signal(shutdown.clone());
-            let http_stop = CancellationToken::new();
+            let liveness = Arc::new(leadscore_runtime::Liveness::default());
             let addr: std::net::SocketAddr =
                 cfg.http_listen.parse().context("lifecycle.http_listen")?;
-            let r2 = ready.clone();
-            let stop2 = http_stop.clone();
-            let http = tokio::spawn(async move {
-                use axum::http::StatusCode;
-                use axum::routing::get;
-                let app = axum::Router::new()
-                    .route("/healthz", get(|| async { "ok" }))
-                    .route(
-                        "/readyz",
-                        get(move || async move {
-                            if r2.load(Ordering::Relaxed) {
-                                (StatusCode::OK, "ready")
-                            } else {
-                                (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                            }
-                        }),
-                    );
-                let listener = tokio::net::TcpListener::bind(addr).await?;
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop2.cancelled().await })
-                    .await
+            let status = Arc::new(leadscore_runtime::Report {
+                name: "lifecycle",
+                liveness: liveness.clone(),
+                render: Box::new(String::new),
             });
             tracing::info!(models = ?cfg.models, steps = ?cfg.steps, "lifecycle controller starting");
-            let rescore = leadscore_retrain::controller::RescoreWith {
-                kafka: config.kafka.clone(),
-                registry: registry.clone(),
-                crm_url: config.postgres.url.clone(),
-            };
-            let controller = Controller::start(cfg, &config.kafka, registry, ready, Some(rescore))
-                .await
-                .context("starting the lifecycle controller")?;
-            let token = shutdown.clone();
-            let result = tokio::task::spawn_blocking(move || controller.run(&token)).await;
-            http_stop.cancel();
-            let _ = http.await;
-            result
-                .context("controller task")?
-                .context("lifecycle controller")?;
-            Ok(ExitCode::SUCCESS)
+            let l = liveness.clone();
+            let ended = leadscore_runtime::host(
+                "lifecycle",
+                addr,
+                status,
+                crate::retrain::GRACE,
+                |shutdown| async move {
+                    // An aborted transaction restores the last committed checkpoint and goes on.
+                    leadscore_runtime::rewinding(
+                        "lifecycle",
+                        &l,
+                        &shutdown,
+                        leadscore_retrain::Error::rewinds,
+                        || {
+                            let (cfg, kafka, registry, liveness, token) = (
+                                cfg.clone(),
+                                config.kafka.clone(),
+                                registry.clone(),
+                                l.clone(),
+                                shutdown.clone(),
+                            );
+                            let rescore = leadscore_retrain::controller::RescoreWith {
+                                kafka: config.kafka.clone(),
+                                registry: registry.clone(),
+                                crm_url: config.postgres.url.clone(),
+                            };
+                            async move {
+                                let controller = Controller::start(
+                                    cfg,
+                                    &kafka,
+                                    registry,
+                                    liveness,
+                                    Some(rescore),
+                                )
+                                .await?;
+                                tokio::task::spawn_blocking(move || controller.run(&token))
+                                    .await
+                                    .map_err(|e| {
+                                        leadscore_retrain::Error::Checkpoint(format!(
+                                            "controller task: {e}"
+                                        ))
+                                    })?
+                            }
+                        },
+                    )
+                    .await
+                },
+            )
+            .await
+            .context("lifecycle.http_listen")?;
+            liveness.stopped();
+            crate::retrain::finished(ended, "lifecycle controller")
         }
         ModelCommand::Status => {
             let key = state_key(&cfg.group_id);

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use leadscore_config::Config;
 use leadscore_retrain::{Manual, Metrics, RetrainTrigger};
-use tokio_util::sync::CancellationToken;
+use leadscore_runtime::Ended;
 
 #[derive(Debug, Args)]
 pub(crate) struct RetrainArgs {
@@ -107,31 +107,65 @@ pub(crate) async fn run(args: RetrainArgs, config: Config) -> anyhow::Result<Exi
     }
     let cfg = config.retrain.clone();
     let metrics = Metrics::new();
-    let shutdown = CancellationToken::new();
-    crate::scorer::on_signal(shutdown.clone());
-    let http_stop = CancellationToken::new();
     let addr = cfg.http_listen.parse().context("retrain.http_listen")?;
-    let http = tokio::spawn(leadscore_retrain::serve(
+    tracing::info!(models = ?cfg.models, cooldown_ms = cfg.cooldown_ms, min_labelled_rows = cfg.min_labelled_rows, "retrain trigger starting");
+    let m = metrics.clone();
+    let ended = leadscore_runtime::host(
+        "retrain",
         addr,
         metrics.clone(),
-        http_stop.clone(),
-    ));
-    tracing::info!(models = ?cfg.models, cooldown_ms = cfg.cooldown_ms, min_labelled_rows = cfg.min_labelled_rows, "retrain trigger starting");
-    let trigger = RetrainTrigger::start(
-        cfg,
-        &config.kafka,
-        registry,
-        config.postgres.url.clone(),
-        metrics,
+        GRACE,
+        |shutdown| async move {
+            // An aborted transaction restores the last committed checkpoint and goes on.
+            leadscore_runtime::rewinding(
+                "retrain",
+                &m.liveness,
+                &shutdown,
+                leadscore_retrain::Error::rewinds,
+                || {
+                    let (cfg, kafka, registry, crm, metrics, token) = (
+                        cfg.clone(),
+                        config.kafka.clone(),
+                        registry.clone(),
+                        config.postgres.url.clone(),
+                        m.clone(),
+                        shutdown.clone(),
+                    );
+                    async move {
+                        let trigger =
+                            RetrainTrigger::start(cfg, &kafka, registry, crm, metrics).await?;
+                        tokio::task::spawn_blocking(move || trigger.run(&token))
+                            .await
+                            .map_err(|e| {
+                                leadscore_retrain::Error::Checkpoint(format!("trigger task: {e}"))
+                            })?
+                    }
+                },
+            )
+            .await
+        },
     )
     .await
-    .context("starting the retrain trigger")?;
-    let token = shutdown.clone();
-    let result = tokio::task::spawn_blocking(move || trigger.run(&token)).await;
-    http_stop.cancel();
-    let _ = http.await;
-    result.context("retrain task")?.context("retrain trigger")?;
-    Ok(ExitCode::SUCCESS)
+    .context("retrain.http_listen")?;
+    metrics.liveness.stopped();
+    finished(ended, "retrain trigger")
+}
+
+/// How long a service may take to stop after SIGTERM (below the chart's termination grace).
+pub(crate) const GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The exit code of a hosted service's end.
+pub(crate) fn finished<T, E>(ended: Ended<Result<T, E>>, what: &str) -> anyhow::Result<ExitCode>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match ended {
+        Ended::Finished(r) => {
+            r.with_context(|| what.to_string())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Ended::GraceExceeded => Ok(ExitCode::FAILURE),
+    }
 }
 
 async fn worker(
@@ -141,36 +175,30 @@ async fn worker(
 ) -> anyhow::Result<ExitCode> {
     let cfg = config.training.clone();
     let metrics = std::sync::Arc::new(leadscore_retrain::worker::WorkerMetrics::default());
-    let shutdown = CancellationToken::new();
-    crate::scorer::on_signal(shutdown.clone());
-    let http_stop = CancellationToken::new();
     let addr: std::net::SocketAddr = cfg.http_listen.parse().context("training.http_listen")?;
-    let m2 = metrics.clone();
-    let stop2 = http_stop.clone();
-    let http = tokio::spawn(async move {
-        use axum::routing::get;
-        let app = axum::Router::new()
-            .route("/healthz", get(|| async { "ok" }))
-            .route("/readyz", get(|| async { "ready" }))
-            .route("/metrics", get(move || async move { m2.render() }));
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop2.cancelled().await })
-            .await
-    });
-    let worker = leadscore_retrain::worker::Worker::start(
-        cfg,
-        &config.kafka,
-        registry,
-        config.postgres.url.clone(),
-        metrics,
+    // A run in progress is killed at shutdown and re-run after a restart: no long grace.
+    let m = metrics.clone();
+    let ended = leadscore_runtime::host(
+        "training",
+        addr,
+        metrics.clone(),
+        GRACE,
+        |shutdown| async move {
+            let worker = leadscore_retrain::worker::Worker::start(
+                cfg,
+                &config.kafka,
+                registry,
+                config.postgres.url.clone(),
+                m,
+            )
+            .await?;
+            let exit = worker.run(shutdown, opts).await?;
+            tracing::info!(?exit, "training worker stopped");
+            Ok::<_, leadscore_retrain::Error>(exit)
+        },
     )
     .await
-    .context("starting the training worker")?;
-    let result = worker.run(shutdown, opts).await;
-    http_stop.cancel();
-    let _ = http.await;
-    let exit = result.context("training worker")?;
-    tracing::info!(?exit, "training worker stopped");
-    Ok(ExitCode::SUCCESS)
+    .context("training.http_listen")?;
+    metrics.liveness.stopped();
+    finished(ended, "training worker")
 }

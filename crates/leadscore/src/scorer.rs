@@ -10,7 +10,6 @@ use leadscore_config::Config;
 use leadscore_model::ModelHandle;
 use leadscore_model::source::ModelSource;
 use leadscore_scorer::{Metrics, Models};
-use tokio_util::sync::CancellationToken;
 
 pub(crate) async fn load(url: &str, role: &str) -> anyhow::Result<Arc<ModelHandle>> {
     let source = ModelSource::parse(url).with_context(|| format!("scorer.{role}_model"))?;
@@ -48,31 +47,6 @@ pub(crate) async fn stand_in(
 }
 
 /// Cancels `token` on SIGTERM or Ctrl-C.
-pub(crate) fn on_signal(token: CancellationToken) {
-    tokio::spawn(async move {
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot listen for SIGTERM");
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: finishing the in-flight batch"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: finishing the in-flight batch"),
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-        token.cancel();
-    });
-}
-
 pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let cfg = config.scorer.clone();
     leadscore_model::init_runtime(None).context("ONNX Runtime")?;
@@ -120,16 +94,7 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         Duration::from_millis(cfg.transaction_timeout_ms),
     )
     .context("creating the Kafka producer")?;
-    let shutdown = CancellationToken::new();
-    on_signal(shutdown.clone());
-
-    let http_stop = CancellationToken::new();
-    let addr = cfg.http_listen.parse().context("scorer.http_listen")?;
-    let http = tokio::spawn(leadscore_scorer::http::serve(
-        addr,
-        metrics.clone(),
-        http_stop.clone(),
-    ));
+    let addr: std::net::SocketAddr = cfg.http_listen.parse().context("scorer.http_listen")?;
 
     // Follow MLflow aliases: on lifecycle events, and on a timer as a fallback.
     let wake = Arc::new(tokio::sync::Notify::new());
@@ -163,15 +128,9 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         }
     }
     let every = (cfg.model_poll_secs > 0).then(|| Duration::from_secs(cfg.model_poll_secs));
-    let m = metrics.clone();
-    tokio::spawn(leadscore_scorer::watch::follow(
-        followed,
-        every,
-        wake.clone(),
-        move |label| m.set_model(label),
-        shutdown.clone(),
-    ));
-    if !cfg.lifecycle_topic.is_empty() {
+    let lifecycle = if cfg.lifecycle_topic.is_empty() {
+        None
+    } else {
         let lc: rdkafka::consumer::StreamConsumer =
             leadscore_scorer::lifecycle_consumer_config(&config.kafka, &cfg)
                 .create()
@@ -185,36 +144,37 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
                 canary_percent: models.canary_percent.clone(),
                 decoder: leadscore_registry::Decoder::new(registry.clone()),
             });
-        tokio::spawn(leadscore_scorer::watch::lifecycle(
-            lc,
-            cfg.lifecycle_topic.clone(),
-            wake,
-            follow,
-            shutdown.clone(),
-        ));
-    }
-
-    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
-    let scorer = leadscore_scorer::run(
-        cfg,
-        consumer,
-        producer,
-        registry,
-        models,
-        metrics,
-        shutdown.clone(),
-    );
-    tokio::pin!(scorer);
-    let result = tokio::select! {
-        r = &mut scorer => r,
-        () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::error!(grace_ms = grace.as_millis() as u64, "in-flight batch did not finish within the shutdown grace; exiting (uncommitted work is re-read)");
-            http_stop.cancel();
-            return Ok(ExitCode::FAILURE);
-        }
+        Some((lc, follow))
     };
-    http_stop.cancel();
-    let _ = http.await;
-    result.context("scorer")?;
-    Ok(ExitCode::SUCCESS)
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms);
+    let m = metrics.clone();
+    let ended = leadscore_runtime::host(
+        "scorer",
+        addr,
+        metrics.clone(),
+        grace,
+        |shutdown| async move {
+            tokio::spawn(leadscore_scorer::watch::follow(
+                followed,
+                every,
+                wake.clone(),
+                move |label| m.set_model(label),
+                shutdown.clone(),
+            ));
+            if let Some((lc, follow)) = lifecycle {
+                tokio::spawn(leadscore_scorer::watch::lifecycle(
+                    lc,
+                    cfg.lifecycle_topic.clone(),
+                    wake,
+                    follow,
+                    shutdown.clone(),
+                ));
+            }
+            leadscore_scorer::run(cfg, consumer, producer, registry, models, metrics, shutdown)
+                .await
+        },
+    )
+    .await
+    .context("scorer.http_listen")?;
+    crate::retrain::finished(ended, "scorer")
 }
