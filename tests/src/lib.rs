@@ -308,70 +308,91 @@ pub async fn mlflow_alias(mlflow: &str, model: &str, alias: &str) -> Option<Stri
     .map(|v| v.version)
 }
 
-/// A TCP forwarder from a local port to a real service that a test can cut and restore,
-/// to put a real dependency out of reach mid-test without stopping it for other tests.
-pub struct Cuttable {
+/// A TCP relay from a local port to a real service that a test can stall, cut and
+/// restore: a network fault between one client and a dependency, without stopping the
+/// dependency for the other tests.
+pub struct Relay {
     /// The local port that forwards to the target.
     pub port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    epoch: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Cuttable {
+const FORWARD: u8 = 0;
+const STALL: u8 = 1;
+const REFUSE: u8 = 2;
+
+impl Relay {
     /// Forwards `127.0.0.1:<port>` to `target` (`host:port`).
-    pub async fn start(target: &str) -> Self {
+    pub async fn to(target: &str) -> Self {
         use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let epoch = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (cut2, epoch2, target) = (cut.clone(), epoch.clone(), target.to_string());
+        let mode = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(FORWARD));
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
+            Default::default();
+        let (m, c, target) = (mode.clone(), conns.clone(), target.to_string());
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                if cut2.load(Ordering::SeqCst) {
+                let mode = m.load(Ordering::SeqCst);
+                if mode == REFUSE {
                     drop(inbound);
                     continue;
                 }
-                let (target, epoch) = (target.clone(), epoch2.clone());
-                let born = epoch.load(Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
-                        return;
-                    };
-                    let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
-                    let cut_off = async {
-                        while epoch.load(Ordering::SeqCst) == born {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                    };
-                    tokio::select! { _ = copy => {}, () = cut_off => {} }
+                let target = target.clone();
+                let t = tokio::spawn(async move {
+                    if mode == STALL {
+                        // Accept, then never answer.
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        drop(inbound);
+                    } else if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
                 });
+                if let Ok(mut conns) = c.lock() {
+                    conns.push(t.abort_handle());
+                }
             }
         });
         Self {
             port,
-            cut,
-            epoch,
+            mode,
+            conns,
             task,
         }
     }
 
-    /// Drops every open connection and refuses new ones until [`Cuttable::restore`].
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::SeqCst);
+        if mode != FORWARD
+            && let Ok(mut conns) = self.conns.lock()
+        {
+            for c in conns.drain(..) {
+                c.abort();
+            }
+        }
+    }
+
+    /// Open connections break; new ones are accepted and never answered.
+    pub fn stall(&self) {
+        self.set(STALL);
+    }
+
+    /// Every connection breaks and new ones are closed at once.
     pub fn cut(&self) {
-        use std::sync::atomic::Ordering;
-        self.cut.store(true, Ordering::SeqCst);
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.set(REFUSE);
     }
 
     /// Forwards again.
     pub fn restore(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.set(FORWARD);
     }
 }
 
-impl Drop for Cuttable {
+impl Drop for Relay {
     fn drop(&mut self) {
         self.task.abort();
+        self.set(REFUSE);
     }
 }

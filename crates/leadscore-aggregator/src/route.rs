@@ -18,7 +18,6 @@ use leadscore_registry::{Decoder, Registry};
 use lettre::AsyncTransport as _;
 use rdkafka::Message as _;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// An alert as read from the topic.
@@ -317,9 +316,6 @@ fn smtp(
     Ok(Some(b.build()))
 }
 
-/// Queue length per receiver.
-const QUEUE: usize = 1024;
-
 /// Routes alerts from `topic` until `shutdown`. Errors are logged; it never stops the aggregator.
 pub async fn run(
     cfg: AlertingConfig,
@@ -358,18 +354,6 @@ async fn route(
     .filter_map(|(r, on)| on.then_some(r))
     .collect();
     tracing::info!(receivers = ?enabled.iter().map(|r| r.as_str()).collect::<Vec<_>>(), %topic, "alert router starting");
-    let mut queues = Vec::new();
-    for r in &enabled {
-        let (tx, mut rx) = mpsc::channel::<AlertMessage>(QUEUE);
-        let s = sender.clone();
-        let r = *r;
-        tokio::spawn(async move {
-            while let Some(a) = rx.recv().await {
-                s.deliver(r, &a).await;
-            }
-        });
-        queues.push((r, tx));
-    }
     let consumer: StreamConsumer = leadscore_kafka::client_config(&kafka)
         .set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "true")
@@ -395,25 +379,39 @@ async fn route(
             }
         };
         if let Some(payload) = msg.payload() {
-            match decoder
-                .decode(payload)
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|v| AlertMessage::from_value(&v))
-            {
-                Ok(a) => {
-                    if a.severity == Severity::Info {
-                        tracing::info!(fingerprint = %a.fingerprint, firing = a.firing, "{}", a.message);
-                    }
-                    for (r, tx) in &queues {
-                        if receivers(a.severity).contains(r) && tx.try_send(a.clone()).is_err() {
-                            tracing::error!(receiver = r.as_str(), fingerprint = %a.fingerprint, "receiver queue full (the receiver is down or slow); alert not sent there");
-                        }
-                    }
-                }
+            let decoded = decoder
+                .decode_waiting(payload, |e, attempt| {
+                    tracing::warn!(offset = msg.offset(), partition = msg.partition(), attempt, error = %e, "alert router: schema registry unreachable; waiting to read the alert (it is not skipped)");
+                    !shutdown.is_cancelled()
+                })
+                .await;
+            match decoded {
+                // Stopped while the registry was out: the alert is read again after a restart.
+                Err(e) if e.is_retryable() => break,
                 Err(e) => {
                     tracing::error!(offset = msg.offset(), partition = msg.partition(), error = %e, "unreadable alert skipped");
                 }
+                Ok(v) => match AlertMessage::from_value(&v) {
+                    Err(e) => {
+                        tracing::error!(offset = msg.offset(), partition = msg.partition(), error = %e, "unreadable alert skipped");
+                    }
+                    Ok(a) => {
+                        if a.severity == Severity::Info {
+                            tracing::info!(fingerprint = %a.fingerprint, firing = a.firing, "{}", a.message);
+                        }
+                        // At least once: the offset is stored only after every receiver has
+                        // delivered or finally given up (logged with the fingerprint).
+                        let sends = enabled
+                            .iter()
+                            .filter(|r| receivers(a.severity).contains(r))
+                            .map(|r| sender.deliver(*r, &a));
+                        tokio::select! {
+                            _ = futures::future::join_all(sends) => {}
+                            // Shutdown mid-delivery: not stored, so delivered again after a restart.
+                            () = shutdown.cancelled() => break,
+                        }
+                    }
+                },
             }
         }
         if let Err(e) = consumer.store_offset_from_message(&msg) {

@@ -48,6 +48,52 @@ pub struct CachedScore {
     pub scored_at_ms: i64,
 }
 
+/// The marker a deletion leaves for the TTL, so a late older score cannot bring the lead back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Deleted {
+    lead_id: String,
+    deleted_at_ms: i64,
+}
+
+/// KEYS: the entries; ARGV[1]: TTL in ms, then per key its version (ms) and value. Sets a key
+/// unless what it holds is newer. Returns how many were written.
+const NEWER_WINS: &str = r#"
+local ttl = tonumber(ARGV[1])
+local written = 0
+for i, k in ipairs(KEYS) do
+  local version = tonumber(ARGV[2 * i])
+  local current = -1
+  local held = redis.call('GET', k)
+  if held then
+    local ok, doc = pcall(cjson.decode, held)
+    if ok and type(doc) == 'table' then
+      current = tonumber(doc['scored_at_ms'] or doc['deleted_at_ms']) or -1
+    end
+  end
+  if version >= current then
+    redis.call('SET', k, ARGV[2 * i + 1], 'PX', ttl)
+    written = written + 1
+  end
+end
+return written
+"#;
+
+fn newer_wins() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(NEWER_WINS))
+}
+
+/// A cached value: a score, or `None` for a deletion marker.
+fn parse(value: &str) -> std::result::Result<Option<CachedScore>, serde_json::Error> {
+    match serde_json::from_str::<CachedScore>(value) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) => match serde_json::from_str::<Deleted>(value) {
+            Ok(_) => Ok(None),
+            Err(_) => Err(e),
+        },
+    }
+}
+
 /// The Redis key of a lead's score.
 pub fn key(lead_id: &str) -> String {
     format!("leadscore:score:{lead_id}")
@@ -111,24 +157,37 @@ impl Cache {
         *self.conn.lock().await = None;
     }
 
-    /// Sets `scores` (with the TTL) and deletes `deleted` in one pipeline.
-    pub async fn write(&self, scores: &[CachedScore], deleted: &[String]) -> Result<()> {
+    /// Writes `scores` and marks `deleted` (lead id, deletion time in ms) in one script, newer
+    /// wins: an entry is replaced only by a score or deletion at least as recent as what it
+    /// holds (`scored_at_ms` / `deleted_at_ms`), so a delayed or reordered write never puts
+    /// an older score back or resurrects a deleted lead. A deletion is kept as a marker for
+    /// the TTL; reads see it as absent.
+    pub async fn write(&self, scores: &[CachedScore], deleted: &[(String, i64)]) -> Result<()> {
         if scores.is_empty() && deleted.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        let mut invocation = newer_wins().prepare_invoke();
+        invocation.arg(self.ttl.as_millis().max(1) as u64);
         for s in scores {
             let value = serde_json::to_string(s).map_err(|e| self.err(e))?;
-            pipe.set_ex(key(&s.lead_id), value, self.ttl.as_secs().max(1))
-                .ignore();
+            invocation
+                .key(key(&s.lead_id))
+                .arg(s.scored_at_ms)
+                .arg(value);
         }
-        for id in deleted {
-            pipe.del(key(id)).ignore();
+        for (id, at) in deleted {
+            let value = serde_json::to_string(&Deleted {
+                lead_id: id.clone(),
+                deleted_at_ms: *at,
+            })
+            .map_err(|e| self.err(e))?;
+            invocation.key(key(id)).arg(*at).arg(value);
         }
         let mut conn = self.connection().await?;
-        let result = tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut conn)).await;
+        let result =
+            tokio::time::timeout(self.timeout, invocation.invoke_async::<i64>(&mut conn)).await;
         match result {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(_written)) => Ok(()),
             Ok(Err(e)) => {
                 self.forget().await;
                 Err(self.err(e))
@@ -136,6 +195,27 @@ impl Cache {
             Err(_) => {
                 self.forget().await;
                 Err(self.err("write timed out"))
+            }
+        }
+    }
+
+    /// Removes the entries of `lead_ids` outright, markers and all (cleaning up test or bench
+    /// data; the scorer marks deletions with [`Cache::write`] instead).
+    pub async fn purge(&self, lead_ids: &[String]) -> Result<()> {
+        if lead_ids.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = lead_ids.iter().map(|id| key(id)).collect();
+        let mut conn = self.connection().await?;
+        match tokio::time::timeout(self.timeout, conn.del::<_, i64>(keys)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                self.forget().await;
+                Err(self.err(e))
+            }
+            Err(_) => {
+                self.forget().await;
+                Err(self.err("purge timed out"))
             }
         }
     }
@@ -155,12 +235,10 @@ impl Cache {
                     return Err(self.err("read timed out"));
                 }
             };
-        value
-            .map(|v| {
-                serde_json::from_str(&v)
-                    .map_err(|e| self.err(format!("bad cached value for a lead: {e}")))
-            })
-            .transpose()
+        match value {
+            Some(v) => parse(&v).map_err(|e| self.err(format!("bad cached value for a lead: {e}"))),
+            None => Ok(None),
+        }
     }
 }
 
@@ -188,12 +266,11 @@ impl Cache {
             };
         values
             .into_iter()
-            .map(|v| {
-                v.map(|v| {
-                    serde_json::from_str(&v)
-                        .map_err(|e| self.err(format!("bad cached value for a lead: {e}")))
-                })
-                .transpose()
+            .map(|v| match v {
+                Some(v) => {
+                    parse(&v).map_err(|e| self.err(format!("bad cached value for a lead: {e}")))
+                }
+                None => Ok(None),
             })
             .collect()
     }
@@ -202,6 +279,17 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deletion_markers_read_as_absent_and_garbage_is_an_error() {
+        let marker = serde_json::to_string(&Deleted {
+            lead_id: "l".into(),
+            deleted_at_ms: 5,
+        })
+        .unwrap();
+        assert_eq!(parse(&marker).unwrap(), None);
+        assert!(parse("{\"x\": 1}").is_err());
+    }
 
     #[test]
     fn keys_are_namespaced() {

@@ -111,20 +111,23 @@ pub enum Start {
 }
 
 /// A consumer that follows topics without ever committing: read_committed,
-/// its own group `group-<process id>` (so replicas and restarts each read
-/// everything), starting at `start`.
+/// a group of its own `group-<random id>` (so every replica and every restart
+/// reads everything; a process id would be 1 in every container), starting at `start`.
 pub fn follower_config(config: &KafkaConfig, group: &str, start: Start) -> ClientConfig {
     let mut c = client_config(config);
-    c.set("group.id", format!("{group}-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set(
-            "auto.offset.reset",
-            match start {
-                Start::Earliest => "earliest",
-                Start::Latest => "latest",
-            },
-        )
-        .set("isolation.level", "read_committed");
+    c.set(
+        "group.id",
+        format!("{group}-{}", uuid::Uuid::new_v4().simple()),
+    )
+    .set("enable.auto.commit", "false")
+    .set(
+        "auto.offset.reset",
+        match start {
+            Start::Earliest => "earliest",
+            Start::Latest => "latest",
+        },
+    )
+    .set("isolation.level", "read_committed");
     c
 }
 
@@ -439,10 +442,14 @@ mod tests {
             ..KafkaConfig::default()
         };
         let c = follower_config(&config, "watch", Start::Latest);
-        assert_eq!(
-            c.get("group.id"),
-            Some(format!("watch-{}", std::process::id()).as_str())
+        let group = c.get("group.id").unwrap_or_default().to_string();
+        assert!(
+            group.starts_with("watch-") && group.len() > "watch-".len() + 16,
+            "{group}"
         );
+        // Two replicas (same process id in their containers) never share a group.
+        let other = follower_config(&config, "watch", Start::Latest);
+        assert_ne!(other.get("group.id"), Some(group.as_str()));
         assert_eq!(c.get("enable.auto.commit"), Some("false"));
         assert_eq!(c.get("isolation.level"), Some("read_committed"));
         assert_eq!(c.get("auto.offset.reset"), Some("latest"));

@@ -538,6 +538,33 @@ impl Decoder {
         }
     }
 
+    /// Decodes like [`Decoder::decode`], but waits out a registry that cannot be reached
+    /// (retryable errors), with backoff from 100 ms to 5 s: a control topic's record is never
+    /// skipped because the registry is down. Before each wait `waiting(error, attempt)` is
+    /// asked; `false` (e.g. shutting down) returns the retryable error. Any other error
+    /// (the record itself is bad) is returned at once.
+    pub async fn decode_waiting(
+        &self,
+        message: &[u8],
+        mut waiting: impl FnMut(&Error, u32) -> bool,
+    ) -> Result<Value> {
+        let mut wait = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            match self.decode(message).await {
+                Err(e) if e.is_retryable() => {
+                    attempt += 1;
+                    if !waiting(&e, attempt) {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Decodes one framed message.
     pub async fn decode(&self, message: &[u8]) -> Result<Value> {
         let (id, mut datum) = leadscore_schemas::unframe(message)?;

@@ -237,7 +237,7 @@ impl Controller {
                             .insert(format!("{topic}/{partition}"), offset + 1);
                         self.dirty = true;
                         if let Some(p) = payload {
-                            self.handle(&topic, &p)?;
+                            self.handle((&topic, partition, offset), &p, shutdown)?;
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "consumer error (retried by librdkafka)"),
@@ -264,7 +264,13 @@ impl Controller {
         Ok(())
     }
 
-    fn handle(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
+    fn handle(
+        &mut self,
+        at: crate::Position<'_>,
+        payload: &[u8],
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
+        let topic = at.0;
         let now = chrono::Utc::now().timestamp_millis();
         if topic == self.cfg.commands_topic {
             let cmd: Command = match serde_json::from_slice(payload) {
@@ -290,10 +296,18 @@ impl Controller {
             };
             return outcome;
         }
-        let value = match self.rt.block_on(self.decoder.decode(payload)) {
+        let value = match self.rt.block_on(crate::decode_waiting(
+            &self.decoder,
+            payload,
+            at,
+            &self.liveness,
+            shutdown,
+        )) {
             Ok(v) => v,
+            // Stopped while the registry was out: the record is re-read after the restart.
+            Err(e) if e.is_retryable() => return Err(e.into()),
             Err(e) => {
-                tracing::warn!(%topic, error = %e, "unreadable record skipped");
+                tracing::warn!(topic, partition = at.1, offset = at.2, error = %e, "unreadable record skipped");
                 return Ok(());
             }
         };

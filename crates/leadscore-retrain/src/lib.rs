@@ -368,7 +368,7 @@ impl RetrainTrigger {
                             .insert(format!("{topic}/{partition}"), offset + 1);
                         self.dirty = true;
                         if let Some(p) = payload {
-                            self.handle(&topic, &p)?;
+                            self.handle((&topic, partition, offset), &p, shutdown)?;
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "consumer error (retried by librdkafka)"),
@@ -399,11 +399,25 @@ impl RetrainTrigger {
         Ok(())
     }
 
-    fn handle(&mut self, topic: &str, payload: &[u8]) -> Result<()> {
-        let value = match self.rt.block_on(self.decoder.decode(payload)) {
+    fn handle(
+        &mut self,
+        at: Position<'_>,
+        payload: &[u8],
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
+        let topic = at.0;
+        let value = match self.rt.block_on(decode_waiting(
+            &self.decoder,
+            payload,
+            at,
+            &self.metrics.liveness,
+            shutdown,
+        )) {
             Ok(v) => v,
+            // Stopped while the registry was out: the record is re-read after the restart.
+            Err(e) if e.is_retryable() => return Err(e.into()),
             Err(e) => {
-                tracing::warn!(%topic, error = %e, "unreadable record skipped");
+                tracing::warn!(topic, partition = at.1, offset = at.2, error = %e, "unreadable record skipped");
                 return Ok(());
             }
         };
@@ -532,6 +546,27 @@ impl RetrainTrigger {
         self.dirty = false;
         Ok(())
     }
+}
+
+/// Where a record was read: topic, partition, offset.
+pub type Position<'a> = (&'a str, i32, i64);
+
+/// Decodes a control-topic record, waiting while the registry is unreachable (each failed
+/// try counts towards a stuck loop in `liveness`) until it answers or `shutdown`.
+pub async fn decode_waiting(
+    decoder: &Decoder,
+    payload: &[u8],
+    at: Position<'_>,
+    liveness: &leadscore_runtime::Liveness,
+    shutdown: &CancellationToken,
+) -> std::result::Result<Value, leadscore_registry::Error> {
+    decoder
+        .decode_waiting(payload, |e, attempt| {
+            let in_a_row = liveness.aborted();
+            tracing::warn!(topic = at.0, partition = at.1, offset = at.2, attempt, in_a_row, error = %e, "schema registry unreachable; waiting to read the record (it is not skipped)");
+            !shutdown.is_cancelled()
+        })
+        .await
 }
 
 /// An operator's request.

@@ -114,6 +114,37 @@ impl Job {
     }
 }
 
+/// Longest id or model name a request may carry.
+const MAX_ID: usize = 128;
+
+/// `value` is 1..=128 characters of `[A-Za-z0-9._:-]`, not starting with `.` or `-`.
+fn plain_id(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= MAX_ID
+        && !value.starts_with(['.', '-'])
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+impl Job {
+    /// Checks the fields that reach the training job's command line: a request id and a
+    /// model name of plain characters only (no path separators, no option-like values).
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (field, value) in [
+            ("request_id", &self.request_id),
+            ("model_name", &self.model_name),
+        ] {
+            if !plain_id(value) {
+                return Err(format!(
+                    "{field} must be 1..={MAX_ID} characters of [A-Za-z0-9._:-], not starting with `.` or `-`"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How long the worker serves.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RunOptions {
@@ -228,11 +259,28 @@ impl Worker {
                     Offset::Offset(msg.offset() + 1),
                 )
                 .map_err(kerr("offsets"))?;
+            let at = (msg.topic(), msg.partition(), msg.offset());
             let job = match msg.payload() {
-                Some(p) => match self.decoder.decode(p).await {
-                    Ok(v) => Job::from_value(&v),
+                Some(p) => match crate::decode_waiting(
+                    &self.decoder,
+                    p,
+                    at,
+                    &self.metrics.liveness,
+                    &shutdown,
+                )
+                .await
+                {
+                    Ok(v) => Job::from_value(&v).and_then(|j| match j.validate() {
+                        Ok(()) => Some(j),
+                        Err(why) => {
+                            tracing::error!(partition = at.1, offset = at.2, %why, "invalid retrain request skipped (nothing is run for it)");
+                            None
+                        }
+                    }),
+                    // Stopped while the registry was out: the request is read again after a restart.
+                    Err(e) if e.is_retryable() => return Err(e.into()),
                     Err(e) => {
-                        tracing::error!(offset = msg.offset(), error = %e, "unreadable request skipped");
+                        tracing::error!(partition = at.1, offset = at.2, error = %e, "unreadable request skipped");
                         None
                     }
                 },
@@ -282,7 +330,13 @@ impl Worker {
         .await?;
         self.metrics.busy.store(true, Ordering::Relaxed);
         let started = std::time::Instant::now();
-        let out_dir = std::env::temp_dir().join(format!("leadscore-train-{}", job.request_id));
+        // A scratch directory of our own making, removed when it goes out of scope.
+        let out_dir = tempfile::Builder::new()
+            .prefix("leadscore-train-")
+            .tempdir()
+            .map_err(|e| {
+                Error::Checkpoint(format!("creating the training scratch directory: {e}"))
+            })?;
         let mut cmd = tokio::process::Command::new(&self.cfg.python);
         cmd.current_dir(&self.cfg.dir)
             .args([
@@ -292,7 +346,7 @@ impl Worker {
                 &self.data,
                 "--out",
             ])
-            .arg(&out_dir)
+            .arg(out_dir.path())
             .args([
                 "--model-name",
                 &job.model_name,
@@ -308,7 +362,7 @@ impl Worker {
         self.metrics
             .last_run_secs
             .store(started.elapsed().as_secs(), Ordering::Relaxed);
-        let _ = std::fs::remove_dir_all(&out_dir);
+        drop(out_dir);
         let event = match output {
             Ok(Ok(o)) => training_outcome(
                 &job.request_id,
@@ -378,5 +432,40 @@ impl Worker {
         })
         .await
         .map_err(|e| Error::Checkpoint(format!("publish task: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(request_id: &str, model_name: &str) -> Job {
+        Job {
+            request_id: request_id.into(),
+            model_name: model_name.into(),
+            trigger: "manual".into(),
+            reason: "r".into(),
+        }
+    }
+
+    #[test]
+    fn plain_ids_pass_and_paths_or_options_do_not() {
+        assert_eq!(job("5f0c-91:a.b_c", "lead-scoring").validate(), Ok(()));
+        for (id, model) in [
+            ("../../etc", "m"),
+            ("a/b", "m"),
+            ("", "m"),
+            ("-rf", "m"),
+            (".hidden", "m"),
+            ("ok", "--data=/etc/passwd"),
+            ("ok", "m m"),
+            ("ok", &"x".repeat(129)),
+        ] {
+            let err = job(id, model).validate().unwrap_err();
+            assert!(
+                err.contains("request_id") || err.contains("model_name"),
+                "{err}"
+            );
+        }
     }
 }

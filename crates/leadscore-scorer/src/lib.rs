@@ -621,10 +621,11 @@ fn settle(
             metrics.batch_committed(prev.inputs, &outputs);
             if let Some(tx) = cache_tx {
                 let mut update = CacheUpdate::default();
+                let now_ms = chrono::Utc::now().timestamp_millis();
                 for o in outputs {
                     match o {
                         Output::Score { cached, .. } => update.scores.push(cached),
-                        Output::Tombstone { key } => update.deleted.push(key),
+                        Output::Tombstone { key } => update.deleted.push((key, now_ms)),
                         _ => {}
                     }
                 }
@@ -671,8 +672,12 @@ fn rewind<'a>(consumer: &ScorerConsumer, batches: impl IntoIterator<Item = &'a R
 #[derive(Default)]
 struct CacheUpdate {
     scores: Vec<leadscore_cache::CachedScore>,
-    deleted: Vec<String>,
+    /// Deleted leads and when the deletion was committed, ms (newer wins in the cache).
+    deleted: Vec<(String, i64)>,
 }
+
+/// Tries of one cache write before it is dropped and counted (Redis down or slow).
+const CACHE_TRIES: u32 = 3;
 
 async fn cache_writer(
     cache: leadscore_cache::Cache,
@@ -681,7 +686,15 @@ async fn cache_writer(
 ) {
     let mut warned = false;
     while let Some(update) = rx.recv().await {
-        match cache.write(&update.scores, &update.deleted).await {
+        let mut result = cache.write(&update.scores, &update.deleted).await;
+        for attempt in 1..CACHE_TRIES {
+            if result.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            result = cache.write(&update.scores, &update.deleted).await;
+        }
+        match result {
             Ok(()) => {
                 metrics.cache_written(update.scores.len() + update.deleted.len());
                 if warned {

@@ -185,7 +185,7 @@ pub(crate) async fn run(args: LookupBenchArgs, config: &Config) -> anyhow::Resul
     });
     let _ = child.kill();
     let _ = child.wait();
-    cache.write(&[], &ids).await.ok();
+    cache.purge(&ids).await.ok();
     let table = result?;
     println!("{table}");
     Ok(ExitCode::SUCCESS)

@@ -121,64 +121,6 @@ impl Lookup {
     }
 }
 
-/// A TCP relay to Postgres that the test can stall or cut: a network fault between lookup and database.
-struct Relay {
-    port: u16,
-    task: tokio::task::JoinHandle<()>,
-    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
-}
-
-impl Relay {
-    async fn to(target: &'static str) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
-            Default::default();
-        let (s, c) = (stall.clone(), conns.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let stalled = s.load(std::sync::atomic::Ordering::SeqCst);
-                let t = tokio::spawn(async move {
-                    if stalled {
-                        // Accept, then never answer.
-                        tokio::time::sleep(Duration::from_secs(3600)).await;
-                        drop(inbound);
-                    } else if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                    }
-                });
-                c.lock().unwrap().push(t.abort_handle());
-            }
-        });
-        Relay {
-            port,
-            task,
-            stall,
-            conns,
-        }
-    }
-
-    fn drop_connections(&self) {
-        for c in self.conns.lock().unwrap().drain(..) {
-            c.abort();
-        }
-    }
-
-    /// Open connections break; new ones are accepted and never answered.
-    fn stall(&self) {
-        self.stall.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.drop_connections();
-    }
-
-    /// Every connection breaks and new ones are refused.
-    fn cut(&self) {
-        self.task.abort();
-        self.drop_connections();
-    }
-}
-
 fn score(id: &str, s: f64, version: &str) -> CachedScore {
     CachedScore {
         lead_id: id.into(),
@@ -227,7 +169,7 @@ async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailab
         .await
         .unwrap();
     tokio::spawn(conn);
-    let relay = Relay::to("127.0.0.1:5432").await;
+    let relay = leadscore_e2e::Relay::to("127.0.0.1:5432").await;
     let relayed = pg_url.replace("127.0.0.1:5432", &format!("127.0.0.1:{}", relay.port));
     assert_ne!(
         relayed, pg_url,

@@ -757,7 +757,7 @@ async fn a_registry_outage_stalls_scoring_flips_readiness_and_loses_nothing() {
     let config = leadscore_config::Config::load(None).unwrap();
     let registry = Registry::new(&config.registry).unwrap();
     // The scorer reaches the real registry through a forwarder the test can cut.
-    let proxy = leadscore_e2e::Cuttable::start("127.0.0.1:8081").await;
+    let proxy = leadscore_e2e::Relay::to("127.0.0.1:8081").await;
     let url = format!("http://127.0.0.1:{}/apis/ccompat/v7", proxy.port);
     let (mut scorer, port) = start_scorer_with(
         &t,
