@@ -8,6 +8,8 @@
 // Test support only: a failed set-up step is a failed test, so panicking is right.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod scorer;
+
 use std::time::Duration;
 
 use leadscore_config::Config;

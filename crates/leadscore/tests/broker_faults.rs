@@ -1,0 +1,155 @@
+//! The scorer through faults of the one local broker, alone in its test binary (cargo runs
+//! test binaries one after another, and these faults stop the broker for everyone): the
+//! broker paused with SIGSTOP for longer than the request timeout, then restarted, each
+//! during a 5,000/s stream. Every lead is scored exactly once and the scorer is ready again.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use leadscore_crm::Lead;
+use leadscore_e2e::scorer::{Topics, create_event, http_get, leads, read_scores, wait_readyz};
+use leadscore_e2e::{client, consumer, unique};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+fn repo() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn kafka_pid() -> String {
+    std::fs::read_to_string(repo().join(".stack/run/kafka.pid"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn signal(sig: &str, pid: &str) {
+    assert!(
+        Command::new("kill")
+            .args([sig, pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// A counter of the scorer's Prometheus page.
+async fn counter(port: u16, name: &str) -> u64 {
+    let page = http_get(port, "/metrics").await;
+    page.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} not on the metrics page"))
+}
+
+/// Sends `ls` as create events at `rate` per second with an idempotent producer (a broker
+/// fault never duplicates an input), then waits until every one is delivered.
+async fn stream(topic: String, ls: Vec<Lead>, rate: u64) {
+    let producer: FutureProducer = client(&[
+        ("enable.idempotence", "true"),
+        ("message.timeout.ms", "180000"),
+        ("linger.ms", "5"),
+    ])
+    .create()
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut pending = Vec::with_capacity(ls.len());
+    for (i, l) in ls.iter().enumerate() {
+        let due = started + Duration::from_micros(i as u64 * 1_000_000 / rate);
+        tokio::time::sleep_until(due).await;
+        let value = create_event(l);
+        let record = FutureRecord::to(&topic)
+            .key(l.lead_id.as_str())
+            .payload(&value);
+        pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for p in pending {
+        p.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_then_a_restarted_broker_loses_and_duplicates_nothing() {
+    let t = Topics::create(6).await;
+    let (_scorer, port) = leadscore_e2e::scorer::start_scorer_with(
+        env!("CARGO_BIN_EXE_leadscore"),
+        &t,
+        &unique("it-broker"),
+        "b",
+        false,
+        &[
+            ("LEADSCORE__KAFKA__REQUEST_TIMEOUT_MS", "5000"),
+            ("LEADSCORE__SCORER__MAX_BATCH", "1000"),
+        ],
+    );
+    wait_readyz(port, "HTTP/1.1 200", Duration::from_secs(60))
+        .await
+        .expect("the scorer becomes ready");
+    let first = leads("pause", 15_000, 21);
+    let second = leads("restart", 15_000, 22);
+
+    // 1. Paused for 8 s, longer than the 5 s request timeout, 1.5 s into a 3 s stream.
+    let feed = tokio::spawn(stream(t.input.clone(), first.clone(), 5_000));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let committed_before = counter(port, "leadscore_scorer_transactions_total").await;
+    assert!(
+        committed_before > 0,
+        "the scorer was committing when the broker paused"
+    );
+    let pid = kafka_pid();
+    signal("-STOP", &pid);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let committed_paused = counter(port, "leadscore_scorer_transactions_total").await;
+    signal("-CONT", &pid);
+    assert!(
+        committed_paused <= committed_before + 1,
+        "nothing commits while the broker is paused ({committed_before} -> {committed_paused})"
+    );
+    assert!(!feed.is_finished(), "the pause hit the stream mid-way");
+    feed.await.unwrap();
+
+    // 2. Restarted (stopped, started: about 10 s) 1.5 s into a second 3 s stream.
+    let feed = tokio::spawn(stream(t.input.clone(), second.clone(), 5_000));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(!feed.is_finished(), "the restart hits the stream mid-way");
+    let restarted = Command::new(repo().join("deploy/local/stack"))
+        .args(["restart", "kafka"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(
+        restarted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restarted.stderr)
+    );
+    feed.await.unwrap();
+
+    let all: Vec<&Lead> = first.iter().chain(&second).collect();
+    let scores = read_scores(
+        &consumer(&t.scores, "read_committed"),
+        all.len(),
+        Duration::from_secs(180),
+    )
+    .await;
+    let missing: Vec<_> = all
+        .iter()
+        .filter(|l| !scores.contains_key(&l.lead_id))
+        .take(5)
+        .map(|l| l.lead_id.as_str())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "leads without a committed score, e.g. {missing:?}"
+    );
+    let duplicated: Vec<_> = scores.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(
+        duplicated.is_empty(),
+        "leads scored more than once: {duplicated:?}"
+    );
+    assert_eq!(scores.len(), all.len());
+    wait_readyz(port, "HTTP/1.1 200", Duration::from_secs(60))
+        .await
+        .expect("ready again after the broker came back");
+    t.delete().await;
+}

@@ -1,0 +1,255 @@
+//! Helpers for tests that drive the scorer process through its topics and health port.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use leadscore_crm::{Generator, GeneratorConfig, Lead};
+use rdkafka::Message;
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::message::Headers;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+use crate::{
+    Service, client, consumer, create_topic, create_topic_with, delete_topics, free_port, unique,
+};
+
+/// A scorer's four topics, unique per test.
+pub struct Topics {
+    /// Input (CDC events).
+    pub input: String,
+    /// Live scores.
+    pub scores: String,
+    /// Shadow scores.
+    pub shadow: String,
+    /// Dead letters.
+    pub dlq: String,
+}
+
+impl Topics {
+    /// Creates the four topics with `partitions` each.
+    pub async fn create(partitions: i32) -> Self {
+        Self::create_with(partitions, &[]).await
+    }
+
+    /// Topics whose input has `input_configs`.
+    pub async fn create_with(partitions: i32, input_configs: &[(&str, &str)]) -> Self {
+        let base = unique("it.scorer");
+        let t = Topics {
+            input: format!("{base}.in"),
+            scores: format!("{base}.scores"),
+            shadow: format!("{base}.shadow"),
+            dlq: format!("{base}.dlq"),
+        };
+        create_topic_with(&t.input, partitions, input_configs).await;
+        for name in [&t.scores, &t.shadow, &t.dlq] {
+            create_topic(name, partitions).await;
+        }
+        t
+    }
+
+    /// Deletes the four topics.
+    pub async fn delete(&self) {
+        delete_topics(&[&self.input, &self.scores, &self.shadow, &self.dlq]).await;
+    }
+}
+
+/// Starts `leadscore scorer` (the binary at `exe`) on `t` with `extra` environment; returns it and its health port.
+pub fn start_scorer_with(
+    exe: &str,
+    t: &Topics,
+    group: &str,
+    instance: &str,
+    challenger: bool,
+    extra: &[(&str, &str)],
+) -> (Service, u16) {
+    let port = free_port();
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/default");
+    let mut cmd = Command::new(exe);
+    cmd.arg("scorer")
+        .env("LEADSCORE__SCORER__INPUT_TOPIC", &t.input)
+        .env("LEADSCORE__SCORER__SCORES_TOPIC", &t.scores)
+        .env("LEADSCORE__SCORER__SHADOW_TOPIC", &t.shadow)
+        .env("LEADSCORE__SCORER__DLQ_TOPIC", &t.dlq)
+        .env("LEADSCORE__SCORER__GROUP_ID", group)
+        .env("LEADSCORE__SCORER__INSTANCE_ID", instance)
+        .env("LEADSCORE__SCORER__MAX_BATCH", "200")
+        .env("LEADSCORE__SCORER__CHAMPION_MODEL", &models)
+        .env(
+            "LEADSCORE__SCORER__HTTP_LISTEN",
+            format!("127.0.0.1:{port}"),
+        )
+        .env("LEADSCORE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    if challenger {
+        cmd.env("LEADSCORE__SCORER__CHALLENGER_MODEL", &models);
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    (cmd.spawn().unwrap().into(), port)
+}
+
+/// GET over HTTP/1.0.
+pub async fn http_get(port: u16, path: &str) -> String {
+    try_http_get(port, path).await.unwrap()
+}
+
+/// GET over HTTP/1.0; `None` while nothing listens.
+pub async fn try_http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}
+
+/// The CRM row of `l` as Debezium JSON, with PII columns a producer might send.
+pub fn lead_json(l: &Lead) -> serde_json::Value {
+    json!({
+        "lead_id": l.lead_id, "company_size": l.company_size, "industry": l.industry,
+        "page_views": l.page_views, "time_on_site": l.time_on_site,
+        "form_completion_time": l.form_completion_time, "referral_source": l.referral_source,
+        "country": l.country, "created_at": l.created_at.to_rfc3339(), "updated_at": l.updated_at.to_rfc3339(),
+        "status": l.status.as_str(), "converted_at": null, "email": "pii@example.com", "phone": "+971500000000"
+    })
+}
+
+/// A Debezium JSON create event of `l`.
+pub fn create_event(l: &Lead) -> Vec<u8> {
+    serde_json::to_vec(&json!({"op": "c", "before": null, "after": lead_json(l),
+                               "source": {"ts_ms": chrono::Utc::now().timestamp_millis()}}))
+    .unwrap()
+}
+
+/// Produces `records` (key, value) to `topic` and waits for every delivery.
+pub async fn produce(topic: &str, records: Vec<(Option<String>, Vec<u8>)>) {
+    let producer: FutureProducer = client(&[
+        ("message.timeout.ms", "30000"),
+        ("linger.ms", "5"),
+        ("message.max.bytes", "4194304"),
+    ])
+    .create()
+    .unwrap();
+    let futures: Vec<_> = records
+        .iter()
+        .map(|(k, v)| {
+            let mut r = FutureRecord::<str, [u8]>::to(topic).payload(v.as_slice());
+            if let Some(k) = k {
+                r = r.key(k.as_str());
+            }
+            producer.send(r, Duration::from_secs(30))
+        })
+        .collect();
+    for f in futures {
+        f.await.map_err(|(e, _)| e).unwrap();
+    }
+}
+
+/// `n` generated leads with ids prefixed `prefix`.
+pub fn leads(prefix: &str, n: usize, seed: u64) -> Vec<Lead> {
+    Generator::new(GeneratorConfig {
+        seed,
+        id_prefix: prefix.into(),
+        ..Default::default()
+    })
+    .take(n)
+    .map(|g| g.lead)
+    .collect()
+}
+
+/// Reads the scores topic (read_committed) until `want` distinct keys are seen or time runs out,
+/// then keeps reading briefly to catch duplicates. Returns records per key.
+pub async fn read_scores(
+    c: &StreamConsumer,
+    want: usize,
+    within: Duration,
+) -> HashMap<String, usize> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + within;
+    let mut settle: Option<tokio::time::Instant> = None;
+    loop {
+        let until = settle.unwrap_or(deadline);
+        match tokio::time::timeout_at(until, c.recv()).await {
+            Ok(Ok(m)) => {
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                *seen.entry(key).or_default() += 1;
+                if seen.len() >= want && settle.is_none() {
+                    settle = Some(tokio::time::Instant::now() + Duration::from_secs(3));
+                }
+            }
+            Ok(Err(e)) => panic!("consumer error: {e}"),
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+/// A dead letter as the DLQ holds it.
+pub struct DeadLetter {
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Headers by name.
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads dead letters by key until `want` keys are seen or `within` passes.
+pub async fn read_dead_letters(
+    topic: &str,
+    want: usize,
+    within: Duration,
+) -> HashMap<String, DeadLetter> {
+    let reader = consumer(topic, "read_committed");
+    let mut out = HashMap::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while out.len() < want {
+        let Ok(Ok(m)) = tokio::time::timeout_at(deadline, reader.recv()).await else {
+            break;
+        };
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.insert(
+            String::from_utf8_lossy(m.key().unwrap()).into_owned(),
+            DeadLetter {
+                payload: m.payload().unwrap_or_default().to_vec(),
+                headers,
+            },
+        );
+    }
+    out
+}
+
+/// Polls `/readyz` until its status line starts with `want` (e.g. "HTTP/1.1 503"); returns the response.
+pub async fn wait_readyz(port: u16, want: &str, within: Duration) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(r) = try_http_get(port, "/readyz").await
+            && r.split_whitespace().nth(1) == want.split_whitespace().nth(1)
+        {
+            return Some(r);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
