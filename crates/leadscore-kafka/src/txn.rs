@@ -273,7 +273,16 @@ impl Transactional {
     ) -> Result<(), TxnError> {
         let mut wait = Duration::from_millis(20);
         for attempt in 0..=RETRIES {
-            match call() {
+            let started = std::time::Instant::now();
+            let outcome = call();
+            tracing::trace!(
+                context,
+                attempt,
+                ms = started.elapsed().as_millis() as u64,
+                ok = outcome.is_ok(),
+                "transactional call"
+            );
+            match outcome {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     let mut err = self.error(context, e);

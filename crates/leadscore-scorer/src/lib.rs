@@ -664,7 +664,7 @@ fn rewind<'a>(consumer: &ScorerConsumer, batches: impl IntoIterator<Item = &'a R
             Offset::Offset(start),
             Duration::from_secs(5),
         ) {
-            tracing::debug!(topic, partition, error = %e, "seek after abort");
+            tracing::warn!(topic, partition, offset = start, error = %e, "seek after abort failed");
         }
     }
 }
