@@ -715,6 +715,9 @@ pub struct KafkaConfig {
     pub ssl_key_password: Option<String>,
     /// Timeout for admin and metadata requests, in milliseconds.
     pub request_timeout_ms: u64,
+    /// librdkafka debug contexts for every client (e.g. `broker,eos,cgrp`), logged at
+    /// debug under the `librdkafka` target; unset in production.
+    pub debug: Option<String>,
 }
 
 impl Default for KafkaConfig {
@@ -730,6 +733,7 @@ impl Default for KafkaConfig {
             ssl_key_location: None,
             ssl_key_password: None,
             request_timeout_ms: 30_000,
+            debug: None,
         }
     }
 }

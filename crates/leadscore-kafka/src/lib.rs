@@ -93,6 +93,7 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
         ("ssl.certificate.location", &config.ssl_certificate_location),
         ("ssl.key.location", &config.ssl_key_location),
         ("ssl.key.password", &config.ssl_key_password),
+        ("debug", &config.debug),
     ] {
         if let Some(v) = value {
             c.set(key, v);

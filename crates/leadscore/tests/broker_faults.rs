@@ -88,6 +88,8 @@ async fn a_paused_then_a_restarted_broker_loses_and_duplicates_nothing() {
         &[
             ("LEADSCORE__KAFKA__REQUEST_TIMEOUT_MS", "5000"),
             ("LEADSCORE__SCORER__MAX_BATCH", "1000"),
+            ("LEADSCORE_LOG", "warn,librdkafka=debug,rdkafka=debug"),
+            ("LEADSCORE__KAFKA__DEBUG", "broker,eos,cgrp,topic"),
         ],
     );
     wait_readyz(port, "HTTP/1.1 200", Duration::from_secs(60))
