@@ -6,6 +6,7 @@
 //! pure `leadscore-topics` crate; this crate only talks to the brokers.
 
 pub mod latest;
+pub mod processor;
 pub mod txn;
 
 use std::collections::BTreeMap;

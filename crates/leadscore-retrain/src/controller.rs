@@ -11,22 +11,19 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use leadscore_config::{KafkaConfig, LifecycleConfig};
-use leadscore_kafka::txn::Transactional;
+use leadscore_kafka::processor::{self, Cadence, Hooks, Out, Positions, Processor};
 use leadscore_lifecycle::events::LifecycleEvent;
 use leadscore_lifecycle::rollout::{Action, Rollout, RolloutPolicy, VersionWindow};
 use leadscore_model::source::Mlflow;
 use leadscore_registry::{Decoder, Encoder, Registry};
 use leadscore_runtime::Liveness;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::FutureRecord;
-use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, Result, kerr};
+use crate::{Error, Result};
 
 /// The policy of the config.
 pub fn policy(cfg: &LifecycleConfig) -> RolloutPolicy {
@@ -61,7 +58,17 @@ pub struct ControllerState {
     /// Rollouts by model.
     pub rollouts: BTreeMap<String, Rollout>,
     /// Next offset per input partition (`topic/partition`).
-    pub positions: BTreeMap<String, i64>,
+    pub positions: Positions,
+}
+
+impl processor::Checkpoint for ControllerState {
+    fn positions(&self) -> &Positions {
+        &self.positions
+    }
+
+    fn positions_mut(&mut self) -> &mut Positions {
+        &mut self.positions
+    }
 }
 
 /// Checkpoint key of a controller group.
@@ -69,20 +76,24 @@ pub fn state_key(group: &str) -> String {
     format!("{group}/state")
 }
 
-/// The running controller.
+/// The running controller: the shared processor and the controller's own logic.
 pub struct Controller {
+    processor: Processor,
+    logic: Logic,
+}
+
+/// What the controller does with each record and tick ([`Hooks`] of the processor).
+struct Logic {
     cfg: LifecycleConfig,
     policy: RolloutPolicy,
-    consumer: BaseConsumer,
-    producer: Transactional,
     decoder: Decoder,
     encoder: Encoder,
     mlflow: Mlflow,
     state: ControllerState,
-    dirty: bool,
     liveness: Arc<Liveness>,
     rt: tokio::runtime::Handle,
     rescore: Option<RescoreWith>,
+    shutdown: CancellationToken,
 }
 
 /// What re-scoring after a promotion needs.
@@ -116,76 +127,87 @@ impl Controller {
         .await?;
         let mlflow = Mlflow::new(&cfg.mlflow_url).map_err(|e| Error::Checkpoint(e.to_string()))?;
         let (kc, c2) = (kafka.clone(), cfg.clone());
-        let (consumer, producer, state) = tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = leadscore_kafka::txn::consumer_config(&kc, &c2.group_id)
-                .create()
-                .map_err(kerr("creating the consumer"))?;
-            let producer = Transactional::start(
-                &kc,
-                &c2.transactional_id,
-                "leadscore-lifecycle",
-                60_000,
-                timeout,
-            )?;
+        let (processor, mut state) = tokio::task::spawn_blocking(move || {
             let key = state_key(&c2.group_id);
-            let stored = leadscore_kafka::latest::read_latest(&kc, &c2.state_topic, &key, timeout)?;
-            let state: ControllerState = match stored.get(&key) {
-                Some(s) => serde_json::from_slice(&s.value).map_err(|e| {
-                    Error::Checkpoint(format!(
-                        "{}/{}@{} is unreadable: {e}",
-                        c2.state_topic, s.partition, s.offset
-                    ))
-                })?,
-                None => ControllerState::default(),
-            };
-            let mut tpl = TopicPartitionList::new();
-            for topic in [&c2.lifecycle_topic, &c2.metrics_topic, &c2.commands_topic] {
-                let md = consumer
-                    .fetch_metadata(Some(topic), timeout)
-                    .map_err(kerr(format!("metadata of {topic}")))?;
-                let ids: Vec<i32> = md
-                    .topics()
-                    .iter()
-                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                    .collect();
-                if ids.is_empty() {
-                    return Err(leadscore_kafka::Error::Missing(topic.clone()).into());
-                }
-                for p in ids {
-                    let offset = state
-                        .positions
-                        .get(&format!("{topic}/{p}"))
-                        .map_or(Offset::Beginning, |o| Offset::Offset(*o));
-                    tpl.add_partition_offset(topic, p, offset)
-                        .map_err(kerr("assignment"))?;
-                }
-            }
-            consumer.assign(&tpl).map_err(kerr("assigning inputs"))?;
-            Ok::<_, Error>((consumer, producer, state))
+            Processor::start::<ControllerState>(
+                &kc,
+                &processor::Start {
+                    group: &c2.group_id,
+                    transactional_id: &c2.transactional_id,
+                    client_id: "leadscore-lifecycle",
+                    state_topic: &c2.state_topic,
+                    state_key: &key,
+                    inputs: &[&c2.lifecycle_topic, &c2.metrics_topic, &c2.commands_topic],
+                    timeout,
+                },
+            )
         })
         .await
         .map_err(|e| Error::Checkpoint(format!("startup task: {e}")))??;
+        state.format = 1;
         for (m, r) in &state.rollouts {
             tracing::info!(model = %m, phase = ?r.phase, champion = ?r.champion, "rollout restored");
         }
         liveness.started();
         let cfg_rate_positive = cfg.rescore_rate > 0;
         Ok(Self {
-            policy: policy(&cfg),
-            cfg,
-            consumer,
-            producer,
-            decoder: Decoder::new(registry),
-            encoder,
-            mlflow,
-            state,
-            dirty: false,
-            liveness,
-            rt: tokio::runtime::Handle::current(),
-            rescore: rescore.filter(|_| cfg_rate_positive),
+            processor,
+            logic: Logic {
+                policy: policy(&cfg),
+                cfg,
+                decoder: Decoder::new(registry),
+                encoder,
+                mlflow,
+                state,
+                liveness,
+                rt: tokio::runtime::Handle::current(),
+                rescore: rescore.filter(|_| cfg_rate_positive),
+                shutdown: CancellationToken::new(),
+            },
         })
     }
 
+    /// Runs until `shutdown`; blocking.
+    pub fn run(mut self, shutdown: &CancellationToken) -> Result<()> {
+        self.logic.shutdown = shutdown.clone();
+        let cadence = Cadence {
+            poll: Duration::from_millis(100),
+            tick: Duration::from_millis(self.logic.cfg.tick_ms),
+            checkpoint: Duration::from_secs(5),
+        };
+        let liveness = self.logic.liveness.clone();
+        self.processor
+            .run(&mut self.logic, cadence, shutdown, || liveness.progressed())?;
+        liveness.stopped();
+        tracing::info!("lifecycle controller stopped");
+        Ok(())
+    }
+}
+
+impl Hooks for Logic {
+    type State = ControllerState;
+    type Error = Error;
+
+    fn state(&mut self) -> &mut ControllerState {
+        &mut self.state
+    }
+
+    fn on_record(&mut self, p: &Processor, at: crate::Position<'_>, payload: &[u8]) -> Result<()> {
+        self.handle(p, at, payload)
+    }
+
+    fn on_tick(&mut self, p: &Processor) -> Result<bool> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let before = self.state.rollouts.clone();
+        for model in self.cfg.models.clone() {
+            let policy = self.policy.clone();
+            self.step(p, &model, |r| Ok(r.on_tick(&policy, now)))?;
+        }
+        Ok(self.state.rollouts != before)
+    }
+}
+
+impl Logic {
     fn rollout(&mut self, model: &str) -> Option<&mut Rollout> {
         if !self.cfg.models.iter().any(|m| m == model) {
             return None;
@@ -214,62 +236,13 @@ impl Controller {
             && let Some(r) = self.state.rollouts.get_mut(model)
         {
             tracing::info!(model, version = %v.version, "champion taken from the MLflow alias");
+            // Committed with the next checkpoint: a record or a tick that changes the
+            // rollouts marks the state changed.
             r.champion = Some(v.version);
-            self.dirty = true;
         }
     }
 
-    /// Runs until `shutdown`; blocking.
-    pub fn run(mut self, shutdown: &CancellationToken) -> Result<()> {
-        let tick = Duration::from_millis(self.cfg.tick_ms);
-        let mut last_tick = Instant::now();
-        let mut last_checkpoint = Instant::now();
-        while !shutdown.is_cancelled() {
-            if let Some(msg) = self.consumer.poll(Duration::from_millis(100)) {
-                match msg {
-                    Ok(m) => {
-                        let (topic, partition, offset) =
-                            (m.topic().to_string(), m.partition(), m.offset());
-                        let payload = m.payload().map(<[u8]>::to_vec);
-                        drop(m);
-                        self.state
-                            .positions
-                            .insert(format!("{topic}/{partition}"), offset + 1);
-                        self.dirty = true;
-                        if let Some(p) = payload {
-                            self.handle((&topic, partition, offset), &p, shutdown)?;
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "consumer error (retried by librdkafka)"),
-                }
-            }
-            if last_tick.elapsed() >= tick {
-                last_tick = Instant::now();
-                let now = chrono::Utc::now().timestamp_millis();
-                for model in self.cfg.models.clone() {
-                    let policy = self.policy.clone();
-                    self.step(&model, |r| Ok(r.on_tick(&policy, now)))?;
-                }
-            }
-            if self.dirty && last_checkpoint.elapsed() >= Duration::from_secs(5) {
-                self.commit(&[])?;
-                last_checkpoint = Instant::now();
-            }
-        }
-        if self.dirty {
-            self.commit(&[])?;
-        }
-        self.liveness.stopped();
-        tracing::info!("lifecycle controller stopped");
-        Ok(())
-    }
-
-    fn handle(
-        &mut self,
-        at: crate::Position<'_>,
-        payload: &[u8],
-        shutdown: &CancellationToken,
-    ) -> Result<()> {
+    fn handle(&mut self, p: &Processor, at: crate::Position<'_>, payload: &[u8]) -> Result<()> {
         let topic = at.0;
         let now = chrono::Utc::now().timestamp_millis();
         if topic == self.cfg.commands_topic {
@@ -283,10 +256,10 @@ impl Controller {
             let policy = self.policy.clone();
             let by = cmd.by.clone();
             let outcome = match cmd.command.as_str() {
-                "promote" => self.step(&cmd.model, |r| {
+                "promote" => self.step(p, &cmd.model, |r| {
                     r.promote_now(&by, &policy, now).map_err(Some)
                 }),
-                "rollback" => self.step(&cmd.model, |r| {
+                "rollback" => self.step(p, &cmd.model, |r| {
                     r.rollback_now(&by, &policy, now).map_err(Some)
                 }),
                 other => {
@@ -301,7 +274,7 @@ impl Controller {
             payload,
             at,
             &self.liveness,
-            shutdown,
+            &self.shutdown,
         )) {
             Ok(v) => v,
             // Stopped while the registry was out: the record is re-read after the restart.
@@ -314,7 +287,9 @@ impl Controller {
         if topic == self.cfg.lifecycle_topic {
             if let Some(e) = LifecycleEvent::from_value(&value) {
                 let policy = self.policy.clone();
-                self.step(&e.model_name.clone(), |r| Ok(r.on_event(&e, &policy, now)))?;
+                self.step(p, &e.model_name.clone(), |r| {
+                    Ok(r.on_event(&e, &policy, now))
+                })?;
             }
         } else if let Some((model, version, start, w)) = VersionWindow::from_report(&value)
             && let Some(r) = self.rollout(&model)
@@ -328,6 +303,7 @@ impl Controller {
     /// failure the rollout is left as it was and the step is retried at the next tick.
     fn step(
         &mut self,
+        p: &Processor,
         model: &str,
         decide: impl FnOnce(&mut Rollout) -> std::result::Result<Vec<Action>, Option<String>>,
     ) -> Result<()> {
@@ -363,14 +339,27 @@ impl Controller {
             .collect();
         // The aliases change inside the open transaction, once the broker has accepted it:
         // a fenced controller stops before it touches MLflow.
-        let applied = self.commit_with(&events, |c| {
+        let outs = events
+            .iter()
+            .map(|e| {
+                Ok(Out {
+                    topic: self.cfg.lifecycle_topic.clone(),
+                    key: e.model_name.clone(),
+                    value: self.encoder.encode(e.to_value())?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (rt, mlflow) = (&self.rt, &self.mlflow);
+        // The aliases change inside the open transaction, once the broker has accepted its
+        // records: a fenced controller fails before it touches MLflow.
+        let applied = p.commit(&self.state, &outs, || {
             for a in &aliases {
                 let Action::Alias { alias, version } = a else {
                     continue;
                 };
                 let done = match version {
-                    Some(v) => c.rt.block_on(c.mlflow.set_alias(model, alias, v)),
-                    None => c.rt.block_on(c.mlflow.delete_alias(model, alias)),
+                    Some(v) => rt.block_on(mlflow.set_alias(model, alias, v)),
+                    None => rt.block_on(mlflow.delete_alias(model, alias)),
                 };
                 if let Err(e) = done {
                     tracing::error!(model, alias, ?version, error = %e, "MLflow alias not changed; the step is retried");
@@ -379,6 +368,9 @@ impl Controller {
             }
             true
         })?;
+        if applied {
+            self.liveness.progressed();
+        }
         if !applied {
             self.state.rollouts.insert(model.to_string(), before);
             return Ok(());
@@ -399,71 +391,6 @@ impl Controller {
                 .spawn(async move { rescore_after_promotion(with, topic, rate, model).await });
         }
         Ok(())
-    }
-
-    /// One transaction: events, checkpoint, offsets.
-    fn commit(&mut self, events: &[LifecycleEvent]) -> Result<()> {
-        self.commit_with(events, |_| true).map(|_| ())
-    }
-
-    /// One transaction: events, checkpoint, offsets; `apply` runs once the broker has the
-    /// transaction's records and before it commits. `apply` returning false aborts it.
-    fn commit_with(
-        &mut self,
-        events: &[LifecycleEvent],
-        apply: impl FnOnce(&Self) -> bool,
-    ) -> Result<bool> {
-        let checkpoint = serde_json::to_vec(&ControllerState {
-            format: 1,
-            ..self.state.clone()
-        })
-        .map_err(|e| Error::Checkpoint(e.to_string()))?;
-        let encoded: Vec<(String, Vec<u8>)> = events
-            .iter()
-            .map(|e| Ok((e.model_name.clone(), self.encoder.encode(e.to_value())?)))
-            .collect::<Result<_>>()?;
-        let mut offsets = TopicPartitionList::new();
-        for (tp, o) in &self.state.positions {
-            if let Some((topic, p)) = tp.rsplit_once('/')
-                && let Ok(p) = p.parse::<i32>()
-            {
-                offsets
-                    .add_partition_offset(topic, p, Offset::Offset(*o))
-                    .map_err(kerr("offsets"))?;
-            }
-        }
-        let key = state_key(&self.cfg.group_id);
-        let group =
-            match offsets.count() {
-                0 => None,
-                _ => Some(self.consumer.group_metadata().ok_or_else(|| {
-                    Error::Checkpoint("the consumer has no group metadata".into())
-                })?),
-            };
-        let mut txn = self.producer.begin()?;
-        for (model, bytes) in &encoded {
-            txn.send(
-                FutureRecord::to(&self.cfg.lifecycle_topic)
-                    .key(model.as_str())
-                    .payload(bytes.as_slice()),
-            )?;
-        }
-        txn.send(
-            FutureRecord::to(&self.cfg.state_topic)
-                .key(key.as_str())
-                .payload(checkpoint.as_slice()),
-        )?;
-        // Delivering the records makes the broker check this producer's epoch: a fenced
-        // controller stops here, before it acts on MLflow.
-        txn.deliver()?;
-        if !apply(self) {
-            txn.abort()?;
-            return Ok(false);
-        }
-        txn.commit(group.as_ref().map(|g| (&offsets, g)))?;
-        self.liveness.progressed();
-        self.dirty = false;
-        Ok(true)
     }
 }
 

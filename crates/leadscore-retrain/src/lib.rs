@@ -14,19 +14,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use apache_avro::types::Value;
 use leadscore_config::{KafkaConfig, RetrainConfig};
-use leadscore_kafka::txn::{Transactional, TxnError};
+use leadscore_kafka::processor::{self, Cadence, CommitError, Hooks, Out, Positions, Processor};
+use leadscore_kafka::txn::TxnError;
 use leadscore_lifecycle::retrain::{
     Candidate, Decision, Evidence, ModelState, Policy, ReportView, Request, Trigger, request_time,
 };
 use leadscore_registry::{Decoder, Encoder, Registry};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureRecord;
-use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -65,6 +64,26 @@ pub enum Error {
     /// A transaction failed; its class says whether the service may go on.
     #[error(transparent)]
     Txn(#[from] TxnError),
+}
+
+impl From<CommitError> for Error {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::Txn(t) => Error::Txn(t),
+            CommitError::Kafka(k) => Error::Topics(k),
+            other => Error::Checkpoint(other.to_string()),
+        }
+    }
+}
+
+impl From<processor::StartError> for Error {
+    fn from(e: processor::StartError) -> Self {
+        match e {
+            processor::StartError::Txn(t) => Error::Txn(t),
+            processor::StartError::Kafka(k) => Error::Topics(k),
+            other => Error::Checkpoint(other.to_string()),
+        }
+    }
 }
 
 impl Error {
@@ -193,7 +212,17 @@ impl leadscore_runtime::Status for Metrics {
 struct Checkpoint {
     format: u32,
     models: BTreeMap<String, ModelState>,
-    positions: BTreeMap<String, i64>,
+    positions: Positions,
+}
+
+impl processor::Checkpoint for Checkpoint {
+    fn positions(&self) -> &Positions {
+        &self.positions
+    }
+
+    fn positions_mut(&mut self) -> &mut Positions {
+        &mut self.positions
+    }
 }
 
 /// A candidate from a firing critical PSI alert.
@@ -248,20 +277,24 @@ fn alert_candidate(value: &Value) -> Option<Candidate> {
     })
 }
 
-/// The running trigger.
+/// The running trigger: the shared processor and the trigger's own logic.
 pub struct RetrainTrigger {
+    processor: Processor,
+    logic: Logic,
+}
+
+/// What the trigger does with each record and tick ([`Hooks`] of the processor).
+struct Logic {
     cfg: RetrainConfig,
     policy: Policy,
-    consumer: BaseConsumer,
-    producer: Transactional,
     decoder: Decoder,
     encoder: Encoder,
     crm_url: String,
     crm: Option<leadscore_postgres::Client>,
     state: Checkpoint,
-    dirty: bool,
     metrics: Arc<Metrics>,
     rt: tokio::runtime::Handle,
+    shutdown: CancellationToken,
 }
 
 impl RetrainTrigger {
@@ -283,135 +316,75 @@ impl RetrainTrigger {
         )
         .await?;
         let (kc, c2) = (kafka.clone(), cfg.clone());
-        let (consumer, producer, state) = tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = leadscore_kafka::txn::consumer_config(&kc, &c2.group_id)
-                .create()
-                .map_err(kerr("creating the consumer"))?;
-            let producer = Transactional::start(
-                &kc,
-                &c2.transactional_id,
-                "leadscore-retrain",
-                60_000,
-                timeout,
-            )?;
+        let (processor, mut state) = tokio::task::spawn_blocking(move || {
             let key = format!("{}/state", c2.group_id);
-            let stored = leadscore_kafka::latest::read_latest(&kc, &c2.state_topic, &key, timeout)?;
-            let state: Checkpoint = match stored.get(&key) {
-                Some(s) => serde_json::from_slice(&s.value).map_err(|e| {
-                    Error::Checkpoint(format!(
-                        "{}/{}@{} is unreadable: {e}",
-                        c2.state_topic, s.partition, s.offset
-                    ))
-                })?,
-                None => Checkpoint::default(),
-            };
-            let mut tpl = TopicPartitionList::new();
-            for topic in [&c2.metrics_topic, &c2.alerts_topic, &c2.requests_topic] {
-                let md = consumer
-                    .fetch_metadata(Some(topic), timeout)
-                    .map_err(kerr(format!("metadata of {topic}")))?;
-                let ids: Vec<i32> = md
-                    .topics()
-                    .iter()
-                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                    .collect();
-                if ids.is_empty() {
-                    return Err(leadscore_kafka::Error::Missing(topic.clone()).into());
-                }
-                for p in ids {
-                    let offset = state
-                        .positions
-                        .get(&format!("{topic}/{p}"))
-                        .map_or(Offset::Beginning, |o| Offset::Offset(*o));
-                    tpl.add_partition_offset(topic, p, offset)
-                        .map_err(kerr("assignment"))?;
-                }
-            }
-            consumer.assign(&tpl).map_err(kerr("assigning inputs"))?;
-            Ok::<_, Error>((consumer, producer, state))
+            Processor::start::<Checkpoint>(
+                &kc,
+                &processor::Start {
+                    group: &c2.group_id,
+                    transactional_id: &c2.transactional_id,
+                    client_id: "leadscore-retrain",
+                    state_topic: &c2.state_topic,
+                    state_key: &key,
+                    inputs: &[&c2.metrics_topic, &c2.alerts_topic, &c2.requests_topic],
+                    timeout,
+                },
+            )
         })
         .await
         .map_err(|e| Error::Checkpoint(format!("startup task: {e}")))??;
+        state.format = 1;
         tracing::info!(models = ?state.models.keys().collect::<Vec<_>>(), "retrain trigger state restored");
         metrics.liveness.started();
         Ok(Self {
-            policy: policy(&cfg),
-            cfg,
-            consumer,
-            producer,
-            decoder: Decoder::new(registry),
-            encoder,
-            crm_url,
-            crm: None,
-            state,
-            dirty: false,
-            metrics,
-            rt: tokio::runtime::Handle::current(),
+            processor,
+            logic: Logic {
+                policy: policy(&cfg),
+                cfg,
+                decoder: Decoder::new(registry),
+                encoder,
+                crm_url,
+                crm: None,
+                state,
+                metrics,
+                rt: tokio::runtime::Handle::current(),
+                shutdown: CancellationToken::new(),
+            },
         })
     }
 
     /// Runs until `shutdown`; blocking.
     pub fn run(mut self, shutdown: &CancellationToken) -> Result<()> {
-        let tick = Duration::from_millis(self.cfg.tick_ms);
-        let mut last_tick: Option<Instant> = None;
-        let mut last_checkpoint = Instant::now();
-        while !shutdown.is_cancelled() {
-            if let Some(msg) = self.consumer.poll(Duration::from_millis(100)) {
-                match msg {
-                    Ok(m) => {
-                        let (topic, partition, offset) =
-                            (m.topic().to_string(), m.partition(), m.offset());
-                        let payload = m.payload().map(<[u8]>::to_vec);
-                        drop(m);
-                        self.state
-                            .positions
-                            .insert(format!("{topic}/{partition}"), offset + 1);
-                        self.dirty = true;
-                        if let Some(p) = payload {
-                            self.handle((&topic, partition, offset), &p, shutdown)?;
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "consumer error (retried by librdkafka)"),
-                }
-            }
-            if last_tick.is_none_or(|t| t.elapsed() >= tick) {
-                last_tick = Some(Instant::now());
-                let now = chrono::Utc::now().timestamp_millis();
-                for model in self.cfg.models.clone() {
-                    let state = self.state.models.entry(model.clone()).or_default();
-                    let before = state.clone();
-                    let candidate = state.on_tick(&model, now, &self.policy);
-                    self.dirty |= *state != before;
-                    if let Some(c) = candidate {
-                        self.decide(c)?;
-                    }
-                }
-            }
-            if self.dirty && last_checkpoint.elapsed() >= Duration::from_secs(5) {
-                self.commit(None)?;
-                last_checkpoint = Instant::now();
-            }
-        }
-        if self.dirty {
-            self.commit(None)?;
-        }
+        self.logic.shutdown = shutdown.clone();
+        let cadence = Cadence {
+            poll: Duration::from_millis(100),
+            tick: Duration::from_millis(self.logic.cfg.tick_ms),
+            checkpoint: Duration::from_secs(5),
+        };
+        let liveness = self.logic.metrics.liveness.clone();
+        self.processor
+            .run(&mut self.logic, cadence, shutdown, || liveness.progressed())?;
         tracing::info!("retrain trigger stopped");
         Ok(())
     }
+}
 
-    fn handle(
-        &mut self,
-        at: Position<'_>,
-        payload: &[u8],
-        shutdown: &CancellationToken,
-    ) -> Result<()> {
+impl Hooks for Logic {
+    type State = Checkpoint;
+    type Error = Error;
+
+    fn state(&mut self) -> &mut Checkpoint {
+        &mut self.state
+    }
+
+    fn on_record(&mut self, p: &Processor, at: Position<'_>, payload: &[u8]) -> Result<()> {
         let topic = at.0;
         let value = match self.rt.block_on(decode_waiting(
             &self.decoder,
             payload,
             at,
             &self.metrics.liveness,
-            shutdown,
+            &self.shutdown,
         )) {
             Ok(v) => v,
             // Stopped while the registry was out: the record is re-read after the restart.
@@ -432,15 +405,32 @@ impl RetrainTrigger {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let state = self.state.models.entry(r.model_name.clone()).or_default();
                 if let Some(c) = state.on_report(&r, &self.policy) {
-                    self.decide(c)?;
+                    self.decide(p, c)?;
                 }
             }
         } else if let Some(c) = alert_candidate(&value) {
-            self.decide(c)?;
+            self.decide(p, c)?;
         }
         Ok(())
     }
 
+    fn on_tick(&mut self, p: &Processor) -> Result<bool> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut changed = false;
+        for model in self.cfg.models.clone() {
+            let state = self.state.models.entry(model.clone()).or_default();
+            let before = state.clone();
+            let candidate = state.on_tick(&model, now, &self.policy);
+            changed |= *state != before;
+            if let Some(c) = candidate {
+                self.decide(p, c)?;
+            }
+        }
+        Ok(changed)
+    }
+}
+
+impl Logic {
     fn labelled(&mut self) -> Result<u64> {
         let months = self.cfg.data_window_months;
         let url = self.crm_url.clone();
@@ -463,7 +453,7 @@ impl RetrainTrigger {
         })
     }
 
-    fn decide(&mut self, c: Candidate) -> Result<()> {
+    fn decide(&mut self, p: &Processor, c: Candidate) -> Result<()> {
         let now = chrono::Utc::now().timestamp_millis();
         let labelled = match self.labelled() {
             Ok(n) => n,
@@ -491,7 +481,14 @@ impl RetrainTrigger {
                     .entry(request.candidate.model_name.clone())
                     .or_default()
                     .requested(now);
-                self.commit(Some(&request))?;
+                let value = self.encoder.encode(request.to_value())?;
+                let out = Out {
+                    topic: self.cfg.requests_topic.clone(),
+                    key: request.candidate.model_name.clone(),
+                    value,
+                };
+                p.commit(&self.state, &[out], || true)?;
+                self.metrics.liveness.progressed();
                 tracing::warn!(model = %request.candidate.model_name, trigger = request.candidate.trigger.as_str(), request_id = %request.request_id, labelled, reason = %request.candidate.reason, "retrain requested");
                 self.metrics
                     .decision(request.candidate.trigger, "requested");
@@ -499,57 +496,10 @@ impl RetrainTrigger {
             }
         }
     }
-
-    /// One transaction: the request (if any), the checkpoint and the offsets.
-    fn commit(&mut self, request: Option<&Request>) -> Result<()> {
-        let checkpoint = serde_json::to_vec(&Checkpoint {
-            format: 1,
-            ..self.state.clone()
-        })
-        .map_err(|e| Error::Checkpoint(e.to_string()))?;
-        let request_bytes = request
-            .map(|r| self.encoder.encode(r.to_value()))
-            .transpose()?;
-        let mut offsets = TopicPartitionList::new();
-        for (tp, o) in &self.state.positions {
-            if let Some((topic, p)) = tp.rsplit_once('/')
-                && let Ok(p) = p.parse::<i32>()
-            {
-                offsets
-                    .add_partition_offset(topic, p, Offset::Offset(*o))
-                    .map_err(kerr("offsets"))?;
-            }
-        }
-        let key = format!("{}/state", self.cfg.group_id);
-        let group =
-            match offsets.count() {
-                0 => None,
-                _ => Some(self.consumer.group_metadata().ok_or_else(|| {
-                    Error::Checkpoint("the consumer has no group metadata".into())
-                })?),
-            };
-        let mut txn = self.producer.begin()?;
-        if let (Some(r), Some(bytes)) = (request, &request_bytes) {
-            txn.send(
-                FutureRecord::to(&self.cfg.requests_topic)
-                    .key(r.candidate.model_name.as_str())
-                    .payload(bytes.as_slice()),
-            )?;
-        }
-        txn.send(
-            FutureRecord::to(&self.cfg.state_topic)
-                .key(key.as_str())
-                .payload(checkpoint.as_slice()),
-        )?;
-        txn.commit(group.as_ref().map(|g| (&offsets, g)))?;
-        self.metrics.liveness.progressed();
-        self.dirty = false;
-        Ok(())
-    }
 }
 
 /// Where a record was read: topic, partition, offset.
-pub type Position<'a> = (&'a str, i32, i64);
+pub use leadscore_kafka::processor::Position;
 
 /// Decodes a control-topic record, waiting while the registry is unreachable (each failed
 /// try counts towards a stuck loop in `liveness`) until it answers or `shutdown`.
