@@ -35,7 +35,6 @@ use leadscore_kafka::txn::{Transactional, TxnError};
 use leadscore_registry::{Encoder, Registry};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::FutureRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -662,24 +661,22 @@ impl Aggregator {
                     .map_err(kerr("offsets"))?;
             }
         }
-        let group = match offsets.count() {
-            0 => None,
-            _ => Some(
-                self.consumer
-                    .group_metadata()
-                    .ok_or_else(|| Error::Config("the consumer has no group metadata".into()))?,
-            ),
-        };
         // A failed commit stops the service: it restarts from the last committed checkpoint.
-        let mut txn = self.producer.begin()?;
-        for (topic, key, bytes) in &records {
-            txn.send(
-                FutureRecord::to(topic)
-                    .key(key.as_str())
-                    .payload(bytes.as_slice()),
-            )?;
-        }
-        txn.commit(group.as_ref().map(|g| (&offsets, g)))?;
+        let records: Vec<(&str, &str, &[u8])> = records
+            .iter()
+            .map(|(topic, key, bytes)| (*topic, key.as_str(), bytes.as_slice()))
+            .collect();
+        leadscore_kafka::processor::commit_records(
+            &self.producer,
+            &self.consumer,
+            &records,
+            &offsets,
+            || true,
+        )
+        .map_err(|e| match e {
+            leadscore_kafka::processor::CommitError::Txn(t) => Error::Txn(t),
+            other => Error::Config(format!("checkpoint: {other}")),
+        })?;
         self.core.metrics.liveness().progressed();
         for s in self.core.sources.values_mut() {
             s.dirty = false;

@@ -195,30 +195,21 @@ impl Processor {
     ) -> Result<bool, CommitError> {
         let checkpoint =
             serde_json::to_vec(state).map_err(|e| CommitError::Encode(e.to_string()))?;
+        let mut all = Vec::with_capacity(records.len() + 1);
+        all.extend(
+            records
+                .iter()
+                .map(|r| (r.topic.as_str(), r.key.as_str(), r.value.as_slice())),
+        );
+        all.push((
+            self.state_topic.as_str(),
+            self.state_key.as_str(),
+            checkpoint.as_slice(),
+        ));
         let offsets = state.positions().offsets()?;
-        let group = match offsets.count() {
-            0 => None,
-            _ => Some(self.consumer.group_metadata().ok_or(CommitError::NoGroup)?),
-        };
-        let mut txn = self.producer.begin()?;
-        for r in records {
-            txn.send(
-                FutureRecord::to(&r.topic)
-                    .key(r.key.as_str())
-                    .payload(r.value.as_slice()),
-            )?;
-        }
-        txn.send(
-            FutureRecord::to(&self.state_topic)
-                .key(self.state_key.as_str())
-                .payload(checkpoint.as_slice()),
-        )?;
-        txn.deliver()?;
-        if !apply() {
-            txn.abort()?;
+        if !commit_records(&self.producer, &self.consumer, &all, &offsets, apply)? {
             return Ok(false);
         }
-        txn.commit(group.as_ref().map(|g| (&offsets, g)))?;
         self.dirty.set(false);
         Ok(true)
     }
@@ -284,6 +275,34 @@ impl Processor {
     pub fn dirty(&self) -> bool {
         self.dirty.get()
     }
+}
+
+/// Commits `records` (topic, key, value) and the consumer's `offsets` in one transaction of
+/// `producer`: the one commit of every stateful service. `apply` runs once the broker has
+/// accepted the records (a fenced producer fails before it) and before the commit; `false`
+/// from it aborts, and `Ok(false)` says so.
+pub fn commit_records(
+    producer: &Transactional,
+    consumer: &BaseConsumer,
+    records: &[(&str, &str, &[u8])],
+    offsets: &TopicPartitionList,
+    apply: impl FnOnce() -> bool,
+) -> Result<bool, CommitError> {
+    let group = match offsets.count() {
+        0 => None,
+        _ => Some(consumer.group_metadata().ok_or(CommitError::NoGroup)?),
+    };
+    let mut txn = producer.begin()?;
+    for (topic, key, value) in records {
+        txn.send(FutureRecord::to(topic).key(*key).payload(*value))?;
+    }
+    txn.deliver()?;
+    if !apply() {
+        txn.abort()?;
+        return Ok(false);
+    }
+    txn.commit(group.as_ref().map(|g| (offsets, g)))?;
+    Ok(true)
 }
 
 /// Assigns every partition of `topics` at `positions` (the beginning where none is recorded).
