@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import sys
+import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -197,9 +199,43 @@ def train(args: argparse.Namespace) -> dict:
 
     result = {"out": str(out), "validation_auc": holdout_auc, "cv_auc": cv_auc}
     if args.mlflow:
+        # Last chance before MLflow changes: a worker killed meanwhile re-runs the request, and
+        # this run must not register a version nobody reports.
+        require_parent(args.parent_pid)
         result.update(registry.publish(args.mlflow, args.model_name, out, metadata,
                                        hold_df, y_hold, args.gate_margin))
     return result
+
+
+class ParentGone(Exception):
+    """The worker that started this run is gone."""
+
+
+def require_parent(parent_pid: int | None) -> None:
+    """Raises ParentGone when this process was started by `parent_pid` and it has exited
+    (the process is then re-parented, so its parent id changes)."""
+    if parent_pid is not None and os.getppid() != parent_pid:
+        raise ParentGone(f"the worker (pid {parent_pid}) that started this run is gone; "
+                         "stopping without registering (it runs the request again)")
+
+
+def watch_parent(parent_pid: int | None, every_s: float = 0.2) -> None:
+    """Exits this process soon after the worker that started it is killed (SIGKILL leaves
+    no chance to stop its children): its request is run again by the next worker, and an
+    orphaned run must not go on to register a version in MLflow."""
+    if parent_pid is None:
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                require_parent(parent_pid)
+            except ParentGone as e:
+                log.error("%s", e)
+                os._exit(75)
+            time.sleep(every_s)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -220,6 +256,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", dest="mlflow", action="store_const", const=None)
     p.add_argument("--gate-margin", type=float, default=0.02,
                    help="AUC points a new version must beat the champion by to become challenger")
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="stop when this process (the training worker) is gone")
     p.add_argument("--reproducible", action="store_true",
                    help="record the data window end instead of the wall clock, for committed models")
     return p
@@ -228,9 +266,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
+    watch_parent(args.parent_pid)
     try:
         result = train(args)
-    except (TrainingError, data.DataError, registry.RegistryError) as e:
+    except (TrainingError, data.DataError, registry.RegistryError, ParentGone) as e:
         log.error("%s", e)
         return 2
     print(json.dumps(result, indent=2, sort_keys=True))

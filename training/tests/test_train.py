@@ -1,4 +1,5 @@
 import json
+import os
 import uuid
 
 import pytest
@@ -58,3 +59,10 @@ def test_gate_registers_champion_then_rejects_or_promotes_by_margin(leads_csv, t
     assert client.get_model_version_by_alias(name, "challenger").version == "3"
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     assert client.get_model_version(name, "3").tags["gate"] == "challenger"
+
+
+def test_a_run_whose_worker_is_gone_stops_before_registering():
+    train.require_parent(None)
+    train.require_parent(os.getppid())
+    with pytest.raises(train.ParentGone, match="stopping without registering"):
+        train.require_parent(os.getppid() + 1_000_000)

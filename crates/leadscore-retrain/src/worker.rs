@@ -354,6 +354,9 @@ impl Worker {
                 &self.cfg.mlflow_url,
             ])
             .args(["--trials", &self.cfg.trials.to_string()])
+            // The job stops when this worker is gone (a SIGKILL leaves no chance to stop it),
+            // so an orphaned run never registers a version the re-run request also registers.
+            .args(["--parent-pid", &std::process::id().to_string()])
             .args(&self.cfg.extra_args)
             .kill_on_drop(true);
         let output =

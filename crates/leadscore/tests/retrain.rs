@@ -470,6 +470,69 @@ async fn the_worker_trains_registers_and_reports_each_request_once() {
     t.delete().await;
 }
 
+/// Versions of `model` registered in MLflow.
+async fn mlflow_versions(model: &str) -> usize {
+    let base =
+        std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
+    let body: serde_json::Value = reqwest::Client::new()
+        .get(format!("{base}/api/2.0/mlflow/model-versions/search"))
+        .query(&[("filter", format!("name='{model}'"))])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["model_versions"].as_array().map_or(0, Vec::len)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_run_runs_the_request_again_and_registers_one_version() {
+    let t = Topics::create().await;
+    let lifecycle_topic = format!("{}.lifecycle", t.group);
+    create_topic(&lifecycle_topic, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("leads.csv");
+    leadscore_e2e::write_leads_csv(&csv, 6, 4000);
+    let model = unique("it-killed");
+    let group = format!("{}.worker", t.group);
+    let args = ["--min-rows", "500", "--gate-margin", "-1"];
+    let worker = start_worker(&t.requests, &lifecycle_topic, &group, &csv, &args);
+    request_retrain(&t, &model, "killed mid-run");
+
+    // The run has started (its "training" event is committed): SIGKILL the worker now.
+    let started = lifecycle_within(&lifecycle_topic, &model, 1, Duration::from_secs(120)).await;
+    assert_eq!(started.len(), 1, "the run started: {started:?}");
+    let mut child: std::process::Child = worker.into();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Killed mid-run: no outcome was committed, and the orphaned training job stops by
+    // itself instead of registering a version (given time to do so if it did not).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let after_kill = lifecycle_within(&lifecycle_topic, &model, 2, Duration::from_secs(2)).await;
+    assert_eq!(
+        after_kill.len(),
+        1,
+        "no outcome before the restart: {after_kill:?}"
+    );
+    assert_eq!(
+        mlflow_versions(&model).await,
+        0,
+        "the orphaned run registered nothing"
+    );
+
+    // Restarted, the worker runs the uncommitted request again, once.
+    let worker = start_worker(&t.requests, &lifecycle_topic, &group, &csv, &args);
+    let events = lifecycle(&lifecycle_topic, &model, 3).await;
+    terminate(worker);
+    let stages: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(stages, ["training", "training", "promoted"], "{events:?}");
+    assert_eq!(mlflow_versions(&model).await, 1, "one version registered");
+    assert_eq!(events[2].1, "1");
+    delete_topics(&[&lifecycle_topic]).await;
+    t.delete().await;
+}
+
 /// Runs a `retrain worker` as the Helm chart's Job does and returns its exit
 /// status, killing it if it outlives `limit`.
 fn run_job(mut cmd: Command, limit: Duration) -> std::process::ExitStatus {
