@@ -79,6 +79,44 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
+
+    // The engines side by side on the same built features: native trees vs ONNX Runtime.
+    let width = model.features().width();
+    let mut rows = Vec::with_capacity(pool.len() * width);
+    for l in &pool {
+        model.features().build_into(l, &mut rows).unwrap();
+    }
+    println!("engine in use: {}", model.engine().as_str());
+    let mut g = c.benchmark_group("engine");
+    for size in [1usize, 256, 1024] {
+        g.throughput(Throughput::Elements(size as u64));
+        let (mut start, total) = (0usize, pool.len());
+        let mut next = move || {
+            start = (start + size) % (total - size);
+            start
+        };
+        g.bench_function(format!("native_{size}"), |b| {
+            b.iter(|| {
+                let s = next();
+                black_box(
+                    model
+                        .score_features(&rows[s * width..(s + size) * width], size)
+                        .unwrap(),
+                )
+            })
+        });
+        g.bench_function(format!("onnxruntime_{size}"), |b| {
+            b.iter(|| {
+                let s = next();
+                black_box(
+                    model
+                        .score_onnx(&rows[s * width..(s + size) * width], size)
+                        .unwrap(),
+                )
+            })
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, bench);

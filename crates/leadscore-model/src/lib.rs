@@ -5,7 +5,9 @@
 //! (session + metadata + feature builder) that scores one lead or a batch,
 //! [`source`]s that fetch a model version from a local directory or the
 //! MLflow registry, and a [`ModelHandle`] that swaps models atomically while
-//! scoring continues. It knows nothing of Kafka.
+//! scoring continues. A tree-ensemble graph (the LightGBM export) is evaluated
+//! natively ([`native`]) once it agrees with ONNX Runtime on probe rows; every
+//! other graph runs in ONNX Runtime. It knows nothing of Kafka.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -18,6 +20,7 @@ use ort::value::Tensor;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+pub mod native;
 pub mod source;
 
 /// Errors raised while loading or running a model.
@@ -167,6 +170,30 @@ pub struct Model {
     meta: Metadata,
     features: FeatureBuilder,
     session: Mutex<Session>,
+    /// The graph's trees, evaluated in Rust; `None` when ONNX Runtime scores.
+    native: Option<native::Forest>,
+}
+
+/// Largest difference allowed between native and ONNX Runtime scores on the probe rows.
+pub const NATIVE_TOLERANCE: f64 = 1e-6;
+
+/// Which engine scores a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// The native tree-ensemble evaluator.
+    Native,
+    /// ONNX Runtime.
+    OnnxRuntime,
+}
+
+impl Engine {
+    /// Stable name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Native => "native",
+            Engine::OnnxRuntime => "onnxruntime",
+        }
+    }
 }
 
 impl std::fmt::Debug for Model {
@@ -259,10 +286,11 @@ impl Model {
                 ),
             });
         }
-        let model = Self {
+        let mut model = Self {
             meta,
             features,
             session: Mutex::new(session),
+            native: None,
         };
         // A graph whose width differs from the feature spec fails here, not on the first lead.
         let probe = vec![f32::NAN; model.features.width()];
@@ -275,7 +303,59 @@ impl Model {
                     model.features.width()
                 ),
             })?;
+        model.native = model.native_if_equal(onnx);
         Ok(model)
+    }
+
+    /// The native evaluator of the graph, if the graph is a covered tree ensemble and its
+    /// scores equal ONNX Runtime's on probe rows (within [`NATIVE_TOLERANCE`]).
+    fn native_if_equal(&self, onnx: &[u8]) -> Option<native::Forest> {
+        let label = self.meta.label();
+        if self.meta.output.positive_index.is_some_and(|i| i != 1) {
+            tracing::info!(model = %label, engine = "onnxruntime", "positive class is not index 1; not evaluated natively");
+            return None;
+        }
+        let forest = match native::Forest::from_onnx(
+            onnx,
+            &self.meta.output.name,
+            self.features.width(),
+        ) {
+            Ok(f) => f,
+            Err(why) => {
+                tracing::info!(model = %label, engine = "onnxruntime", reason = %why, "graph not evaluated natively");
+                return None;
+            }
+        };
+        let rows = forest.probe_rows(512);
+        let n = rows.len() / forest.width();
+        let want = match self.score_onnx(&rows, n) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(model = %label, error = %e, "probe rows failed in ONNX Runtime; not evaluated natively");
+                return None;
+            }
+        };
+        let got = forest.score(&rows);
+        let worst = want
+            .iter()
+            .zip(&got)
+            .map(|(w, g)| (w - f64::from(*g).clamp(0.0, 1.0)).abs())
+            .fold(0.0f64, f64::max);
+        if worst > NATIVE_TOLERANCE {
+            tracing::warn!(model = %label, engine = "onnxruntime", max_abs_diff = worst, "native scores differ from ONNX Runtime; ONNX Runtime scores this model");
+            return None;
+        }
+        tracing::info!(model = %label, engine = "native", trees = forest.trees(), probe_rows = n, max_abs_diff = worst, "tree ensemble evaluated natively");
+        Some(forest)
+    }
+
+    /// Which engine scores this model.
+    pub fn engine(&self) -> Engine {
+        if self.native.is_some() {
+            Engine::Native
+        } else {
+            Engine::OnnxRuntime
+        }
     }
 
     /// The model's metadata.
@@ -290,14 +370,35 @@ impl Model {
 
     /// Scores `n` rows of already-built features (row-major, `n * width` values).
     pub fn score_features(&self, rows: &[f32], n: usize) -> Result<Vec<f64>> {
+        match &self.native {
+            Some(forest) => {
+                self.check_rows(rows, n)?;
+                Ok(forest
+                    .score(rows)
+                    .into_iter()
+                    .map(|p| f64::from(p).clamp(0.0, 1.0))
+                    .collect())
+            }
+            None => self.score_onnx(rows, n),
+        }
+    }
+
+    fn check_rows(&self, rows: &[f32], n: usize) -> Result<()> {
         let width = self.features.width();
-        let label = || self.meta.label();
         if rows.len() != n * width {
             return Err(Error::Mismatch {
-                model: label(),
+                model: self.meta.label(),
                 reason: format!("{} values for {n} rows of {width}", rows.len()),
             });
         }
+        Ok(())
+    }
+
+    /// Scores `n` rows in ONNX Runtime, whatever the engine.
+    pub fn score_onnx(&self, rows: &[f32], n: usize) -> Result<Vec<f64>> {
+        let width = self.features.width();
+        let label = || self.meta.label();
+        self.check_rows(rows, n)?;
         if n == 0 {
             return Ok(Vec::new());
         }

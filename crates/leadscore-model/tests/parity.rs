@@ -5,7 +5,8 @@
 
 use chrono::{DateTime, Utc};
 use leadscore_crm::{Lead, Status};
-use leadscore_model::{Model, bundled_dir};
+use leadscore_model::{Engine, Model, NATIVE_TOLERANCE, bundled_dir};
+use proptest::prelude::*;
 use serde_json::Value;
 
 fn lead(v: &Value) -> Lead {
@@ -35,6 +36,11 @@ fn rust_features_and_scores_equal_python_on_shared_vectors() {
     let fixture: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("parity.json")).unwrap()).unwrap();
     let model = Model::load_dir(&dir).unwrap();
+    assert_eq!(
+        model.engine(),
+        Engine::Native,
+        "the bundled LightGBM export is evaluated natively"
+    );
     assert_eq!(fixture["model_version"], model.metadata().version.as_str());
     let names: Vec<&str> = model.features().names().collect();
     let expected_names: Vec<&str> = fixture["feature_names"]
@@ -82,6 +88,12 @@ fn rust_features_and_scores_equal_python_on_shared_vectors() {
             "lead {}: rust {single} python {want}",
             l.lead_id
         );
+        let onnx = model.score_onnx(&features, 1).unwrap()[0];
+        assert!(
+            (single - onnx).abs() <= NATIVE_TOLERANCE,
+            "lead {}: native {single} ONNX Runtime {onnx}",
+            l.lead_id
+        );
         let batched = batch[i].as_ref().unwrap().probability;
         assert!(
             (batched - single).abs() <= 1e-6,
@@ -110,5 +122,35 @@ fn a_batch_with_an_invalid_lead_scores_the_rest() {
     assert_eq!(out[2].as_ref().unwrap_err().field, "time_on_site");
     for i in [0, 1, 3, 4] {
         assert!((out[i].as_ref().unwrap().probability - expected[i]).abs() < 1e-9);
+    }
+}
+
+/// A feature value as the builder can make it: missing, small integers (codes, counts,
+/// hours) or any finite float.
+fn feature() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        1 => Just(f32::NAN),
+        3 => (0u16..60).prop_map(f32::from),
+        3 => -1.0e4f32..1.0e4,
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn native_scores_equal_onnx_runtime_on_random_rows(
+        rows in proptest::collection::vec(proptest::collection::vec(feature(), 9), 1..64)
+    ) {
+        let model = Model::load_dir(&bundled_dir()).unwrap();
+        let width = model.features().width();
+        prop_assert_eq!(width, 9);
+        let flat: Vec<f32> = rows.concat();
+        let n = rows.len();
+        let native = model.score_features(&flat, n).unwrap();
+        let onnx = model.score_onnx(&flat, n).unwrap();
+        for (i, (a, b)) in native.iter().zip(&onnx).enumerate() {
+            prop_assert!((a - b).abs() <= NATIVE_TOLERANCE, "row {i}: native {a} ONNX Runtime {b}");
+        }
     }
 }

@@ -1,0 +1,555 @@
+//! Native evaluation of a tree-ensemble ONNX graph (the LightGBM export), in Rust.
+//!
+//! ONNX stays the model contract: the trees are read from the graph's one
+//! `ai.onnx.ml.TreeEnsembleClassifier` node into flat arrays and evaluated here with ONNX
+//! Runtime's semantics (the comparison of each node's mode, a missing value following its
+//! `missing_value_tracks_true`, leaf weights summed per class in tree order in `f32`, then
+//! the post-transform). Only the graphs this covers are taken: a binary classifier whose
+//! leaves all add to one class, modes `BRANCH_*`/`LEAF`, post-transform `NONE` or
+//! `LOGISTIC`, and nothing but `Identity` after it. Anything else returns `None` and the
+//! model is scored by ONNX Runtime. [`crate::Model`] also checks the two agree on probe rows
+//! before it uses the native path.
+
+use std::collections::HashMap;
+
+use prost::Message;
+
+/// The parts of `onnx.proto` read here (field numbers as in the ONNX IR); the rest is
+/// skipped by the decoder.
+mod proto {
+    /// `ModelProto`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct ModelProto {
+        /// `graph`.
+        #[prost(message, optional, tag = "7")]
+        pub(super) graph: Option<GraphProto>,
+    }
+
+    /// `GraphProto`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct GraphProto {
+        /// `node`.
+        #[prost(message, repeated, tag = "1")]
+        pub(super) node: Vec<NodeProto>,
+        /// `input`.
+        #[prost(message, repeated, tag = "11")]
+        pub(super) input: Vec<ValueInfoProto>,
+        /// `output`.
+        #[prost(message, repeated, tag = "12")]
+        pub(super) output: Vec<ValueInfoProto>,
+    }
+
+    /// `ValueInfoProto` (its name only).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct ValueInfoProto {
+        /// `name`.
+        #[prost(string, tag = "1")]
+        pub(super) name: String,
+    }
+
+    /// `NodeProto`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct NodeProto {
+        /// `input`.
+        #[prost(string, repeated, tag = "1")]
+        pub(super) input: Vec<String>,
+        /// `output`.
+        #[prost(string, repeated, tag = "2")]
+        pub(super) output: Vec<String>,
+        /// `op_type`.
+        #[prost(string, tag = "4")]
+        pub(super) op_type: String,
+        /// `attribute`.
+        #[prost(message, repeated, tag = "5")]
+        pub(super) attribute: Vec<AttributeProto>,
+        /// `domain`.
+        #[prost(string, tag = "7")]
+        pub(super) domain: String,
+    }
+
+    /// `AttributeProto` (the value kinds a tree ensemble uses).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct AttributeProto {
+        /// `name`.
+        #[prost(string, tag = "1")]
+        pub(super) name: String,
+        /// `f`.
+        #[prost(float, tag = "2")]
+        pub(super) f: f32,
+        /// `i`.
+        #[prost(int64, tag = "3")]
+        pub(super) i: i64,
+        /// `s`.
+        #[prost(bytes = "vec", tag = "4")]
+        pub(super) s: Vec<u8>,
+        /// `floats`.
+        #[prost(float, repeated, tag = "7")]
+        pub(super) floats: Vec<f32>,
+        /// `ints`.
+        #[prost(int64, repeated, tag = "8")]
+        pub(super) ints: Vec<i64>,
+        /// `strings`.
+        #[prost(bytes = "vec", repeated, tag = "9")]
+        pub(super) strings: Vec<Vec<u8>>,
+    }
+}
+
+const LEAF: u8 = 0;
+const LEQ: u8 = 1;
+const LT: u8 = 2;
+const GTE: u8 = 3;
+const GT: u8 = 4;
+const EQ: u8 = 5;
+const NEQ: u8 = 6;
+
+/// One node; for a leaf, `weight` is what it adds and the rest is unused.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Node {
+    threshold: f32,
+    weight: f32,
+    next_true: u32,
+    next_false: u32,
+    feature: u16,
+    mode: u8,
+    missing_true: bool,
+}
+
+/// How the summed leaf weights become the positive class's probability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Post {
+    None,
+    Logistic,
+}
+
+/// A tree ensemble read from an ONNX graph, evaluated natively.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forest {
+    nodes: Vec<Node>,
+    roots: Vec<u32>,
+    base: f32,
+    post: Post,
+    width: usize,
+}
+
+/// Why a graph is not taken natively (it is then scored by ONNX Runtime).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unsupported(pub String);
+
+fn unsupported<T>(why: impl Into<String>) -> Result<T, Unsupported> {
+    Err(Unsupported(why.into()))
+}
+
+impl Forest {
+    /// Reads the tree ensemble of `onnx` (a serialized `ModelProto`) whose features are
+    /// `width` wide and whose probabilities output is `output`.
+    pub fn from_onnx(onnx: &[u8], output: &str, width: usize) -> Result<Self, Unsupported> {
+        let model = proto::ModelProto::decode(onnx)
+            .map_err(|e| Unsupported(format!("not an ONNX model: {e}")))?;
+        let Some(graph) = model.graph else {
+            return unsupported("the model has no graph");
+        };
+        let mut ensemble = None;
+        let mut aliases: HashMap<&str, &str> = HashMap::new();
+        for node in &graph.node {
+            match (node.domain.as_str(), node.op_type.as_str()) {
+                ("ai.onnx.ml", "TreeEnsembleClassifier") if ensemble.is_none() => {
+                    ensemble = Some(node);
+                }
+                ("" | "ai.onnx", "Identity") if node.input.len() == 1 && node.output.len() == 1 => {
+                    aliases.insert(node.output[0].as_str(), node.input[0].as_str());
+                }
+                (d, op) => return unsupported(format!("node {d}.{op} is not covered")),
+            }
+        }
+        let Some(node) = ensemble else {
+            return unsupported("no TreeEnsembleClassifier node");
+        };
+        let mut source = output;
+        while let Some(s) = aliases.get(source) {
+            source = s;
+        }
+        if node.output.get(1).map(String::as_str) != Some(source) {
+            return unsupported(format!(
+                "output {output} is not the ensemble's probabilities"
+            ));
+        }
+        Self::from_node(node, width)
+    }
+
+    fn from_node(node: &proto::NodeProto, width: usize) -> Result<Self, Unsupported> {
+        let attr = |name: &str| node.attribute.iter().find(|a| a.name == name);
+        let ints = |name: &str| attr(name).map(|a| a.ints.clone()).unwrap_or_default();
+        let floats = |name: &str| attr(name).map(|a| a.floats.clone()).unwrap_or_default();
+        let labels = ints("classlabels_int64s");
+        if labels.len() != 2 || attr("classlabels_strings").is_some() {
+            return unsupported("not a binary classifier with integer labels");
+        }
+        let post = match attr("post_transform").map(|a| a.s.as_slice()) {
+            None | Some(b"NONE") => Post::None,
+            Some(b"LOGISTIC") => Post::Logistic,
+            Some(other) => {
+                return unsupported(format!(
+                    "post_transform {} is not covered",
+                    String::from_utf8_lossy(other)
+                ));
+            }
+        };
+        let base = match floats("base_values").as_slice() {
+            [] => 0.0,
+            [b] => *b,
+            _ => return unsupported("more than one base value"),
+        };
+        let tree_ids = ints("nodes_treeids");
+        let node_ids = ints("nodes_nodeids");
+        let features = ints("nodes_featureids");
+        let values = floats("nodes_values");
+        let modes: Vec<Vec<u8>> = attr("nodes_modes")
+            .map(|a| a.strings.clone())
+            .unwrap_or_default();
+        let trues = ints("nodes_truenodeids");
+        let falses = ints("nodes_falsenodeids");
+        let mut missing = ints("nodes_missing_value_tracks_true");
+        let n = tree_ids.len();
+        if missing.is_empty() {
+            missing = vec![0; n];
+        }
+        if [
+            node_ids.len(),
+            features.len(),
+            values.len(),
+            modes.len(),
+            trues.len(),
+            falses.len(),
+            missing.len(),
+        ]
+        .iter()
+        .any(|&l| l != n)
+            || n == 0
+        {
+            return unsupported("node attributes differ in length");
+        }
+        if attr("nodes_values_as_tensor").is_some() || attr("nodes_hitrates_as_tensor").is_some() {
+            return unsupported("tensor-valued node attributes are not covered");
+        }
+        // Global index of (tree, node id); trees in order of first appearance.
+        let mut index: HashMap<(i64, i64), u32> = HashMap::with_capacity(n);
+        let mut roots: Vec<u32> = Vec::new();
+        let mut root_of: HashMap<i64, ()> = HashMap::new();
+        for i in 0..n {
+            if index.insert((tree_ids[i], node_ids[i]), i as u32).is_some() {
+                return unsupported("a node id repeats within its tree");
+            }
+            if root_of.insert(tree_ids[i], ()).is_none() {
+                roots.push(i as u32);
+            }
+        }
+        let mut nodes = Vec::with_capacity(n);
+        for i in 0..n {
+            let mode = match modes[i].as_slice() {
+                b"LEAF" => LEAF,
+                b"BRANCH_LEQ" => LEQ,
+                b"BRANCH_LT" => LT,
+                b"BRANCH_GTE" => GTE,
+                b"BRANCH_GT" => GT,
+                b"BRANCH_EQ" => EQ,
+                b"BRANCH_NEQ" => NEQ,
+                other => {
+                    return unsupported(format!(
+                        "node mode {} is not covered",
+                        String::from_utf8_lossy(other)
+                    ));
+                }
+            };
+            let (mut next_true, mut next_false, mut feature) = (0, 0, 0);
+            if mode != LEAF {
+                let f = features[i];
+                if f < 0 || f as usize >= width || f > i64::from(u16::MAX) {
+                    return unsupported(format!("feature {f} is outside {width} features"));
+                }
+                feature = f as u16;
+                let find = |id: i64| index.get(&(tree_ids[i], id)).copied();
+                match (find(trues[i]), find(falses[i])) {
+                    (Some(t), Some(f)) => (next_true, next_false) = (t, f),
+                    _ => return unsupported("a branch points at a node that does not exist"),
+                }
+            }
+            nodes.push(Node {
+                threshold: values[i],
+                weight: 0.0,
+                next_true,
+                next_false,
+                feature,
+                mode,
+                missing_true: missing[i] != 0,
+            });
+        }
+        let class_trees = ints("class_treeids");
+        let class_nodes = ints("class_nodeids");
+        let class_ids = ints("class_ids");
+        let weights = floats("class_weights");
+        if [class_nodes.len(), class_ids.len(), weights.len()]
+            .iter()
+            .any(|&l| l != class_trees.len())
+        {
+            return unsupported("class attributes differ in length");
+        }
+        if class_ids.iter().any(|&c| c != 0) {
+            return unsupported("leaves add to more than one class");
+        }
+        if weights.iter().all(|w| *w >= 0.0) {
+            // ONNX Runtime scores such an ensemble as [1 - s, s]: not covered here.
+            return unsupported("every leaf weight is positive");
+        }
+        for j in 0..class_trees.len() {
+            let Some(&i) = index.get(&(class_trees[j], class_nodes[j])) else {
+                return unsupported("a class weight names a node that does not exist");
+            };
+            let leaf = &mut nodes[i as usize];
+            if leaf.mode != LEAF {
+                return unsupported("a class weight names a branch");
+            }
+            leaf.weight += weights[j];
+        }
+        let forest = Self {
+            nodes,
+            roots,
+            base,
+            post,
+            width,
+        };
+        forest.check_acyclic()?;
+        Ok(forest)
+    }
+
+    /// Every tree ends in leaves: a walk longer than the node count would loop.
+    fn check_acyclic(&self) -> Result<(), Unsupported> {
+        let limit = self.nodes.len();
+        let mut stack: Vec<(u32, usize)> = self.roots.iter().map(|&r| (r, 0)).collect();
+        while let Some((i, depth)) = stack.pop() {
+            if depth > limit {
+                return unsupported("a tree has a cycle");
+            }
+            let n = &self.nodes[i as usize];
+            if n.mode != LEAF {
+                stack.push((n.next_true, depth + 1));
+                stack.push((n.next_false, depth + 1));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of trees.
+    pub fn trees(&self) -> usize {
+        self.roots.len()
+    }
+
+    /// Features per row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The positive class's probability of one row (`width` features).
+    pub fn score_row(&self, row: &[f32]) -> f32 {
+        let mut sum = 0.0f32;
+        for &root in &self.roots {
+            let mut i = root as usize;
+            loop {
+                let n = &self.nodes[i];
+                if n.mode == LEAF {
+                    sum += n.weight;
+                    break;
+                }
+                let x = row[n.feature as usize];
+                let t = n.threshold;
+                let cmp = match n.mode {
+                    LEQ => x <= t,
+                    LT => x < t,
+                    GTE => x >= t,
+                    GT => x > t,
+                    EQ => x == t,
+                    _ => x != t,
+                };
+                i = if cmp || (n.missing_true && x.is_nan()) {
+                    n.next_true
+                } else {
+                    n.next_false
+                } as usize;
+            }
+        }
+        let s = sum + self.base;
+        match self.post {
+            Post::None => s,
+            Post::Logistic => logistic(s),
+        }
+    }
+
+    /// `n` rows that visit both sides of the ensemble's splits: each feature takes one of its
+    /// thresholds, the float just above or below it, or a missing value, chosen by a fixed
+    /// pseudo-random sequence (the same rows every time).
+    pub fn probe_rows(&self, n: usize) -> Vec<f32> {
+        let mut thresholds: Vec<Vec<f32>> = vec![Vec::new(); self.width];
+        for node in self.nodes.iter().filter(|n| n.mode != LEAF) {
+            thresholds[node.feature as usize].push(node.threshold);
+        }
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut rows = Vec::with_capacity(n * self.width);
+        for _ in 0..n {
+            for t in &thresholds {
+                let r = next();
+                let value = if t.is_empty() || r % 8 == 0 {
+                    f32::NAN
+                } else {
+                    let v = t[(r >> 8) as usize % t.len()];
+                    match r % 8 {
+                        1..=3 => v,
+                        4 | 5 => v.next_up(),
+                        _ => v.next_down(),
+                    }
+                };
+                rows.push(value);
+            }
+        }
+        rows
+    }
+
+    /// Scores `rows` (row-major, `width` per row).
+    pub fn score(&self, rows: &[f32]) -> Vec<f32> {
+        rows.chunks_exact(self.width)
+            .map(|r| self.score_row(r))
+            .collect()
+    }
+}
+
+/// ONNX Runtime's logistic: symmetric, so large negative inputs keep their precision.
+fn logistic(x: f32) -> f32 {
+    let v = 1.0 / (1.0 + (-x.abs()).exp());
+    if x < 0.0 { 1.0 - v } else { v }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::{AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoProto};
+
+    fn ints(name: &str, v: &[i64]) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            ints: v.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn floats(name: &str, v: &[f32]) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            floats: v.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn strings(name: &str, v: &[&str]) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            strings: v.iter().map(|s| s.as_bytes().to_vec()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Two trees over 2 features: tree 0 splits x0 <= 1 (missing goes true), tree 1 splits
+    /// x1 < 5 (missing goes false).
+    fn ensemble(post: &str) -> Vec<u8> {
+        let node = NodeProto {
+            input: vec!["features".into()],
+            output: vec!["label_t".into(), "prob_t".into()],
+            op_type: "TreeEnsembleClassifier".into(),
+            domain: "ai.onnx.ml".into(),
+            attribute: vec![
+                ints("classlabels_int64s", &[0, 1]),
+                ints("nodes_treeids", &[0, 0, 0, 1, 1, 1]),
+                ints("nodes_nodeids", &[0, 1, 2, 0, 1, 2]),
+                ints("nodes_featureids", &[0, 0, 0, 1, 0, 0]),
+                floats("nodes_values", &[1.0, 0.0, 0.0, 5.0, 0.0, 0.0]),
+                strings(
+                    "nodes_modes",
+                    &["BRANCH_LEQ", "LEAF", "LEAF", "BRANCH_LT", "LEAF", "LEAF"],
+                ),
+                ints("nodes_truenodeids", &[1, 0, 0, 1, 0, 0]),
+                ints("nodes_falsenodeids", &[2, 0, 0, 2, 0, 0]),
+                ints("nodes_missing_value_tracks_true", &[1, 0, 0, 0, 0, 0]),
+                ints("class_treeids", &[0, 0, 1, 1]),
+                ints("class_nodeids", &[1, 2, 1, 2]),
+                ints("class_ids", &[0, 0, 0, 0]),
+                floats("class_weights", &[-1.0, 2.0, 0.5, -0.25]),
+                AttributeProto {
+                    name: "post_transform".into(),
+                    s: post.as_bytes().to_vec(),
+                    ..Default::default()
+                },
+            ],
+        };
+        let identity = NodeProto {
+            input: vec!["prob_t".into()],
+            output: vec!["probabilities".into()],
+            op_type: "Identity".into(),
+            ..Default::default()
+        };
+        ModelProto {
+            graph: Some(GraphProto {
+                node: vec![node, identity],
+                input: vec![ValueInfoProto {
+                    name: "features".into(),
+                }],
+                output: vec![ValueInfoProto {
+                    name: "probabilities".into(),
+                }],
+            }),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn walks_each_tree_with_its_mode_and_missing_rule() {
+        let f = Forest::from_onnx(&ensemble("NONE"), "probabilities", 2).unwrap_or_else(|e| {
+            panic!("{e}");
+        });
+        assert_eq!(f.trees(), 2);
+        // x0 <= 1 -> -1.0; x1 < 5 -> 0.5
+        assert_eq!(f.score_row(&[1.0, 4.9]), -0.5);
+        // x0 > 1 -> 2.0; x1 >= 5 -> -0.25
+        assert_eq!(f.score_row(&[1.5, 5.0]), 1.75);
+        // missing x0 tracks true (-1.0); missing x1 goes false (-0.25)
+        assert_eq!(f.score_row(&[f32::NAN, f32::NAN]), -1.25);
+    }
+
+    #[test]
+    fn logistic_post_transform_gives_a_probability() {
+        let f = Forest::from_onnx(&ensemble("LOGISTIC"), "probabilities", 2)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let p = f.score_row(&[1.5, 5.0]);
+        assert!((p - 1.0 / (1.0 + (-1.75f32).exp())).abs() < 1e-7, "{p}");
+        // As ONNX Runtime computes it: symmetric around 0.5.
+        assert_eq!(logistic(0.0), 0.5);
+        for x in [0.1f32, 1.0, 3.7, 12.0] {
+            assert!((logistic(x) + logistic(-x) - 1.0).abs() < 1e-7, "{x}");
+        }
+    }
+
+    #[test]
+    fn graphs_it_does_not_cover_are_refused_with_the_reason() {
+        let e = Forest::from_onnx(&ensemble("SOFTMAX"), "probabilities", 2).unwrap_err();
+        assert!(e.0.contains("SOFTMAX"), "{e}");
+        let e = Forest::from_onnx(&ensemble("NONE"), "label", 2).unwrap_err();
+        assert!(e.0.contains("not the ensemble's probabilities"), "{e}");
+        let e = Forest::from_onnx(&ensemble("NONE"), "probabilities", 1).unwrap_err();
+        assert!(e.0.contains("outside 1 features"), "{e}");
+        let e = Forest::from_onnx(b"not protobuf \xff\xff", "probabilities", 2).unwrap_err();
+        assert!(!e.0.is_empty());
+    }
+}
