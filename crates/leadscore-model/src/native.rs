@@ -121,11 +121,146 @@ enum Post {
     Logistic,
 }
 
+/// Marks a child reference as a leaf (the rest is the leaf's index).
+const LEAF_BIT: u32 = 1 << 31;
+
+/// A branch as evaluated: 16 bytes; `next[0]` is taken when the comparison holds (or the
+/// value is missing and `missing_true`), `next[1]` otherwise; a reference with
+/// [`LEAF_BIT`] is a leaf.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Branch {
+    threshold: f32,
+    feature: u16,
+    mode: u8,
+    missing_true: bool,
+    next: [u32; 2],
+}
+
+/// The trees laid out so that several walks advance together: a leaf is a node whose two
+/// children are itself, so every walk of a tree takes exactly its depth in steps and
+/// independent walks (of rows, or of trees) overlap in the CPU instead of waiting on one
+/// chain of dependent loads.
+#[derive(Debug, Clone, PartialEq)]
+struct Lockstep {
+    nodes: Vec<Branch>,
+    /// A leaf's weight by node (0 for branches).
+    value: Vec<f32>,
+    roots: Vec<u32>,
+    /// Branch levels of each tree's deepest path.
+    depth: Vec<u32>,
+}
+
+/// Walks advanced together.
+const LANES: usize = 8;
+
+impl Lockstep {
+    fn build(nodes: &[Node], roots: &[u32]) -> Self {
+        let mut steps = Vec::with_capacity(nodes.len());
+        let mut value = Vec::with_capacity(nodes.len());
+        for (i, n) in nodes.iter().enumerate() {
+            let me = i as u32;
+            steps.push(Branch {
+                threshold: n.threshold,
+                feature: n.feature,
+                mode: n.mode,
+                missing_true: n.missing_true,
+                next: if n.mode == LEAF {
+                    [me, me]
+                } else {
+                    [n.next_true, n.next_false]
+                },
+            });
+            value.push(if n.mode == LEAF { n.weight } else { 0.0 });
+        }
+        let depth = roots
+            .iter()
+            .map(|&r| {
+                let mut deepest = 0;
+                let mut stack = vec![(r, 0u32)];
+                while let Some((i, d)) = stack.pop() {
+                    let n = &nodes[i as usize];
+                    if n.mode == LEAF {
+                        deepest = deepest.max(d);
+                    } else {
+                        stack.push((n.next_true, d + 1));
+                        stack.push((n.next_false, d + 1));
+                    }
+                }
+                deepest
+            })
+            .collect();
+        Self {
+            nodes: steps,
+            value,
+            roots: roots.to_vec(),
+            depth,
+        }
+    }
+
+    #[inline(always)]
+    fn step(&self, c: u32, row: &[f32]) -> u32 {
+        let b = &self.nodes[c as usize];
+        let x = row[b.feature as usize];
+        let to_true = (x <= b.threshold) | (b.missing_true & x.is_nan());
+        b.next[usize::from(!to_true)]
+    }
+
+    /// Adds every tree's leaf weight to `sums`, one per row of `rows`, trees in order:
+    /// [`LANES`] rows walk each tree together.
+    fn add(&self, rows: &[f32], width: usize, sums: &mut [f32]) {
+        for (chunk, out) in rows.chunks(LANES * width).zip(sums.chunks_mut(LANES)) {
+            let lanes = out.len();
+            let mut r: [&[f32]; LANES] = [&[]; LANES];
+            for (k, row) in chunk.chunks_exact(width).enumerate() {
+                r[k] = row;
+            }
+            let mut acc = [0.0f32; LANES];
+            for (&root, &depth) in self.roots.iter().zip(&self.depth) {
+                let mut c = [root; LANES];
+                for _ in 0..depth {
+                    for k in 0..lanes {
+                        c[k] = self.step(c[k], r[k]);
+                    }
+                }
+                for k in 0..lanes {
+                    acc[k] += self.value[c[k] as usize];
+                }
+            }
+            for (o, a) in out.iter_mut().zip(acc) {
+                *o += a;
+            }
+        }
+    }
+
+    /// One row's summed leaf weights: [`LANES`] trees walk together, summed in tree order.
+    fn sum_row(&self, row: &[f32]) -> f32 {
+        let mut sum = 0.0f32;
+        for (roots, depths) in self.roots.chunks(LANES).zip(self.depth.chunks(LANES)) {
+            let mut c = [0u32; LANES];
+            c[..roots.len()].copy_from_slice(roots);
+            let depth = depths.iter().copied().max().unwrap_or(0);
+            for _ in 0..depth {
+                for ck in c.iter_mut().take(roots.len()) {
+                    *ck = self.step(*ck, row);
+                }
+            }
+            for ck in c.iter().take(roots.len()) {
+                sum += self.value[*ck as usize];
+            }
+        }
+        sum
+    }
+}
+
 /// A tree ensemble read from an ONNX graph, evaluated natively.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Forest {
-    nodes: Vec<Node>,
+    branches: Vec<Branch>,
+    leaves: Vec<f32>,
+    /// One reference per tree, in the graph's tree order.
     roots: Vec<u32>,
+    /// The same trees for walks in lockstep, when every branch is `BRANCH_LEQ`.
+    lockstep: Option<Lockstep>,
     base: f32,
     post: Post,
     width: usize,
@@ -138,6 +273,69 @@ pub struct Unsupported(pub String);
 
 fn unsupported<T>(why: impl Into<String>) -> Result<T, Unsupported> {
     Err(Unsupported(why.into()))
+}
+
+/// Every tree ends in leaves: a walk longer than the node count would loop.
+fn check_acyclic(nodes: &[Node], roots: &[u32]) -> Result<(), Unsupported> {
+    let limit = nodes.len();
+    let mut stack: Vec<(u32, usize)> = roots.iter().map(|&r| (r, 0)).collect();
+    while let Some((i, depth)) = stack.pop() {
+        if depth > limit {
+            return unsupported("a tree has a cycle");
+        }
+        let n = &nodes[i as usize];
+        if n.mode != LEAF {
+            stack.push((n.next_true, depth + 1));
+            stack.push((n.next_false, depth + 1));
+        }
+    }
+    Ok(())
+}
+
+/// Lays the nodes out for evaluation: branches and leaves apart, children by reference.
+fn compile(nodes: &[Node], roots: &[u32], base: f32, post: Post, width: usize) -> Forest {
+    let mut branch_of = vec![0u32; nodes.len()];
+    let mut leaf_of = vec![0u32; nodes.len()];
+    let (mut branches, mut leaves) = (Vec::new(), Vec::new());
+    for (i, n) in nodes.iter().enumerate() {
+        if n.mode == LEAF {
+            leaf_of[i] = leaves.len() as u32;
+            leaves.push(n.weight);
+        } else {
+            branch_of[i] = branches.len() as u32;
+            branches.push(Branch {
+                threshold: n.threshold,
+                feature: n.feature,
+                mode: n.mode,
+                missing_true: n.missing_true,
+                next: [0, 0],
+            });
+        }
+    }
+    let reference = |i: u32| {
+        let i = i as usize;
+        if nodes[i].mode == LEAF {
+            LEAF_BIT | leaf_of[i]
+        } else {
+            branch_of[i]
+        }
+    };
+    for (i, n) in nodes.iter().enumerate() {
+        if n.mode != LEAF {
+            branches[branch_of[i] as usize].next =
+                [reference(n.next_true), reference(n.next_false)];
+        }
+    }
+    let leq_only = branches.iter().all(|b| b.mode == LEQ);
+    Forest {
+        lockstep: leq_only.then(|| Lockstep::build(nodes, roots)),
+        branches,
+        leaves,
+        roots: roots.iter().map(|&r| reference(r)).collect(),
+        base,
+        post,
+        width,
+    }
 }
 
 impl Forest {
@@ -311,32 +509,8 @@ impl Forest {
             }
             leaf.weight += weights[j];
         }
-        let forest = Self {
-            nodes,
-            roots,
-            base,
-            post,
-            width,
-        };
-        forest.check_acyclic()?;
-        Ok(forest)
-    }
-
-    /// Every tree ends in leaves: a walk longer than the node count would loop.
-    fn check_acyclic(&self) -> Result<(), Unsupported> {
-        let limit = self.nodes.len();
-        let mut stack: Vec<(u32, usize)> = self.roots.iter().map(|&r| (r, 0)).collect();
-        while let Some((i, depth)) = stack.pop() {
-            if depth > limit {
-                return unsupported("a tree has a cycle");
-            }
-            let n = &self.nodes[i as usize];
-            if n.mode != LEAF {
-                stack.push((n.next_true, depth + 1));
-                stack.push((n.next_false, depth + 1));
-            }
-        }
-        Ok(())
+        check_acyclic(&nodes, &roots)?;
+        Ok(compile(&nodes, &roots, base, post, width))
     }
 
     /// Number of trees.
@@ -349,20 +523,16 @@ impl Forest {
         self.width
     }
 
-    /// The positive class's probability of one row (`width` features).
-    pub fn score_row(&self, row: &[f32]) -> f32 {
+    /// The summed leaf weights of one row, any branch mode.
+    fn sum_any(&self, row: &[f32]) -> f32 {
         let mut sum = 0.0f32;
         for &root in &self.roots {
-            let mut i = root as usize;
-            loop {
-                let n = &self.nodes[i];
-                if n.mode == LEAF {
-                    sum += n.weight;
-                    break;
-                }
-                let x = row[n.feature as usize];
-                let t = n.threshold;
-                let cmp = match n.mode {
+            let mut c = root;
+            while c & LEAF_BIT == 0 {
+                let b = &self.branches[c as usize];
+                let x = row[b.feature as usize];
+                let t = b.threshold;
+                let cmp = match b.mode {
                     LEQ => x <= t,
                     LT => x < t,
                     GTE => x >= t,
@@ -370,13 +540,24 @@ impl Forest {
                     EQ => x == t,
                     _ => x != t,
                 };
-                i = if cmp || (n.missing_true && x.is_nan()) {
-                    n.next_true
-                } else {
-                    n.next_false
-                } as usize;
+                let to_true = cmp | (b.missing_true & x.is_nan());
+                c = b.next[usize::from(!to_true)];
             }
+            sum += self.leaves[(c & !LEAF_BIT) as usize];
         }
+        sum
+    }
+
+    /// The positive class's probability of one row (`width` features).
+    pub fn score_row(&self, row: &[f32]) -> f32 {
+        let sum = match &self.lockstep {
+            Some(l) => l.sum_row(row),
+            None => self.sum_any(row),
+        };
+        self.finish(sum)
+    }
+
+    fn finish(&self, sum: f32) -> f32 {
         let s = sum + self.base;
         match self.post {
             Post::None => s,
@@ -389,8 +570,8 @@ impl Forest {
     /// pseudo-random sequence (the same rows every time).
     pub fn probe_rows(&self, n: usize) -> Vec<f32> {
         let mut thresholds: Vec<Vec<f32>> = vec![Vec::new(); self.width];
-        for node in self.nodes.iter().filter(|n| n.mode != LEAF) {
-            thresholds[node.feature as usize].push(node.threshold);
+        for b in &self.branches {
+            thresholds[b.feature as usize].push(b.threshold);
         }
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
         let mut next = move || {
@@ -421,9 +602,18 @@ impl Forest {
 
     /// Scores `rows` (row-major, `width` per row).
     pub fn score(&self, rows: &[f32]) -> Vec<f32> {
-        rows.chunks_exact(self.width)
-            .map(|r| self.score_row(r))
-            .collect()
+        let n = rows.len() / self.width;
+        match &self.lockstep {
+            Some(l) if n > 1 => {
+                let mut sums = vec![0.0f32; n];
+                l.add(&rows[..n * self.width], self.width, &mut sums);
+                sums.into_iter().map(|s| self.finish(s)).collect()
+            }
+            _ => rows
+                .chunks_exact(self.width)
+                .map(|r| self.score_row(r))
+                .collect(),
+        }
     }
 }
 
@@ -465,6 +655,11 @@ mod tests {
     /// Two trees over 2 features: tree 0 splits x0 <= 1 (missing goes true), tree 1 splits
     /// x1 < 5 (missing goes false).
     fn ensemble(post: &str) -> Vec<u8> {
+        ensemble_with(post, "BRANCH_LT")
+    }
+
+    /// As [`ensemble`], with `second` as the mode of tree 1's split.
+    fn ensemble_with(post: &str, second: &str) -> Vec<u8> {
         let node = NodeProto {
             input: vec!["features".into()],
             output: vec!["label_t".into(), "prob_t".into()],
@@ -478,7 +673,7 @@ mod tests {
                 floats("nodes_values", &[1.0, 0.0, 0.0, 5.0, 0.0, 0.0]),
                 strings(
                     "nodes_modes",
-                    &["BRANCH_LEQ", "LEAF", "LEAF", "BRANCH_LT", "LEAF", "LEAF"],
+                    &["BRANCH_LEQ", "LEAF", "LEAF", second, "LEAF", "LEAF"],
                 ),
                 ints("nodes_truenodeids", &[1, 0, 0, 1, 0, 0]),
                 ints("nodes_falsenodeids", &[2, 0, 0, 2, 0, 0]),
@@ -526,6 +721,24 @@ mod tests {
         assert_eq!(f.score_row(&[1.5, 5.0]), 1.75);
         // missing x0 tracks true (-1.0); missing x1 goes false (-0.25)
         assert_eq!(f.score_row(&[f32::NAN, f32::NAN]), -1.25);
+    }
+
+    #[test]
+    fn walks_in_lockstep_equal_the_general_walk() {
+        let bytes = ensemble_with("NONE", "BRANCH_LEQ");
+        let f = Forest::from_onnx(&bytes, "probabilities", 2).unwrap_or_else(|e| panic!("{e}"));
+        let Some(lock) = &f.lockstep else {
+            panic!("an all-LEQ ensemble walks in lockstep");
+        };
+        assert_eq!(lock.depth, vec![1, 1]);
+        // 203 rows: full lanes and a partial one.
+        let rows = f.probe_rows(203);
+        let batch = f.score(&rows);
+        for (i, row) in rows.chunks_exact(2).enumerate() {
+            let want = f.sum_any(row);
+            assert_eq!(lock.sum_row(row).to_bits(), want.to_bits(), "{row:?}");
+            assert_eq!(batch[i].to_bits(), want.to_bits(), "row {i}: {row:?}");
+        }
     }
 
     #[test]
