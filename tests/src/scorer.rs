@@ -95,6 +95,14 @@ pub fn start_scorer_with(
     (cmd.spawn().unwrap().into(), port)
 }
 
+/// A counter of a service's Prometheus page.
+pub async fn counter(port: u16, name: &str) -> u64 {
+    let page = http_get(port, "/metrics").await;
+    page.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} not on the metrics page"))
+}
+
 /// GET over HTTP/1.0.
 pub async fn http_get(port: u16, path: &str) -> String {
     try_http_get(port, path).await.unwrap()
@@ -153,6 +161,32 @@ pub async fn produce(topic: &str, records: Vec<(Option<String>, Vec<u8>)>) {
         .collect();
     for f in futures {
         f.await.map_err(|(e, _)| e).unwrap();
+    }
+}
+
+/// Sends `ls` as create events at `rate` per second with an idempotent producer (a broker
+/// fault never duplicates an input), then waits until every one is delivered.
+pub async fn stream(topic: String, ls: Vec<Lead>, rate: u64) {
+    let producer: FutureProducer = client(&[
+        ("enable.idempotence", "true"),
+        ("message.timeout.ms", "180000"),
+        ("linger.ms", "5"),
+    ])
+    .create()
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut pending = Vec::with_capacity(ls.len());
+    for (i, l) in ls.iter().enumerate() {
+        let due = started + Duration::from_micros(i as u64 * 1_000_000 / rate);
+        tokio::time::sleep_until(due).await;
+        let value = create_event(l);
+        let record = FutureRecord::to(&topic)
+            .key(l.lead_id.as_str())
+            .payload(&value);
+        pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    for p in pending {
+        p.await.unwrap().map_err(|(e, _)| e).unwrap();
     }
 }
 

@@ -10,9 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use leadscore_crm::Lead;
-use leadscore_e2e::scorer::{Topics, create_event, http_get, leads, read_scores, wait_readyz};
-use leadscore_e2e::{client, consumer, unique};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use leadscore_e2e::scorer::{Topics, counter, leads, read_scores, stream, wait_readyz};
+use leadscore_e2e::{consumer, unique};
 
 fn repo() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -33,40 +32,6 @@ fn signal(sig: &str, pid: &str) {
             .unwrap()
             .success()
     );
-}
-
-/// A counter of the scorer's Prometheus page.
-async fn counter(port: u16, name: &str) -> u64 {
-    let page = http_get(port, "/metrics").await;
-    page.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} not on the metrics page"))
-}
-
-/// Sends `ls` as create events at `rate` per second with an idempotent producer (a broker
-/// fault never duplicates an input), then waits until every one is delivered.
-async fn stream(topic: String, ls: Vec<Lead>, rate: u64) {
-    let producer: FutureProducer = client(&[
-        ("enable.idempotence", "true"),
-        ("message.timeout.ms", "180000"),
-        ("linger.ms", "5"),
-    ])
-    .create()
-    .unwrap();
-    let started = tokio::time::Instant::now();
-    let mut pending = Vec::with_capacity(ls.len());
-    for (i, l) in ls.iter().enumerate() {
-        let due = started + Duration::from_micros(i as u64 * 1_000_000 / rate);
-        tokio::time::sleep_until(due).await;
-        let value = create_event(l);
-        let record = FutureRecord::to(&topic)
-            .key(l.lead_id.as_str())
-            .payload(&value);
-        pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-    }
-    for p in pending {
-        p.await.unwrap().map_err(|(e, _)| e).unwrap();
-    }
 }
 
 // The pause (12 s) outlasts the broker's 9 s controller session, so on resuming the controller

@@ -330,6 +330,90 @@ async fn exactly_once_across_sigkill_and_a_second_instance() {
     t.delete().await;
 }
 
+/// SIGKILL at random points, three times, during a stream: each restart resumes from the
+/// last commit and the committed scores are exactly the leads, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_sigkills_at_random_points_lose_and_duplicate_nothing() {
+    let t = Topics::create(6).await;
+    let group = unique("it-kills");
+    let all = leads("kills", 40_000, 9);
+    // 40 s of input: each restart waits out the killed member's session (10 s) first.
+    let feed = tokio::spawn(leadscore_e2e::scorer::stream(
+        t.input.clone(),
+        all.clone(),
+        1_000,
+    ));
+    let seed = uuid::Uuid::new_v4().as_u128();
+    let delays: Vec<u64> = (0..3)
+        .map(|i| ((seed >> (i * 20)) as u64 & 0xfffff) % 1_500)
+        .collect();
+    eprintln!("kill delays after the first commit (ms): {delays:?}");
+    let start = |instance: &str| {
+        leadscore_e2e::scorer::start_scorer_with(
+            env!("CARGO_BIN_EXE_leadscore"),
+            &t,
+            &group,
+            instance,
+            false,
+            &[("LEADSCORE__SCORER__MAX_BATCH", "300")],
+        )
+    };
+    for (i, delay) in delays.iter().enumerate() {
+        let (scorer, port) = start("k");
+        // Killed only once this instance has committed, at a random point after that.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while leadscore_e2e::scorer::try_http_get(port, "/metrics")
+            .await
+            .is_none()
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        loop {
+            let committed =
+                leadscore_e2e::scorer::counter(port, "leadscore_scorer_transactions_total").await;
+            if committed > 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "instance {i} committed nothing in 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(*delay)).await;
+        assert!(!feed.is_finished(), "kill {i} hits the stream mid-way");
+        let mut child: std::process::Child = scorer.into();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let (_last, _) = start("k");
+    feed.await.unwrap();
+    let scores = read_scores(
+        &consumer(&t.scores, "read_committed"),
+        all.len(),
+        Duration::from_secs(180),
+    )
+    .await;
+    let missing: Vec<_> = all
+        .iter()
+        .filter(|l| !scores.contains_key(&l.lead_id))
+        .take(5)
+        .map(|l| l.lead_id.as_str())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "leads without a committed score, e.g. {missing:?}"
+    );
+    let duplicated: Vec<_> = scores.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(
+        duplicated.is_empty(),
+        "leads scored more than once: {duplicated:?}"
+    );
+    assert_eq!(scores.len(), all.len());
+    t.delete().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_inputs_go_to_the_dlq_with_their_kind_and_the_rest_is_scored() {
     // The input topic takes records up to 4 MiB; the outputs keep the broker's default (~1 MiB).
