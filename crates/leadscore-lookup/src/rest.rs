@@ -274,24 +274,9 @@ pub fn router(
         .route_layer(axum::middleware::from_fn_with_state(tokens, require_token));
     let open = Router::new()
         .route("/health", get(health))
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(l): State<Arc<Lookup>>| async move {
-                if l.metrics.is_ready() {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                }
-            }),
-        )
-        .route(
-            "/metrics",
-            get(|State(l): State<Arc<Lookup>>| async move {
-                l.metrics
-                    .render(&l.store.counts, l.store.memory().map(|m| m.len()))
-            }),
-        );
+        .merge(leadscore_runtime::routes(Arc::new(LookupStatus(
+            lookup.clone(),
+        ))));
     let mut app = protected
         .merge(open)
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
@@ -316,4 +301,23 @@ pub fn router(
         );
     }
     app
+}
+
+/// What the shared `/readyz` and `/metrics` routes ask the lookup.
+struct LookupStatus(Arc<Lookup>);
+
+impl leadscore_runtime::Status for LookupStatus {
+    fn readiness(&self) -> Result<(), leadscore_runtime::NotReady> {
+        if self.0.metrics.is_ready() {
+            Ok(())
+        } else {
+            Err(leadscore_runtime::NotReady::Starting)
+        }
+    }
+
+    fn metrics(&self) -> String {
+        self.0
+            .metrics
+            .render(&self.0.store.counts, self.0.store.memory().map(|m| m.len()))
+    }
 }

@@ -166,17 +166,13 @@ pub trait Status: Send + Sync + 'static {
     fn metrics(&self) -> String;
 }
 
-/// Serves `/healthz` (alive), `/readyz` (200 or 503 with the reason) and `/metrics` on
-/// `listener` until `shutdown`.
-pub async fn serve_on(
-    listener: tokio::net::TcpListener,
-    status: Arc<dyn Status>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
+/// The `/healthz` (alive), `/readyz` (200 or 503 with the reason) and `/metrics` routes
+/// of `status`, for a service that serves them beside routes of its own (the lookup's REST).
+pub fn routes<S: Clone + Send + Sync + 'static>(status: Arc<dyn Status>) -> axum::Router<S> {
     use axum::extract::State;
     use axum::http::StatusCode;
     use axum::routing::get;
-    let app = axum::Router::new()
+    axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
@@ -191,8 +187,16 @@ pub async fn serve_on(
             "/metrics",
             get(|State(s): State<Arc<dyn Status>>| async move { s.metrics() }),
         )
-        .with_state(status);
-    axum::serve(listener, app)
+        .with_state(status)
+}
+
+/// Serves [`routes`] on `listener` until `shutdown`.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    status: Arc<dyn Status>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, routes::<()>(status))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }
