@@ -11,6 +11,7 @@
 //! Pure: no I/O. PII columns are ignored even when a producer sends them.
 
 pub mod dead;
+pub mod direct;
 
 use apache_avro::types::Value;
 use chrono::{DateTime, TimeZone, Utc};
@@ -214,6 +215,7 @@ trait Row {
 }
 
 /// A field value, normalised across Avro and JSON.
+#[derive(Debug, Clone, Copy)]
 enum Field<'a> {
     Null,
     Str(&'a str),

@@ -20,7 +20,7 @@
 //! environment. Bad input never stops it: it goes to the dead-letter topic
 //! with the reason in headers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -229,6 +229,10 @@ const MAX_MESSAGE_BYTES: usize = 1024;
 
 struct Codecs {
     decoder: Decoder,
+    /// Direct decoders of the Debezium envelope by writer schema id (`None`: the schema is
+    /// not compiled and the generic decoder reads it).
+    plans: std::sync::RwLock<HashMap<u32, Option<Arc<leadscore_cdc::direct::Plan>>>>,
+    registry: Registry,
     scores: Encoder,
     shadow: Encoder,
     /// Extra PII columns removed from dead letters.
@@ -265,6 +269,37 @@ fn map_decode_error(
     }
 }
 
+impl Codecs {
+    /// The direct decoder of writer schema `id`, compiled on first use.
+    async fn plan(&self, id: u32) -> Option<Arc<leadscore_cdc::direct::Plan>> {
+        if let Some(p) = self.plans.read().ok().and_then(|m| m.get(&id).cloned()) {
+            return p;
+        }
+        // A registry that cannot answer now: the generic path reports it (and is retried).
+        let schema = self.registry.schema_by_id(id).await.ok()?;
+        let plan = match leadscore_cdc::direct::Plan::compile(&schema) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(why) => {
+                tracing::info!(schema_id = id, reason = %why, "writer schema read by the generic decoder");
+                None
+            }
+        };
+        if let Ok(mut m) = self.plans.write() {
+            m.insert(id, plan.clone());
+        }
+        plan
+    }
+
+    /// The action of a Confluent Avro record read directly, when that path accepts it
+    /// (anything else goes through the generic decoder, which names the error).
+    async fn direct(&self, bytes: &[u8]) -> Option<(leadscore_cdc::Action, Option<i64>)> {
+        let (id, datum) = leadscore_schemas::unframe(bytes).ok()?;
+        let event = self.plan(id).await?.decode(datum)?;
+        let ts = event.source_ts_ms;
+        leadscore_cdc::decide(event).ok().map(|a| (a, ts))
+    }
+}
+
 async fn decode<'m>(
     codecs: &Codecs,
     m: &'m BorrowedMessage<'_>,
@@ -287,6 +322,13 @@ async fn decode<'m>(
                 leadscore_cdc::decide(e)
             })
             .inspect_err(|_| redacted = dead::redact_json(bytes, &codecs.pii)),
+        Some(bytes)
+            if bytes[0] == 0
+                && let Some((action, ts)) = codecs.direct(bytes).await =>
+        {
+            event_time_ms = ts.unwrap_or(kafka_ts);
+            Ok(action)
+        }
         Some(bytes) if bytes[0] == 0 => match codecs.decoder.decode(bytes).await {
             Ok(value) => leadscore_cdc::from_avro(&value)
                 .and_then(|e| {
@@ -342,6 +384,8 @@ pub async fn run(
     };
     let codecs = Codecs {
         decoder: Decoder::new(registry.clone()),
+        plans: std::sync::RwLock::default(),
+        registry: registry.clone(),
         scores: Encoder::for_subject(
             &registry,
             &leadscore_schemas::value_subject(&cfg.scores_topic),
