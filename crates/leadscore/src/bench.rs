@@ -220,7 +220,11 @@ fn start_scorer(
             "LEADSCORE__SCORER__BATCH_LINGER_MS",
             args.linger_ms.to_string(),
         )
-        .env("LEADSCORE_LOG", "warn")
+        // LEADSCORE_BENCH_SCORER_LOG traces the scorer (e.g. `warn,leadscore_kafka::txn=trace`).
+        .env(
+            "LEADSCORE_LOG",
+            std::env::var("LEADSCORE_BENCH_SCORER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .spawn()?)
 }

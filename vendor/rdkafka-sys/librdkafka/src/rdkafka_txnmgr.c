@@ -900,7 +900,13 @@ static void rd_kafka_txn_handle_AddPartitionsToTxn(rd_kafka_t *rk,
                                 break;
 
                         case RD_KAFKA_RESP_ERR_CONCURRENT_TRANSACTIONS:
-                                retry_backoff_ms = 20;
+                                /* leadscore patch (vendor/README.md): the
+                                 * previous transaction's markers are being
+                                 * written, which takes a few ms: retry after
+                                 * retry.backoff.ms (at most the 20 ms it was),
+                                 * not a fixed 20 ms per attempt. */
+                                retry_backoff_ms = RD_MIN(
+                                    20, rk->rk_conf.retry_backoff_ms);
                                 /* FALLTHRU */
                         case RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS:
                         case RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART:
@@ -1611,7 +1617,13 @@ done:
                             rk, RD_KAFKA_COORD_GROUP,
                             rko->rko_u.txn.cgmetadata->group_id,
                             rd_kafka_txn_send_TxnOffsetCommitRequest, rko,
-                            500 /* 500ms delay before retrying */,
+                            /* leadscore patch (vendor/README.md): a
+                             * CONCURRENT_TRANSACTIONS answer clears within
+                             * milliseconds: retry it after retry.backoff.ms
+                             * (at most 500 ms); other errors as before. */
+                            err == RD_KAFKA_RESP_ERR_CONCURRENT_TRANSACTIONS
+                                ? RD_MIN(500, rk->rk_conf.retry_backoff_ms)
+                                : 500,
                             rd_timeout_remains_limit0(
                                 remains_ms, rk->rk_conf.socket_timeout_ms),
                             RD_KAFKA_REPLYQ(rk->rk_ops, 0),
