@@ -484,15 +484,31 @@ pub async fn run(
         };
         let fetch_started = std::time::Instant::now();
         let mut batch = vec![first];
+        // The batch closes at the linger deadline or at `max_batch`; while the previous
+        // transaction is still committing it keeps growing instead, since it could not begin
+        // before that commit anyway: a lead that arrives meanwhile rides this transaction
+        // rather than waiting for the next one.
         let deadline = tokio::time::Instant::now() + linger;
+        let mut settled: Option<Published> = None;
         while batch.len() < cfg.max_batch {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(m)) => batch.push(m),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "consumer error");
-                    break;
+            let committing = in_flight.is_some() && settled.is_none();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                done = wait_in_flight(&mut in_flight), if committing => {
+                    settled = Some(done);
+                    if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
                 }
-                Err(_) => break,
+                m = recv_until(&consumer, (!committing).then_some(deadline)) => match m {
+                    Some(Ok(m)) => batch.push(m),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "consumer error");
+                        break;
+                    }
+                    None => break,
+                },
             }
         }
         metrics.stage(Stage::Fetch, fetch_started.elapsed());
@@ -519,7 +535,10 @@ pub async fn run(
         // This batch's transaction may only begin once the previous one is settled.
         if let Some(mut prev) = in_flight.take() {
             let prev_ranges = prev.ranges.clone();
-            let done = (&mut prev.handle).await;
+            let done = match settled.take() {
+                Some(done) => done,
+                None => (&mut prev.handle).await,
+            };
             match settle(prev, done, &metrics, cache_tx.as_ref()) {
                 Ok(()) => backoff.reset(),
                 Err(TxError::Fatal(e)) => {
@@ -639,6 +658,17 @@ struct InFlight {
 }
 
 type Published = Result<Result<Vec<Output>, TxError>, tokio::task::JoinError>;
+
+/// The next record, or `None` once `until` has passed (no deadline: wait for one).
+async fn recv_until<'c>(
+    consumer: &'c ScorerConsumer,
+    until: Option<tokio::time::Instant>,
+) -> Option<rdkafka::error::KafkaResult<BorrowedMessage<'c>>> {
+    match until {
+        Some(d) => tokio::time::timeout_at(d, consumer.recv()).await.ok(),
+        None => Some(consumer.recv().await),
+    }
+}
 
 /// The in-flight transaction's result; never resolves without one.
 async fn wait_in_flight(in_flight: &mut Option<InFlight>) -> Published {
