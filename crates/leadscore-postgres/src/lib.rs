@@ -8,7 +8,6 @@
 use bytes::Bytes;
 use futures::SinkExt;
 use leadscore_crm::Generated;
-use leadscore_crm::csv::timestamp;
 pub use tokio_postgres::Client;
 use tokio_postgres::NoTls;
 
@@ -69,6 +68,12 @@ fn csv_field(out: &mut String, v: Option<&str>) {
         out.push_str(&v.replace('"', "\"\""));
         out.push('"');
     }
+}
+
+/// A timestamp for COPY, to the microsecond (Postgres' precision): a lead created now keeps
+/// its sub-second time, which latency measured from `created_at` depends on.
+fn timestamp(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
 }
 
 fn push_row(out: &mut String, g: &Generated) {
