@@ -229,6 +229,30 @@ pub async fn read_scores(
     seen
 }
 
+/// Fails unless `scores` (records per key, from [`read_scores`]) holds every id of `leads`
+/// exactly once and nothing else.
+pub fn assert_exactly_once<'a>(
+    scores: &HashMap<String, usize>,
+    leads: impl IntoIterator<Item = &'a str>,
+) {
+    let expected: std::collections::HashSet<&str> = leads.into_iter().collect();
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|id| !scores.contains_key(**id))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "leads without a committed score, e.g. {missing:?}"
+    );
+    let duplicated: Vec<_> = scores.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(
+        duplicated.is_empty(),
+        "leads scored more than once: {duplicated:?}"
+    );
+    assert_eq!(scores.len(), expected.len());
+}
+
 /// A dead letter as the DLQ holds it.
 pub struct DeadLetter {
     /// The payload.

@@ -393,19 +393,15 @@ impl Aggregator {
         let mut tpl = TopicPartitionList::new();
         let now = Instant::now();
         for topic in [&cfg.scores_topic, &cfg.shadow_topic] {
-            let md = consumer
-                .fetch_metadata(Some(topic), timeout)
-                .map_err(kerr(format!("metadata of {topic}")))?;
-            let ids: Vec<i32> = md
-                .topics()
-                .iter()
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect();
-            if ids.is_empty() {
-                return Err(Error::Config(format!(
-                    "topic {topic} does not exist; run `leadscore topics apply`"
-                )));
-            }
+            let ids =
+                leadscore_kafka::partitions(&consumer, topic, timeout).map_err(|e| match e {
+                    leadscore_kafka::Error::Admin { action, source } => Error::Kafka {
+                        context: action,
+                        source,
+                    },
+                    // "topic … does not exist; run `leadscore topics apply`"
+                    other => Error::Config(other.to_string()),
+                })?;
             for p in ids {
                 let name = format!("{topic}/{p}");
                 expected.push(name.clone());

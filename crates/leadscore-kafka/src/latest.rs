@@ -47,17 +47,7 @@ pub fn read_latest(
             bootstrap: config.bootstrap_servers.clone(),
             source,
         })?;
-    let md = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(admin(format!("metadata of {topic}")))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(Error::Missing(topic.to_string()));
-    }
+    let partitions = crate::partitions(&consumer, topic, timeout)?;
     let mut ends = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {

@@ -74,6 +74,29 @@ pub enum Error {
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The partition ids of `topic`; [`Error::Missing`] when it does not exist. Blocking.
+pub fn partitions<C: rdkafka::consumer::ConsumerContext, T: rdkafka::consumer::Consumer<C>>(
+    consumer: &T,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>> {
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|source| Error::Admin {
+            action: format!("metadata of {topic}"),
+            source,
+        })?;
+    let ids: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if ids.is_empty() {
+        return Err(Error::Missing(topic.to_string()));
+    }
+    Ok(ids)
+}
+
 /// librdkafka settings common to every client built from `config`.
 pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();

@@ -270,11 +270,6 @@ impl Processor {
         self.commit(hooks.state(), &[], || true)?;
         Ok(())
     }
-
-    /// Whether a state change waits to be committed.
-    pub fn dirty(&self) -> bool {
-        self.dirty.get()
-    }
 }
 
 /// Commits `records` (topic, key, value) and the consumer's `offsets` in one transaction of
@@ -315,20 +310,7 @@ pub fn assign_at(
 ) -> Result<()> {
     let mut tpl = TopicPartitionList::new();
     for topic in topics {
-        let md = consumer
-            .fetch_metadata(Some(topic), timeout)
-            .map_err(|source| Error::Admin {
-                action: format!("metadata of {topic}"),
-                source,
-            })?;
-        let ids: Vec<i32> = md
-            .topics()
-            .iter()
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        if ids.is_empty() {
-            return Err(Error::Missing(topic.to_string()));
-        }
+        let ids = crate::partitions(consumer, topic, timeout)?;
         for p in ids {
             let offset = positions
                 .next(topic, p)

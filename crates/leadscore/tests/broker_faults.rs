@@ -112,22 +112,7 @@ async fn a_paused_then_a_restarted_broker_loses_and_duplicates_nothing() {
         Duration::from_secs(180),
     )
     .await;
-    let missing: Vec<_> = all
-        .iter()
-        .filter(|l| !scores.contains_key(&l.lead_id))
-        .take(5)
-        .map(|l| l.lead_id.as_str())
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "leads without a committed score, e.g. {missing:?}"
-    );
-    let duplicated: Vec<_> = scores.iter().filter(|(_, n)| **n > 1).take(5).collect();
-    assert!(
-        duplicated.is_empty(),
-        "leads scored more than once: {duplicated:?}"
-    );
-    assert_eq!(scores.len(), all.len());
+    leadscore_e2e::scorer::assert_exactly_once(&scores, all.iter().map(|l| l.lead_id.as_str()));
     wait_readyz(port, "HTTP/1.1 200", Duration::from_secs(60))
         .await
         .expect("ready again after the broker came back");

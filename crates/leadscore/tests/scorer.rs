@@ -295,26 +295,10 @@ async fn exactly_once_across_sigkill_and_a_second_instance() {
     for (k, n) in rest {
         *all.entry(k).or_default() += n;
     }
-    let expected: HashSet<String> = first
-        .iter()
-        .chain(&second)
-        .map(|l| l.lead_id.clone())
-        .collect();
-    let missing: Vec<_> = expected
-        .iter()
-        .filter(|k| !all.contains_key(*k))
-        .take(5)
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "leads without a committed score, e.g. {missing:?}"
+    leadscore_e2e::scorer::assert_exactly_once(
+        &all,
+        first.iter().chain(&second).map(|l| l.lead_id.as_str()),
     );
-    let duplicated: Vec<_> = all.iter().filter(|(_, n)| **n > 1).take(5).collect();
-    assert!(
-        duplicated.is_empty(),
-        "leads scored more than once: {duplicated:?}"
-    );
-    assert_eq!(all.len(), expected.len());
 
     // SIGTERM: graceful stop within the grace period.
     for child in [&mut b, &mut a2] {
@@ -395,22 +379,7 @@ async fn repeated_sigkills_at_random_points_lose_and_duplicate_nothing() {
         Duration::from_secs(180),
     )
     .await;
-    let missing: Vec<_> = all
-        .iter()
-        .filter(|l| !scores.contains_key(&l.lead_id))
-        .take(5)
-        .map(|l| l.lead_id.as_str())
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "leads without a committed score, e.g. {missing:?}"
-    );
-    let duplicated: Vec<_> = scores.iter().filter(|(_, n)| **n > 1).take(5).collect();
-    assert!(
-        duplicated.is_empty(),
-        "leads scored more than once: {duplicated:?}"
-    );
-    assert_eq!(scores.len(), all.len());
+    leadscore_e2e::scorer::assert_exactly_once(&scores, all.iter().map(|l| l.lead_id.as_str()));
     t.delete().await;
 }
 
