@@ -59,6 +59,9 @@ impl Topics {
 }
 
 /// Starts `leadscore scorer` (the binary at `exe`) on `t` with `extra` environment; returns it and its health port.
+///
+/// The instance id (and so the transactional id) is `instance` within `group`: a restart with the
+/// same pair fences its predecessor, while tests running side by side never fence each other.
 pub fn start_scorer_with(
     exe: &str,
     t: &Topics,
@@ -76,7 +79,7 @@ pub fn start_scorer_with(
         .env("LEADSCORE__SCORER__SHADOW_TOPIC", &t.shadow)
         .env("LEADSCORE__SCORER__DLQ_TOPIC", &t.dlq)
         .env("LEADSCORE__SCORER__GROUP_ID", group)
-        .env("LEADSCORE__SCORER__INSTANCE_ID", instance)
+        .env("LEADSCORE__SCORER__INSTANCE_ID", format!("{group}-{instance}"))
         .env("LEADSCORE__SCORER__MAX_BATCH", "200")
         .env("LEADSCORE__SCORER__CHAMPION_MODEL", &models)
         .env(

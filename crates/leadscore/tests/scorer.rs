@@ -316,17 +316,7 @@ async fn exactly_once_across_sigkill_and_a_second_instance() {
 
 /// SIGKILL at random points, three times, during a stream: each restart resumes from the
 /// last commit and the committed scores are exactly the leads, once each.
-///
-/// Ignored in `make test`: it passed alone 2 of 2 times and in 3 of 5 runs of this whole
-/// binary (where it shares the machine with the other scorer tests). In the 2 that failed,
-/// the last restarted instance (transactional id `leadscore-scorer-k`) waited out
-/// CONCURRENT_TRANSACTIONS on InitProducerId ("Failed to acquire transactional PID"),
-/// started scoring, and 34 s later AddPartitionsToTxn was refused with "old epoch": it
-/// stopped as fenced though no other instance ran, and the tail of the stream was never
-/// scored. A false fencing after repeated kills, not yet explained.
-/// Run it with `cargo test -p leadscore --test scorer -- --ignored repeated_sigkills`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a restart after repeated SIGKILLs can be fenced with no other instance running (open)"]
 async fn repeated_sigkills_at_random_points_lose_and_duplicate_nothing() {
     let t = Topics::create(6).await;
     let group = unique("it-kills");
