@@ -79,7 +79,10 @@ pub fn start_scorer_with(
         .env("LEADSCORE__SCORER__SHADOW_TOPIC", &t.shadow)
         .env("LEADSCORE__SCORER__DLQ_TOPIC", &t.dlq)
         .env("LEADSCORE__SCORER__GROUP_ID", group)
-        .env("LEADSCORE__SCORER__INSTANCE_ID", format!("{group}-{instance}"))
+        .env(
+            "LEADSCORE__SCORER__INSTANCE_ID",
+            format!("{group}-{instance}"),
+        )
         .env("LEADSCORE__SCORER__MAX_BATCH", "200")
         .env("LEADSCORE__SCORER__CHAMPION_MODEL", &models)
         .env(

@@ -213,6 +213,13 @@ impl Worker {
         })
         .await
         .map_err(|e| Error::Checkpoint(format!("init task: {e}")))??;
+        let swept = sweep_scratch(&std::env::temp_dir());
+        if swept > 0 {
+            tracing::info!(
+                swept,
+                "removed scratch directories of training runs whose worker was killed"
+            );
+        }
         metrics.liveness.started();
         Ok(Self {
             data: cfg.data.clone().unwrap_or(default_data),
@@ -330,9 +337,10 @@ impl Worker {
         .await?;
         self.metrics.busy.store(true, Ordering::Relaxed);
         let started = std::time::Instant::now();
-        // A scratch directory of our own making, removed when it goes out of scope.
+        // A scratch directory of our own making, removed when it goes out of scope; named with
+        // our pid, so a worker that starts after this one was killed removes it.
         let out_dir = tempfile::Builder::new()
-            .prefix("leadscore-train-")
+            .prefix(&format!("{SCRATCH_PREFIX}{}-", std::process::id()))
             .tempdir()
             .map_err(|e| {
                 Error::Checkpoint(format!("creating the training scratch directory: {e}"))
@@ -438,9 +446,65 @@ impl Worker {
     }
 }
 
+/// How a training run's scratch directory begins: then the worker's pid and a dash.
+const SCRATCH_PREFIX: &str = "leadscore-train-";
+
+/// Removes the scratch directories under `dir` whose worker process no longer exists (a
+/// SIGKILL leaves them behind); returns how many. Without `/proc` it removes nothing.
+fn sweep_scratch(dir: &std::path::Path) -> usize {
+    if !std::path::Path::new("/proc/self").exists() {
+        return 0;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) => {
+                tracing::warn!(dir = %entry.path().display(), error = %e, "could not remove a killed run's scratch directory")
+            }
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sweep_removes_scratch_of_dead_workers_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dead = tmp
+            .path()
+            .join(format!("{SCRATCH_PREFIX}{}-abc", u32::MAX - 7));
+        let alive = tmp
+            .path()
+            .join(format!("{SCRATCH_PREFIX}{}-def", std::process::id()));
+        let other = tmp.path().join("leadscore-train-notapid-x");
+        let unrelated = tmp.path().join("something-else");
+        for d in [&dead, &alive, &other, &unrelated] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("model.onnx"), b"x").unwrap();
+        }
+        assert_eq!(sweep_scratch(tmp.path()), 1);
+        assert!(!dead.exists());
+        assert!(alive.exists() && other.exists() && unrelated.exists());
+    }
 
     fn job(request_id: &str, model_name: &str) -> Job {
         Job {

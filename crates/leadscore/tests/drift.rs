@@ -1,5 +1,5 @@
 //! The drift aggregator against the real broker and registry: ground truth
-//! from the generator's drift knobs, identical reports across a SIGKILL and
+//! from the generator's drift knobs, identical reports across repeated SIGKILLs and
 //! across a split over instances, and alerts routed to real local HTTP and
 //! SMTP receivers.
 
@@ -580,17 +580,17 @@ async fn wait_counted(port: u16, n: u64) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sigkill_mid_window_and_a_restart_give_the_reports_of_an_uninterrupted_run() {
+async fn sigkills_mid_window_and_restarts_give_the_reports_of_an_uninterrupted_run() {
     let model = model();
     let input = Input::create(3).await;
     let killed = Run::create().await;
     let reference = Run::create().await;
     let mut g = generator(11, DriftSpec::default());
-    let windows = 8;
+    let windows = 10;
     let scores: Vec<LeadScore> = (0..windows)
         .flat_map(|w| window_scores(&model, &mut g, w, 300))
         .collect();
-    // Three phases: up to the middle of window 4, then to the middle of window 6, then the rest.
+    // First kill, placed: up to the middle of window 4, then to the middle of window 6.
     let (a, b) = (300 * 4 + 150, 300 * 6 + 150);
     produce_scores(&input, &scores[..a], 4).await;
     let slow = [("LEADSCORE__DRIFT__CHECKPOINT_MS", "2500".to_string())];
@@ -610,7 +610,43 @@ async fn a_sigkill_mid_window_and_a_restart_give_the_reports_of_an_uninterrupted
     wait_counted(port, b as u64).await;
     child.kill().unwrap();
     child.wait().unwrap();
-    produce_scores(&input, &scores[b..], 4).await;
+    // Two more kills at random points: each restart is killed a random time after its
+    // first checkpoint, with a segment of random length produced meanwhile.
+    let seed = uuid::Uuid::new_v4().as_u128();
+    let random = |i: u32, below: usize| ((seed >> (i * 20)) as usize & 0xfffff) % below;
+    let c = b + 100 + random(0, 300);
+    let bounds = [(b, c), (c, c + 100 + random(1, 300))];
+    for (i, (from, to)) in bounds.into_iter().enumerate() {
+        let checkpoint_ms = (300 + random(2 + i as u32, 1_200)).to_string();
+        let delay = random(4 + i as u32, 1_500) as u64;
+        let (mut child, port) = start(
+            &input,
+            &killed,
+            "kill-0",
+            &[("LEADSCORE__DRIFT__CHECKPOINT_MS", checkpoint_ms.clone())],
+        );
+        produce_scores(&input, &scores[from..to], 4).await;
+        loop {
+            let text = http_get(port, "/metrics").await;
+            if metric(&text, "checkpoint") > 0 && metric(&text, "counted") > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let text = http_get(port, "/metrics").await;
+        eprintln!(
+            "kill {}: scores {from}..{to}, checkpoint every {checkpoint_ms} ms, killed {delay} ms \
+             after its first checkpoint ({} counted, {} checkpoints)",
+            i + 1,
+            metric(&text, "counted"),
+            metric(&text, "checkpoint"),
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let rest = bounds[1].1;
+    produce_scores(&input, &scores[rest..], 4).await;
     flush_to(&input, &model, windows - 1, 3).await;
     let (child, _) = start(&input, &killed, "kill-0", &[]);
     let after_kill = all_reports(&killed, windows as usize).await;

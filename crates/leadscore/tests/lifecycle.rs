@@ -1,6 +1,6 @@
 //! The lifecycle controller against the real broker, registry and MLflow:
 //! a registered challenger goes shadow -> canary 10/50/100 -> champion
-//! (resuming at the right step after a SIGKILL), one command rolls the
+//! (resuming at the right step after SIGKILLs at random points), one command rolls the
 //! promotion back, and a slower canary is rolled back automatically.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
@@ -233,9 +233,19 @@ async fn a_challenger_is_rolled_out_to_champion_and_a_slower_one_is_rolled_back(
         "{status}"
     );
     // The canary scores as fast as the champion, window after window: 50%, 100%, champion.
+    // After each of the first two steps, another SIGKILL at a random point and a restart.
+    let seed = uuid::Uuid::new_v4().as_u128();
+    let mut controller = controller;
     for (n, want) in [(1, 3), (2, 4), (3, 6)] {
         report(&t, &model, "1", n, 900, 100.0, None).await;
         report(&t, &model, "2", n, 60, 105.0, None).await;
+        if n < 3 {
+            let delay = ((seed >> (n * 20)) as u64 & 0xfffff) % 1_000;
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            eprintln!("kill after window {n}'s reports, {delay} ms after they were sent");
+            kill(controller);
+            controller = start(&t, &model);
+        }
         steps(&t, want).await;
     }
     let got = steps(&t, 6).await;

@@ -1,6 +1,7 @@
 //! The retrain trigger against the real broker, registry and CRM database:
 //! sustained drift asks once, the cooldown refuses a second ask (also after a
-//! SIGKILL and restart), an operator's request skips the cooldown, the
+//! SIGKILL and restart), repeated SIGKILLs give the requests of an uninterrupted
+//! run, an operator's request skips the cooldown, the
 //! schedule asks when due, and too little labelled data refuses with the reason.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
@@ -17,10 +18,13 @@ use leadscore_e2e::{
     client, consumer, create_topic, delete_topics, free_port, receive, terminate, unique,
 };
 use leadscore_registry::{Decoder, Encoder, Registry};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 
 const H: i64 = 3_600_000;
 
+#[derive(Clone)]
 struct Topics {
     metrics: String,
     alerts: String,
@@ -160,11 +164,11 @@ async fn produce_reports(t: &Topics, reports: &[WindowReport]) {
     }
 }
 
-/// (trigger, reason, evidence features, requested_by) of every request on the topic.
+/// (trigger, reason, evidence features, requested_by, model) of every request on the topic.
 async fn requests(
     t: &Topics,
     within: Duration,
-) -> Vec<(String, String, Vec<String>, Option<String>)> {
+) -> Vec<(String, String, Vec<String>, Option<String>, String)> {
     let registry = Registry::new(&leadscore_e2e::config().registry).unwrap();
     let decoder = Decoder::new(registry);
     let c = consumer(&t.requests, "read_committed");
@@ -209,9 +213,133 @@ async fn requests(
             },
             _ => None,
         };
-        out.push((s(get("trigger")), s(get("reason")), evidence, by));
+        out.push((
+            s(get("trigger")),
+            s(get("reason")),
+            evidence,
+            by,
+            s(get("model_name")),
+        ));
     }
     out
+}
+
+/// Waits until the trigger's group has committed the first `n` reports of the metrics topic
+/// (their requests and checkpoint are committed with them).
+async fn wait_committed(t: &Topics, n: i64) {
+    let c: BaseConsumer = client(&[("group.id", t.group.as_str())]).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(&t.metrics, 0);
+    let mut at = None;
+    for _ in 0..600 {
+        at = c
+            .committed_offsets(tpl.clone(), Duration::from_secs(5))
+            .ok()
+            .and_then(|got| {
+                got.find_partition(&t.metrics, 0)
+                    .and_then(|p| match p.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+            });
+        if at >= Some(n) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the trigger committed up to {at:?} of {n} reports");
+}
+
+/// Hourly reports of `models` models over 8 hours: model `i` drifts (industry PSI 0.3) in
+/// three consecutive hours when `i % 3 == 0`, in every hour when `i % 3 == 1` (asked once,
+/// then the cooldown), and in alternate hours otherwise (never sustained).
+fn drift_pattern(prefix: &str, models: usize) -> Vec<WindowReport> {
+    (0..8)
+        .flat_map(|h| {
+            (0..models).map(move |i| {
+                let drifts = match i % 3 {
+                    0 => (2..5).contains(&h),
+                    1 => true,
+                    _ => h % 2 == 0,
+                };
+                report(
+                    &format!("{prefix}-{i}"),
+                    h * H,
+                    if drifts { 0.3 } else { 0.01 },
+                )
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_sigkills_give_the_requests_of_an_uninterrupted_run() {
+    let prefix = unique("it-kills-model");
+    let reports = drift_pattern(&prefix, 12);
+    let n = reports.len() as i64;
+    let env = [
+        ("LEADSCORE__RETRAIN__MIN_LABELLED_ROWS", "0".to_string()),
+        ("LEADSCORE__RETRAIN__COOLDOWN_MS", (100 * H).to_string()),
+        ("LEADSCORE__RETRAIN__MODELS", "[]".to_string()),
+    ];
+    // The reference: one uninterrupted run over the same reports.
+    let reference = Topics::create().await;
+    produce_reports(&reference, &reports).await;
+    let (child, _) = start(&reference, &env);
+    wait_committed(&reference, n).await;
+    terminate(child);
+    let mut expected = requests(&reference, Duration::from_secs(2)).await;
+    expected.sort();
+    assert_eq!(
+        expected.len(),
+        8,
+        "one request per sustained model: {expected:?}"
+    );
+
+    // The same reports streamed (one every 60 ms) through a trigger SIGKILLed three times,
+    // each a random time after it has read a report.
+    let t = Topics::create().await;
+    let feed = {
+        let (t, reports) = (t.clone(), reports.clone());
+        tokio::spawn(async move {
+            for r in reports {
+                produce_reports(&t, std::slice::from_ref(&r)).await;
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        })
+    };
+    let seed = uuid::Uuid::new_v4().as_u128();
+    for i in 0..3 {
+        let delay = ((seed >> (i * 20)) as u64 & 0xfffff) % 1_500;
+        let (child, port) = start(&t, &env);
+        wait_for(port, "leadscore_retrain_reports_total ").await;
+        loop {
+            let text = metrics_text(port).await;
+            let read = text
+                .lines()
+                .find_map(|l| l.strip_prefix("leadscore_retrain_reports_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if read.is_some_and(|r| r > 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        assert!(!feed.is_finished(), "kill {i} hits the stream mid-way");
+        eprintln!("kill {i}: {delay} ms after the restarted trigger read its first report");
+        let mut child: std::process::Child = child.into();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let (child, _) = start(&t, &env);
+    feed.await.unwrap();
+    wait_committed(&t, n).await;
+    terminate(child);
+    let mut got = requests(&t, Duration::from_secs(2)).await;
+    got.sort();
+    assert_eq!(got, expected);
+    t.delete().await;
+    reference.delete().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -504,8 +632,23 @@ async fn a_worker_killed_mid_run_runs_the_request_again_and_registers_one_versio
     let started = lifecycle_within(&lifecycle_topic, &model, 1, Duration::from_secs(120)).await;
     assert_eq!(started.len(), 1, "the run started: {started:?}");
     let mut child: std::process::Child = worker.into();
+    let scratch = |pid: u32| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("leadscore-train-{pid}-")))
+            })
+            .collect()
+    };
+    let pid = child.id();
     child.kill().unwrap();
     child.wait().unwrap();
+    let left = scratch(pid);
+    assert_eq!(left.len(), 1, "the killed run left its scratch directory");
     // Killed mid-run: no outcome was committed, and the orphaned training job stops by
     // itself instead of registering a version (given time to do so if it did not).
     tokio::time::sleep(Duration::from_secs(8)).await;
@@ -527,6 +670,7 @@ async fn a_worker_killed_mid_run_runs_the_request_again_and_registers_one_versio
     terminate(worker);
     let stages: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
     assert_eq!(stages, ["training", "training", "promoted"], "{events:?}");
+    assert!(!left[0].exists(), "the restarted worker removed {left:?}");
     assert_eq!(mlflow_versions(&model).await, 1, "one version registered");
     assert_eq!(events[2].1, "1");
     delete_topics(&[&lifecycle_topic]).await;
