@@ -2,11 +2,11 @@
 //! OpenTelemetry instruments of the global meter (`leadscore_drift_*` and
 //! `leadscore.drift.*`).
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use leadscore_runtime::Liveness;
+use leadscore_runtime::prom::{Kind, Page};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::ObservableCounter;
@@ -155,18 +155,17 @@ impl Metrics {
 
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP leadscore_drift_events_total Records counted, partials, reports, alerts and checkpoints, by kind."
+        let mut page = Page::new();
+        page.family(
+            "leadscore_drift_events_total",
+            Kind::Counter,
+            "Records counted, partials, reports, alerts and checkpoints, by kind.",
         );
-        let _ = writeln!(out, "# TYPE leadscore_drift_events_total counter");
         for e in Event::ALL {
-            let _ = writeln!(
-                out,
-                "leadscore_drift_events_total{{kind=\"{}\"}} {}",
-                e.as_str(),
-                self.get(e)
+            page.sample(
+                "leadscore_drift_events_total",
+                &[("kind", e.as_str())],
+                self.get(e),
             );
         }
         for (name, help, v) in [
@@ -186,14 +185,10 @@ impl Metrics {
                 &self.last_checkpoint_ms,
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
+            page.gauge(name, help, v.load(Ordering::Relaxed));
         }
-        out.push_str(&self.liveness.render("drift"));
-        out
+        self.liveness.write(&mut page, "drift");
+        page.finish()
     }
 }
 

@@ -1,11 +1,11 @@
 //! Counters of the lookup service, on `/metrics` and through OpenTelemetry.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Instant;
 
+use leadscore_runtime::prom::{Kind, Page};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
 
@@ -102,16 +102,18 @@ impl Metrics {
 
     /// Prometheus text.
     pub fn render(&self, store: &StoreCounts, memory_entries: Option<usize>) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP leadscore_lookup_calls_total Calls by method and status code.\n# TYPE leadscore_lookup_calls_total counter"
+        let mut page = Page::new();
+        page.family(
+            "leadscore_lookup_calls_total",
+            Kind::Counter,
+            "Calls by method and status code.",
         );
         if let Ok(c) = self.calls.lock() {
             for ((method, code), n) in c.iter() {
-                let _ = writeln!(
-                    out,
-                    "leadscore_lookup_calls_total{{method=\"{method}\",code=\"{code}\"}} {n}"
+                page.sample(
+                    "leadscore_lookup_calls_total",
+                    &[("method", method), ("code", code.as_ref())],
+                    n,
                 );
             }
         }
@@ -147,28 +149,25 @@ impl Metrics {
                 &self.watch_dropped,
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
+            page.counter(name, help, v.load(Ordering::Relaxed));
         }
-        let _ = writeln!(
-            out,
-            "# HELP leadscore_lookup_watchers Open WatchScores streams.\n# TYPE leadscore_lookup_watchers gauge\nleadscore_lookup_watchers {}",
-            self.watchers.load(Ordering::Relaxed)
+        page.gauge(
+            "leadscore_lookup_watchers",
+            "Open WatchScores streams.",
+            self.watchers.load(Ordering::Relaxed),
         );
         if let Some(n) = memory_entries {
-            let _ = writeln!(
-                out,
-                "# HELP leadscore_lookup_memory_entries Leads held in the service's memory.\n# TYPE leadscore_lookup_memory_entries gauge\nleadscore_lookup_memory_entries {n}"
+            page.gauge(
+                "leadscore_lookup_memory_entries",
+                "Leads held in the service's memory.",
+                n,
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP leadscore_lookup_ready Whether the service is ready.\n# TYPE leadscore_lookup_ready gauge\nleadscore_lookup_ready {}",
-            u8::from(self.is_ready())
+        page.gauge(
+            "leadscore_lookup_ready",
+            "Whether the service is ready.",
+            u8::from(self.is_ready()),
         );
-        out
+        page.finish()
     }
 }

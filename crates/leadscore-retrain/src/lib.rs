@@ -24,6 +24,7 @@ use leadscore_lifecycle::retrain::{
     Candidate, Decision, Evidence, ModelState, Policy, ReportView, Request, Trigger, request_time,
 };
 use leadscore_registry::{Decoder, Encoder, Registry};
+use leadscore_runtime::prom::{Kind, Page};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::FutureRecord;
 use serde::{Deserialize, Serialize};
@@ -178,22 +179,28 @@ impl Metrics {
 
     /// Prometheus text.
     pub fn render(&self) -> String {
-        let mut out = String::from(
-            "# HELP leadscore_retrain_decisions_total Retrain decisions by trigger and outcome.\n# TYPE leadscore_retrain_decisions_total counter\n",
+        let mut page = Page::new();
+        page.family(
+            "leadscore_retrain_decisions_total",
+            Kind::Counter,
+            "Retrain decisions by trigger and outcome.",
         );
         if let Ok(d) = self.decisions.lock() {
             for ((t, o), n) in d.iter() {
-                out.push_str(&format!(
-                    "leadscore_retrain_decisions_total{{trigger=\"{t}\",outcome=\"{o}\"}} {n}\n"
-                ));
+                page.sample(
+                    "leadscore_retrain_decisions_total",
+                    &[("trigger", t), ("outcome", o)],
+                    n,
+                );
             }
         }
-        out.push_str(&format!(
-            "# HELP leadscore_retrain_reports_total Hourly window reports read.\n# TYPE leadscore_retrain_reports_total counter\nleadscore_retrain_reports_total {}\n",
-            self.reports.load(std::sync::atomic::Ordering::Relaxed)
-        ));
-        out.push_str(&self.liveness.render("retrain"));
-        out
+        page.counter(
+            "leadscore_retrain_reports_total",
+            "Hourly window reports read.",
+            self.reports.load(std::sync::atomic::Ordering::Relaxed),
+        );
+        self.liveness.write(&mut page, "retrain");
+        page.finish()
     }
 }
 

@@ -23,6 +23,7 @@ use leadscore_config::{KafkaConfig, TrainingConfig};
 use leadscore_kafka::txn::Transactional;
 use leadscore_lifecycle::events::{LifecycleEvent, Stage, training_outcome};
 use leadscore_registry::{Decoder, Encoder, Registry};
+use leadscore_runtime::prom::{Kind, Page};
 use rdkafka::Message;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::FutureRecord;
@@ -47,23 +48,29 @@ pub struct WorkerMetrics {
 impl WorkerMetrics {
     /// Prometheus text.
     pub fn render(&self) -> String {
-        let mut out = String::from(
-            "# HELP leadscore_training_runs_total Training runs by outcome.\n# TYPE leadscore_training_runs_total counter\n",
+        let mut page = Page::new();
+        page.family(
+            "leadscore_training_runs_total",
+            Kind::Counter,
+            "Training runs by outcome.",
         );
         if let Ok(m) = self.outcomes.lock() {
             for (k, v) in m.iter() {
-                out.push_str(&format!(
-                    "leadscore_training_runs_total{{outcome=\"{k}\"}} {v}\n"
-                ));
+                page.sample("leadscore_training_runs_total", &[("outcome", k)], v);
             }
         }
-        out.push_str(&format!(
-            "# HELP leadscore_training_busy A run is in progress.\n# TYPE leadscore_training_busy gauge\nleadscore_training_busy {}\n# HELP leadscore_training_last_run_seconds Duration of the last run.\n# TYPE leadscore_training_last_run_seconds gauge\nleadscore_training_last_run_seconds {}\n",
+        page.gauge(
+            "leadscore_training_busy",
+            "A run is in progress.",
             u8::from(self.busy.load(Ordering::Relaxed)),
-            self.last_run_secs.load(Ordering::Relaxed)
-        ));
-        out.push_str(&self.liveness.render("training"));
-        out
+        )
+        .gauge(
+            "leadscore_training_last_run_seconds",
+            "Duration of the last run.",
+            self.last_run_secs.load(Ordering::Relaxed),
+        );
+        self.liveness.write(&mut page, "training");
+        page.finish()
     }
 }
 

@@ -4,8 +4,11 @@
 //! batch aborted N times in a row, or no committed progress for a configured time while
 //! input waits), and [`serve`], the one `/healthz` `/readyz` `/metrics` server. Services
 //! report what happened (`progressed`, `aborted`, `set_backlog`); the rule lives here.
+//! [`prom`] is the one writer of the Prometheus text of every `/metrics` page.
 //!
 //! Must not: know about Kafka, models or any one service's metrics.
+
+pub mod prom;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -147,14 +150,25 @@ impl Liveness {
 
     /// `leadscore_<service>_ready` and `..._stuck` lines for a Prometheus page.
     pub fn render(&self, service: &str) -> String {
+        let mut page = prom::Page::new();
+        self.write(&mut page, service);
+        page.finish()
+    }
+
+    /// Writes `leadscore_<service>_ready` and `..._stuck` to `page`.
+    pub fn write(&self, page: &mut prom::Page, service: &str) {
         let state = self.readiness();
         let stuck = matches!(state, Err(NotReady::Aborting(_) | NotReady::NoProgress(_)));
-        format!(
-            "# HELP leadscore_{service}_ready Whether the service is ready.\n# TYPE leadscore_{service}_ready gauge\nleadscore_{service}_ready {}\n\
-             # HELP leadscore_{service}_stuck Whether the loop is stuck (aborting or making no progress while input waits).\n# TYPE leadscore_{service}_stuck gauge\nleadscore_{service}_stuck {}\n",
+        page.gauge(
+            &format!("leadscore_{service}_ready"),
+            "Whether the service is ready.",
             u8::from(state.is_ok()),
-            u8::from(stuck)
         )
+        .gauge(
+            &format!("leadscore_{service}_stuck"),
+            "Whether the loop is stuck (aborting or making no progress while input waits).",
+            u8::from(stuck),
+        );
     }
 }
 

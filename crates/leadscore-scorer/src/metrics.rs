@@ -9,12 +9,12 @@
 //! in OpenTelemetry.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use leadscore_runtime::Liveness;
+use leadscore_runtime::prom::{Kind, Page};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram as OtelHistogram, Meter};
 
@@ -78,28 +78,16 @@ impl Histogram {
             .fetch_add((ms.max(0.0) * 1000.0) as u64, Ordering::Relaxed);
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (i, bound) in BUCKETS_MS.iter().enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_count{braces} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum{braces} {}",
-            self.sum_us.load(Ordering::Relaxed) as f64 / 1000.0
+    fn write(&self, page: &mut Page, name: &str, labels: &[(&str, &str)]) {
+        page.histogram(
+            name,
+            labels,
+            BUCKETS_MS
+                .iter()
+                .zip(&self.buckets)
+                .map(|(bound, n)| (*bound, n.load(Ordering::Relaxed))),
+            self.count.load(Ordering::Relaxed),
+            self.sum_us.load(Ordering::Relaxed) as f64 / 1000.0,
         );
     }
 }
@@ -346,14 +334,7 @@ impl Metrics {
 
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
-        };
+        let mut page = Page::new();
         for (name, help, v) in [
             (
                 "leadscore_scorer_inputs_total",
@@ -421,56 +402,63 @@ impl Metrics {
                 &self.cache_dropped,
             ),
         ] {
-            counter(&mut out, name, help, v);
+            page.counter(name, help, v.load(Ordering::Relaxed));
         }
-        let _ = writeln!(
-            out,
-            "# HELP leadscore_scorer_dead_letters_total Inputs sent to the DLQ by error kind.\n# TYPE leadscore_scorer_dead_letters_total counter"
+        page.family(
+            "leadscore_scorer_dead_letters_total",
+            Kind::Counter,
+            "Inputs sent to the DLQ by error kind.",
         );
         if let Ok(d) = self.dead.lock() {
             for (kind, n) in d.iter() {
-                let _ = writeln!(
-                    out,
-                    "leadscore_scorer_dead_letters_total{{kind=\"{kind}\"}} {n}"
-                );
+                page.sample("leadscore_scorer_dead_letters_total", &[("kind", kind)], n);
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP leadscore_scorer_event_to_score_ms Event time to score time.\n# TYPE leadscore_scorer_event_to_score_ms histogram"
+        page.family(
+            "leadscore_scorer_event_to_score_ms",
+            Kind::Histogram,
+            "Event time to score time.",
         );
         self.event_to_score
-            .render(&mut out, "leadscore_scorer_event_to_score_ms", "");
-        let _ = writeln!(
-            out,
-            "# HELP leadscore_scorer_stage_ms Time per batch stage.\n# TYPE leadscore_scorer_stage_ms histogram"
+            .write(&mut page, "leadscore_scorer_event_to_score_ms", &[]);
+        page.family(
+            "leadscore_scorer_stage_ms",
+            Kind::Histogram,
+            "Time per batch stage.",
         );
         for s in Stage::ALL {
-            self.stages[s as usize].render(
-                &mut out,
+            self.stages[s as usize].write(
+                &mut page,
                 "leadscore_scorer_stage_ms",
-                &format!("stage=\"{}\"", s.as_str()),
+                &[("stage", s.as_str())],
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP leadscore_scorer_consumer_lag Records behind the high watermark, per assigned partition.\n# TYPE leadscore_scorer_consumer_lag gauge"
+        page.family(
+            "leadscore_scorer_consumer_lag",
+            Kind::Gauge,
+            "Records behind the high watermark, per assigned partition.",
         );
         if let Ok(l) = self.lag.lock() {
             for ((topic, partition), lag) in l.iter() {
-                let _ = writeln!(
-                    out,
-                    "leadscore_scorer_consumer_lag{{topic=\"{topic}\",partition=\"{partition}\"}} {lag}"
+                page.sample(
+                    "leadscore_scorer_consumer_lag",
+                    &[("topic", topic), ("partition", &partition.to_string())],
+                    lag,
                 );
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP leadscore_scorer_model_info Champion model in service.\n# TYPE leadscore_scorer_model_info gauge\nleadscore_scorer_model_info{{model=\"{}\"}} 1",
-            self.model()
+        page.family(
+            "leadscore_scorer_model_info",
+            Kind::Gauge,
+            "Champion model in service.",
+        )
+        .sample(
+            "leadscore_scorer_model_info",
+            &[("model", &self.model())],
+            1,
         );
-        out.push_str(&self.liveness.render("scorer"));
-        out
+        self.liveness.write(&mut page, "scorer");
+        page.finish()
     }
 }
 
