@@ -112,7 +112,7 @@ impl Metrics {
             for ((method, code), n) in c.iter() {
                 page.sample(
                     "leadscore_lookup_calls_total",
-                    &[("method", method), ("code", code.as_ref())],
+                    &[("method", method), ("code", code)],
                     n,
                 );
             }
