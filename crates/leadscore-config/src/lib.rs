@@ -600,6 +600,10 @@ pub struct ScorerConfig {
     pub batch_linger_ms: u64,
     /// Kafka transaction timeout, in milliseconds.
     pub transaction_timeout_ms: u64,
+    /// Transactional producers a batch is committed through in parallel, each for the input
+    /// partitions `p` with `p % lanes == lane` (1..=64). A lead's outputs go to partition
+    /// `p % partitions` of each output topic, so a lane's transaction touches only its own.
+    pub lanes: u32,
     /// Champion model URL: a directory, `file://dir` or `mlflow+http://host:port/NAME@champion`.
     pub champion_model: String,
     /// Challenger (shadow) model URL; unset for none.
@@ -640,6 +644,16 @@ impl ScorerConfig {
     pub fn transactional_id(&self) -> String {
         format!("{}-{}", self.transactional_id_prefix, self.instance_id)
     }
+
+    /// The transactional id of `lane`: [`Self::transactional_id`] with one lane, else
+    /// `<transactional_id_prefix>-<instance_id>-<lane>`.
+    pub fn lane_transactional_id(&self, lane: u32) -> String {
+        if self.lanes <= 1 {
+            self.transactional_id()
+        } else {
+            format!("{}-{lane}", self.transactional_id())
+        }
+    }
 }
 
 impl Default for ScorerConfig {
@@ -654,6 +668,7 @@ impl Default for ScorerConfig {
             transactional_id_prefix: "leadscore-scorer".into(),
             max_batch: 1000,
             batch_linger_ms: 20,
+            lanes: 4,
             transaction_timeout_ms: 60_000,
             champion_model: "models/default".into(),
             challenger_model: None,
@@ -822,6 +837,12 @@ impl Config {
             return Err(Error::Invalid {
                 key: "scorer.max_batch",
                 reason: format!("{} is not in 1..=100000", s.max_batch),
+            });
+        }
+        if !(1..=64).contains(&s.lanes) {
+            return Err(Error::Invalid {
+                key: "scorer.lanes",
+                reason: format!("{} is not in 1..=64", s.lanes),
             });
         }
         if !(1024..=512 * 1024).contains(&s.dlq_max_payload_bytes) {

@@ -73,6 +73,18 @@ pub enum Error {
     /// A model failed to score (not an input problem).
     #[error(transparent)]
     Model(#[from] leadscore_model::Error),
+    /// An output topic's partitions could not be read.
+    #[error("output topic {topic}: {reason}; create it with `leadscore topics apply`")]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// Why.
+        reason: String,
+    },
+    /// A lane's transaction ended in a panic: whether it committed is unknown, so the scorer
+    /// stops and a restart resumes from what was committed.
+    #[error("a transaction thread panicked: {0}")]
+    Panicked(String),
 }
 
 /// Result alias for this crate.
@@ -202,19 +214,20 @@ pub fn lifecycle_consumer_config(
     )
 }
 
-/// Transactional producer settings: the shared transactional settings, a deep queue, and
-/// `message.max.bytes` at `max_message_bytes` (the smallest `max.message.bytes` of the output
-/// topics), so a record the broker would refuse is refused at once, record by record.
+/// Transactional producer settings of `lane`: the shared transactional settings, a deep
+/// queue, and `message.max.bytes` at `max_message_bytes` (the smallest `max.message.bytes` of
+/// the output topics), so a record the broker would refuse is refused at once, record by record.
 pub fn producer_config(
     kafka: &leadscore_config::KafkaConfig,
     cfg: &ScorerConfig,
+    lane: u32,
     max_message_bytes: usize,
 ) -> rdkafka::ClientConfig {
     let mut c = leadscore_kafka::txn::transactional_config(
         kafka,
-        &cfg.transactional_id(),
+        &cfg.lane_transactional_id(lane),
         cfg.transaction_timeout_ms,
-        &format!("leadscore-scorer-{}", cfg.instance_id),
+        &format!("leadscore-scorer-{}-{lane}", cfg.instance_id),
     );
     c.set("queue.buffering.max.messages", "200000")
         .set("message.max.bytes", max_message_bytes.to_string());
@@ -371,7 +384,7 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 pub async fn run(
     cfg: ScorerConfig,
     consumer: ScorerConsumer,
-    producer: Transactional,
+    producers: Vec<Transactional>,
     registry: Registry,
     models: Models,
     metrics: Arc<Metrics>,
@@ -401,7 +414,20 @@ pub async fn run(
         pii: cfg.pii_columns.clone(),
         dead_cap: cfg.dlq_max_payload_bytes,
     };
-    blocking(|| producer.init()).map_err(Error::Transaction)?;
+    if producers.is_empty() {
+        return Err(Error::Panicked("no transactional producer (scorer.lanes is 0)".into()));
+    }
+    for producer in &producers {
+        blocking(|| producer.init()).map_err(Error::Transaction)?;
+    }
+    let partitions_of = |topic: &str| -> Result<i32> {
+        blocking(|| leadscore_kafka::partitions(&consumer, topic, Duration::from_secs(10)))
+            .map(|p| p.len() as i32)
+            .map_err(|e| Error::Topic {
+                topic: topic.to_string(),
+                reason: e.to_string(),
+            })
+    };
     consumer
         .subscribe(&[&cfg.input_topic])
         .map_err(|source| Error::Kafka {
@@ -443,7 +469,12 @@ pub async fn run(
         dlq_topic: cfg.dlq_topic.clone(),
         scores_schema: codecs.scores.schema_id(),
         shadow_schema: codecs.shadow.schema_id(),
+        scores_partitions: partitions_of(&cfg.scores_topic)?,
+        shadow_partitions: partitions_of(&cfg.shadow_topic)?,
+        dlq_partitions: partitions_of(&cfg.dlq_topic)?,
     });
+    let producers = Arc::new(producers);
+    let lanes = producers.len() as i32;
     // The batch being committed on a blocking thread while the next one is read and scored.
     let mut in_flight: Option<InFlight> = None;
     loop {
@@ -458,16 +489,15 @@ pub async fn run(
             done = wait_in_flight(&mut in_flight), if in_flight.is_some() =>
             {
                 let Some(prev) = in_flight.take() else { continue };
-                let ranges = prev.ranges.clone();
                 match settle(prev, done, &metrics, cache_tx.as_ref()) {
-                    Ok(()) => backoff.reset(),
-                    Err(TxError::Fatal(e)) => {
+                    Ok(failed) if failed.is_empty() => backoff.reset(),
+                    Ok(failed) => {
+                        rewind(&consumer, &failed);
+                        backoff.wait().await;
+                    }
+                    Err(e) => {
                         metrics.set_ready(false);
                         return Err(e);
-                    }
-                    Err(TxError::Retry(_)) => {
-                        rewind(&consumer, [&ranges]);
-                        backoff.wait().await;
                     }
                 }
                 continue;
@@ -512,14 +542,16 @@ pub async fn run(
             }
         }
         metrics.stage(Stage::Fetch, fetch_started.elapsed());
-        // First and next offset per partition of this batch.
+        // First and next offset per partition of this batch, and its records per partition.
         let mut ranges: Ranges = BTreeMap::new();
+        let mut counts: BTreeMap<i32, usize> = BTreeMap::new();
         for m in &batch {
             let e = ranges
                 .entry((m.topic().to_string(), m.partition()))
                 .or_insert((m.offset(), m.offset() + 1));
             e.0 = e.0.min(m.offset());
             e.1 = e.1.max(m.offset() + 1);
+            *counts.entry(m.partition()).or_default() += 1;
         }
         let inputs = batch.len();
         let span = tracing::info_span!(
@@ -534,23 +566,24 @@ pub async fn run(
         drop(batch);
         // This batch's transaction may only begin once the previous one is settled.
         if let Some(mut prev) = in_flight.take() {
-            let prev_ranges = prev.ranges.clone();
             let done = match settled.take() {
                 Some(done) => done,
                 None => (&mut prev.handle).await,
             };
             match settle(prev, done, &metrics, cache_tx.as_ref()) {
-                Ok(()) => backoff.reset(),
-                Err(TxError::Fatal(e)) => {
-                    metrics.set_ready(false);
-                    return Err(e);
-                }
-                Err(TxError::Retry(_)) => {
-                    // Both batches are re-read: the previous one's records come first.
+                Ok(failed) if failed.is_empty() => backoff.reset(),
+                Ok(mut failed) => {
+                    // The failed lanes' records and this whole batch are re-read: the failed
+                    // lanes' records come first.
                     span.record("outcome", "discarded");
-                    rewind(&consumer, [&prev_ranges, &ranges]);
+                    failed.push(ranges);
+                    rewind(&consumer, &failed);
                     backoff.wait().await;
                     continue;
+                }
+                Err(e) => {
+                    metrics.set_ready(false);
+                    return Err(e);
                 }
             }
         }
@@ -564,43 +597,46 @@ pub async fn run(
                 let in_a_row = metrics.batch_aborted();
                 span.record("outcome", "aborted");
                 tracing::warn!(reason = %why, in_a_row, "batch not scored; re-reading it");
-                rewind(&consumer, [&ranges]);
+                rewind(&consumer, std::slice::from_ref(&ranges));
                 backoff.wait().await;
                 continue;
             }
         };
-        let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), (_, next)) in &ranges {
-            if let Err(e) = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+        let Some(group) = group_at_read else {
+            tracing::warn!("no consumer group metadata yet; re-reading the batch");
+            rewind(&consumer, &[ranges]);
+            tokio::time::sleep(backoff.current()).await;
+            continue;
+        };
+        let work = match lane_work(lanes, outputs, &ranges, &counts) {
+            Ok(w) => w,
+            Err(e) => {
                 return Err(Error::Kafka {
                     context: "building the offsets to commit",
                     source: e,
                 });
             }
-        }
-        let Some(group) = group_at_read else {
-            tracing::warn!("no consumer group metadata yet; re-reading the batch");
-            rewind(&consumer, [&ranges]);
-            tokio::time::sleep(backoff.current()).await;
-            continue;
         };
-        let (producer, target, metrics_c) = (producer.clone(), target.clone(), metrics.clone());
+        let shares = work
+            .iter()
+            .map(|w| (w.inputs, w.ranges.clone()))
+            .collect();
+        let (producers, target, metrics_c) =
+            (producers.clone(), target.clone(), metrics.clone());
         let publish_span = span.clone();
         let handle = tokio::task::spawn_blocking(move || {
-            publish_span
-                .in_scope(|| publish(&producer, &target, outputs, &offsets, &group, &metrics_c))
+            publish_lanes(&producers, &target, work, &group, &metrics_c, &publish_span)
         });
         in_flight = Some(InFlight {
             handle,
-            inputs,
-            ranges,
+            lanes: shares,
             span,
         });
     }
     // Shutdown: the in-flight transaction finishes; a batch read but not yet published is re-read later.
     if let Some(mut prev) = in_flight.take() {
         let done = (&mut prev.handle).await;
-        if let Err(TxError::Fatal(e)) = settle(prev, done, &metrics, cache_tx.as_ref()) {
+        if let Err(e) = settle(prev, done, &metrics, cache_tx.as_ref()) {
             metrics.set_ready(false);
             return Err(e);
         }
@@ -647,17 +683,109 @@ struct PublishTarget {
     dlq_topic: String,
     scores_schema: u32,
     shadow_schema: u32,
+    scores_partitions: i32,
+    shadow_partitions: i32,
+    dlq_partitions: i32,
 }
 
-/// A batch whose transaction is running on a blocking thread.
+impl PublishTarget {
+    /// The partition of `topic` the outputs of input partition `input` go to.
+    fn partition(&self, topic: &str, input: i32) -> i32 {
+        let n = if topic == self.scores_topic {
+            self.scores_partitions
+        } else if topic == self.shadow_topic {
+            self.shadow_partitions
+        } else {
+            self.dlq_partitions
+        };
+        input.rem_euclid(n.max(1))
+    }
+}
+
+/// A batch whose lanes' transactions are running on a blocking thread.
 struct InFlight {
-    handle: tokio::task::JoinHandle<Result<Vec<Output>, TxError>>,
-    inputs: usize,
-    ranges: Ranges,
+    handle: tokio::task::JoinHandle<Vec<Result<Vec<Output>, TxError>>>,
+    /// Records and ranges of each lane, in the order of the handle's results.
+    lanes: Vec<(usize, Ranges)>,
     span: tracing::Span,
 }
 
-type Published = Result<Result<Vec<Output>, TxError>, tokio::task::JoinError>;
+type Published = Result<Vec<Result<Vec<Output>, TxError>>, tokio::task::JoinError>;
+
+/// One lane's share of a batch: the outputs of its input partitions and their offsets.
+struct LaneWork {
+    lane: usize,
+    inputs: usize,
+    ranges: Ranges,
+    offsets: TopicPartitionList,
+    groups: Vec<(i32, Vec<Output>)>,
+}
+
+/// Splits a prepared batch by lane (input partition % lanes), each lane with the offsets of
+/// its partitions.
+fn lane_work(
+    lanes: i32,
+    outputs: Vec<(i32, Vec<Output>)>,
+    ranges: &Ranges,
+    counts: &BTreeMap<i32, usize>,
+) -> std::result::Result<Vec<LaneWork>, KafkaError> {
+    let mut work: BTreeMap<usize, LaneWork> = BTreeMap::new();
+    let lane_of = |p: i32| p.rem_euclid(lanes.max(1)) as usize;
+    for ((topic, partition), (start, next)) in ranges {
+        let w = work.entry(lane_of(*partition)).or_insert_with(|| LaneWork {
+            lane: lane_of(*partition),
+            inputs: 0,
+            ranges: BTreeMap::new(),
+            offsets: TopicPartitionList::new(),
+            groups: Vec::new(),
+        });
+        w.ranges.insert((topic.clone(), *partition), (*start, *next));
+        w.offsets
+            .add_partition_offset(topic, *partition, Offset::Offset(*next))?;
+        w.inputs += counts.get(partition).copied().unwrap_or(0);
+    }
+    for (partition, outs) in outputs {
+        if let Some(w) = work.get_mut(&lane_of(partition)) {
+            w.groups.push((partition, outs));
+        }
+    }
+    Ok(work.into_values().collect())
+}
+
+/// Commits each lane's share in its own transaction, the lanes in parallel; one result per
+/// lane, in order. Runs on a blocking thread.
+fn publish_lanes(
+    producers: &[Transactional],
+    target: &PublishTarget,
+    work: Vec<LaneWork>,
+    group: &rdkafka::consumer::ConsumerGroupMetadata,
+    metrics: &Metrics,
+    span: &tracing::Span,
+) -> Vec<Result<Vec<Output>, TxError>> {
+    let one = |w: LaneWork| -> Result<Vec<Output>, TxError> {
+        let producer = &producers[w.lane % producers.len()];
+        span.in_scope(|| publish(producer, target, w.groups, &w.offsets, group, metrics))
+    };
+    if work.len() == 1 {
+        return work.into_iter().map(one).collect();
+    }
+    std::thread::scope(|s| {
+        let running: Vec<_> = work.into_iter().map(|w| s.spawn(|| one(w))).collect();
+        running
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|p| {
+                    let what = p
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(TxError::Fatal(Error::Panicked(what)))
+                })
+            })
+            .collect()
+    })
+}
 
 /// The next record, or `None` once `until` has passed (no deadline: wait for one).
 async fn recv_until<'c>(
@@ -678,51 +806,65 @@ async fn wait_in_flight(in_flight: &mut Option<InFlight>) -> Published {
     }
 }
 
-/// Counts a finished transaction and hands its scores to the cache; an error says what to do next.
+/// Counts a finished batch's committed lanes and hands their scores to the cache. Returns the
+/// ranges of the lanes that aborted (to re-read), or the error that stops the scorer.
 fn settle(
     prev: InFlight,
     done: Published,
     metrics: &Metrics,
     cache_tx: Option<&tokio::sync::mpsc::Sender<CacheUpdate>>,
-) -> Result<(), TxError> {
-    let outcome = match done {
-        Ok(r) => r,
-        Err(e) => Err(TxError::Retry(format!("publishing task failed: {e}"))),
-    };
-    match outcome {
-        Ok(outputs) => {
-            prev.span.record("outcome", "committed");
-            metrics.batch_committed(prev.inputs, &outputs);
-            if let Some(tx) = cache_tx {
-                let mut update = CacheUpdate::default();
-                let now_ms = chrono::Utc::now().timestamp_millis();
-                for o in outputs {
-                    match o {
-                        Output::Score { cached, .. } => update.scores.push(cached),
-                        Output::Tombstone { key } => update.deleted.push((key, now_ms)),
-                        _ => {}
+) -> Result<Vec<Ranges>> {
+    // Whether the lanes committed is unknown when their task failed: stop, and let the
+    // restart resume from what was committed.
+    let results = done.map_err(|e| Error::Panicked(format!("publishing task: {e}")))?;
+    let mut failed = Vec::new();
+    let mut fatal = None;
+    for ((inputs, ranges), outcome) in prev.lanes.into_iter().zip(results) {
+        match outcome {
+            Ok(outputs) => {
+                metrics.batch_committed(inputs, &outputs);
+                if let Some(tx) = cache_tx {
+                    let mut update = CacheUpdate::default();
+                    let now_ms = chrono::Utc::now().timestamp_millis();
+                    for o in outputs {
+                        match o {
+                            Output::Score { cached, .. } => update.scores.push(cached),
+                            Output::Tombstone { key } => update.deleted.push((key, now_ms)),
+                            _ => {}
+                        }
+                    }
+                    if (!update.scores.is_empty() || !update.deleted.is_empty())
+                        && tx.try_send(update).is_err()
+                    {
+                        metrics.cache_dropped();
                     }
                 }
-                if (!update.scores.is_empty() || !update.deleted.is_empty())
-                    && tx.try_send(update).is_err()
-                {
-                    metrics.cache_dropped();
-                }
             }
-            Ok(())
+            Err(TxError::Retry(why)) => {
+                let in_a_row = metrics.batch_aborted();
+                tracing::warn!(reason = %why, in_a_row, partitions = ranges.len(), "transaction aborted; re-reading its records");
+                failed.push(ranges);
+            }
+            Err(TxError::Fatal(e)) => fatal = fatal.or(Some(e)),
         }
-        Err(TxError::Retry(why)) => {
-            prev.span.record("outcome", "aborted");
-            let in_a_row = metrics.batch_aborted();
-            tracing::warn!(reason = %why, in_a_row, "transaction aborted; re-reading the batch");
-            Err(TxError::Retry(why))
-        }
-        Err(fatal) => Err(fatal),
     }
+    if let Some(e) = fatal {
+        prev.span.record("outcome", "failed");
+        return Err(e);
+    }
+    prev.span.record(
+        "outcome",
+        if failed.is_empty() {
+            "committed"
+        } else {
+            "aborted"
+        },
+    );
+    Ok(failed)
 }
 
 /// Seeks every partition of `batches` back to its earliest first offset.
-fn rewind<'a>(consumer: &ScorerConsumer, batches: impl IntoIterator<Item = &'a Ranges>) {
+fn rewind(consumer: &ScorerConsumer, batches: &[Ranges]) {
     let mut starts: BTreeMap<&(String, i32), i64> = BTreeMap::new();
     for ranges in batches {
         for (tp, (start, _)) in ranges {
@@ -802,13 +944,14 @@ fn route(e: TxnError) -> TxError {
 }
 
 /// Decodes and scores a batch: no side effects, so a failed transaction can simply re-read it.
+/// The outputs come grouped by input partition (where they will be written).
 async fn prepare(
     codecs: &Codecs,
     models: &Models,
     bands: &BandThresholds,
     batch: &[BorrowedMessage<'_>],
     metrics: &Metrics,
-) -> Result<Vec<Output>, TxError> {
+) -> Result<Vec<(i32, Vec<Output>)>, TxError> {
     let started = std::time::Instant::now();
     let mut decoded = Vec::with_capacity(batch.len());
     for m in batch {
@@ -839,12 +982,23 @@ async fn prepare(
     };
     metrics.stage(Stage::Decode, started.elapsed());
     let started = std::time::Instant::now();
-    let outputs = tracing::info_span!("scorer.score", leads = decoded.len())
+    let leads = decoded.len();
+    let mut by_partition: BTreeMap<i32, Vec<process::Decoded<'_>>> = BTreeMap::new();
+    for d in decoded {
+        by_partition.entry(d.position.partition).or_default().push(d);
+    }
+    let outputs = tracing::info_span!("scorer.score", leads)
         .in_scope(|| {
             tokio::task::block_in_place(|| {
-                process::process(decoded, &batch_models, bands, codecs.dead_cap, || {
-                    chrono::Utc::now().timestamp_millis()
-                })
+                by_partition
+                    .into_iter()
+                    .map(|(partition, inputs)| {
+                        process::process(inputs, &batch_models, bands, codecs.dead_cap, || {
+                            chrono::Utc::now().timestamp_millis()
+                        })
+                        .map(|outputs| (partition, outputs))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
             })
         })
         .map_err(|e| TxError::Fatal(Error::Model(e)))?;
@@ -860,30 +1014,34 @@ async fn prepare(
 fn publish(
     producer: &Transactional,
     target: &PublishTarget,
-    mut outputs: Vec<Output>,
+    mut groups: Vec<(i32, Vec<Output>)>,
     offsets: &TopicPartitionList,
     group: &rdkafka::consumer::ConsumerGroupMetadata,
     metrics: &Metrics,
 ) -> Result<Vec<Output>, TxError> {
     let started = std::time::Instant::now();
     let mut txn = producer.begin().map_err(route)?;
-    produce_all(&mut txn, target, &mut outputs)?;
+    for (partition, outputs) in &mut groups {
+        produce_all(&mut txn, target, *partition, outputs)?;
+    }
     metrics.stage(Stage::Produce, started.elapsed());
     let started = std::time::Instant::now();
     tracing::info_span!("scorer.commit")
         .in_scope(|| txn.commit(Some((offsets, group))))
         .map_err(route)?;
     metrics.stage(Stage::Commit, started.elapsed());
-    Ok(outputs)
+    Ok(groups.into_iter().flat_map(|(_, o)| o).collect())
 }
 
+/// Sends the outputs of input partition `input`.
 fn produce_all(
     txn: &mut Txn<'_>,
     target: &PublishTarget,
+    input: i32,
     outputs: &mut [Output],
 ) -> Result<(), TxError> {
     for out in outputs.iter_mut() {
-        match send_output(txn, target, out) {
+        match send_output(txn, target, input, out) {
             Ok(()) => {}
             // Dead letters are capped to fit, so this is a record nothing can carry: skip it.
             Err(e) if e.class == Class::Poison => *out = unwritable(out, &e),
@@ -915,12 +1073,19 @@ fn unwritable(out: &Output, e: &TxnError) -> Output {
     Output::Skipped { what, reason }
 }
 
-fn send_output(txn: &mut Txn<'_>, target: &PublishTarget, out: &Output) -> Result<(), TxnError> {
+/// Sends one output of input partition `input`, to that partition's partition of its topic.
+fn send_output(
+    txn: &mut Txn<'_>,
+    target: &PublishTarget,
+    input: i32,
+    out: &Output,
+) -> Result<(), TxnError> {
     match out {
         Output::Score { key, record, .. } => {
             let bytes = records::framed(target.scores_schema, |out| record.encode(out));
             txn.send(
                 FutureRecord::to(&target.scores_topic)
+                    .partition(target.partition(&target.scores_topic, input))
                     .key(key.as_str())
                     .payload(&bytes),
             )
@@ -929,13 +1094,16 @@ fn send_output(txn: &mut Txn<'_>, target: &PublishTarget, out: &Output) -> Resul
             let bytes = records::framed(target.shadow_schema, |out| record.encode(out));
             txn.send(
                 FutureRecord::to(&target.shadow_topic)
+                    .partition(target.partition(&target.shadow_topic, input))
                     .key(key.as_str())
                     .payload(&bytes),
             )
         }
-        Output::Tombstone { key } => {
-            txn.send(FutureRecord::<str, [u8]>::to(&target.scores_topic).key(key.as_str()))
-        }
+        Output::Tombstone { key } => txn.send(
+            FutureRecord::<str, [u8]>::to(&target.scores_topic)
+                .partition(target.partition(&target.scores_topic, input))
+                .key(key.as_str()),
+        ),
         Output::Dead {
             key,
             dead,
@@ -944,6 +1112,7 @@ fn send_output(txn: &mut Txn<'_>, target: &PublishTarget, out: &Output) -> Resul
             position,
         } => {
             let mut rec = FutureRecord::<[u8], [u8]>::to(&target.dlq_topic)
+                .partition(target.partition(&target.dlq_topic, input))
                 .headers(dead_letter_headers(dead, kind, message, position));
             if let Some(k) = key {
                 rec = rec.key(k.as_slice());

@@ -89,11 +89,15 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         cfg.dlq_max_payload_bytes,
         leadscore_scorer::DEAD_LETTER_OVERHEAD
     );
-    let producer = leadscore_kafka::txn::Transactional::create(
-        &leadscore_scorer::producer_config(&config.kafka, &cfg, max_message_bytes),
-        Duration::from_millis(cfg.transaction_timeout_ms),
-    )
-    .context("creating the Kafka producer")?;
+    let producers = (0..cfg.lanes)
+        .map(|lane| {
+            leadscore_kafka::txn::Transactional::create(
+                &leadscore_scorer::producer_config(&config.kafka, &cfg, lane, max_message_bytes),
+                Duration::from_millis(cfg.transaction_timeout_ms),
+            )
+            .with_context(|| format!("creating the Kafka producer of lane {lane}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let addr: std::net::SocketAddr = cfg.http_listen.parse().context("scorer.http_listen")?;
 
     // Follow MLflow aliases: on lifecycle events, and on a timer as a fallback.
@@ -170,7 +174,7 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
                     shutdown.clone(),
                 ));
             }
-            leadscore_scorer::run(cfg, consumer, producer, registry, models, metrics, shutdown)
+            leadscore_scorer::run(cfg, consumer, producers, registry, models, metrics, shutdown)
                 .await
         },
     )
