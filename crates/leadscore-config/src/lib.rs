@@ -668,7 +668,7 @@ impl Default for ScorerConfig {
             transactional_id_prefix: "leadscore-scorer".into(),
             max_batch: 1000,
             batch_linger_ms: 20,
-            lanes: 4,
+            lanes: 2,
             transaction_timeout_ms: 60_000,
             champion_model: "models/default".into(),
             challenger_model: None,

@@ -415,7 +415,9 @@ pub async fn run(
         dead_cap: cfg.dlq_max_payload_bytes,
     };
     if producers.is_empty() {
-        return Err(Error::Panicked("no transactional producer (scorer.lanes is 0)".into()));
+        return Err(Error::Panicked(
+            "no transactional producer (scorer.lanes is 0)".into(),
+        ));
     }
     for producer in &producers {
         blocking(|| producer.init()).map_err(Error::Transaction)?;
@@ -617,12 +619,8 @@ pub async fn run(
                 });
             }
         };
-        let shares = work
-            .iter()
-            .map(|w| (w.inputs, w.ranges.clone()))
-            .collect();
-        let (producers, target, metrics_c) =
-            (producers.clone(), target.clone(), metrics.clone());
+        let shares = work.iter().map(|w| (w.inputs, w.ranges.clone())).collect();
+        let (producers, target, metrics_c) = (producers.clone(), target.clone(), metrics.clone());
         let publish_span = span.clone();
         let handle = tokio::task::spawn_blocking(move || {
             publish_lanes(&producers, &target, work, &group, &metrics_c, &publish_span)
@@ -739,7 +737,8 @@ fn lane_work(
             offsets: TopicPartitionList::new(),
             groups: Vec::new(),
         });
-        w.ranges.insert((topic.clone(), *partition), (*start, *next));
+        w.ranges
+            .insert((topic.clone(), *partition), (*start, *next));
         w.offsets
             .add_partition_offset(topic, *partition, Offset::Offset(*next))?;
         w.inputs += counts.get(partition).copied().unwrap_or(0);
@@ -985,7 +984,10 @@ async fn prepare(
     let leads = decoded.len();
     let mut by_partition: BTreeMap<i32, Vec<process::Decoded<'_>>> = BTreeMap::new();
     for d in decoded {
-        by_partition.entry(d.position.partition).or_default().push(d);
+        by_partition
+            .entry(d.position.partition)
+            .or_default()
+            .push(d);
     }
     let outputs = tracing::info_span!("scorer.score", leads)
         .in_scope(|| {
@@ -1174,6 +1176,70 @@ pub fn dead_letter_kind(headers: Option<&rdkafka::message::BorrowedHeaders>) -> 
 mod tests {
     use super::*;
     use rdkafka::statistics::Partition;
+
+    fn tombstone(key: &str) -> Output {
+        Output::Tombstone { key: key.into() }
+    }
+
+    #[test]
+    fn a_batch_splits_by_lane_with_each_lanes_offsets_and_outputs() {
+        let mut ranges: Ranges = BTreeMap::new();
+        for (p, start, next) in [(0, 10, 15), (1, 3, 4), (2, 7, 9), (5, 0, 2)] {
+            ranges.insert(("in".to_string(), p), (start, next));
+        }
+        let counts = BTreeMap::from([(0, 5), (1, 1), (2, 2), (5, 2)]);
+        let outputs = vec![
+            (0, vec![tombstone("a")]),
+            (1, vec![tombstone("b")]),
+            (2, vec![tombstone("c"), tombstone("d")]),
+            (5, vec![tombstone("e")]),
+        ];
+        let work = lane_work(2, outputs, &ranges, &counts).unwrap();
+        assert_eq!(work.len(), 2);
+        let (even, odd) = (&work[0], &work[1]);
+        assert_eq!((even.lane, even.inputs), (0, 7));
+        assert_eq!((odd.lane, odd.inputs), (1, 3));
+        let parts = |w: &LaneWork| w.groups.iter().map(|(p, _)| *p).collect::<Vec<_>>();
+        assert_eq!(parts(even), [0, 2]);
+        assert_eq!(parts(odd), [1, 5]);
+        let offsets = |w: &LaneWork| {
+            w.offsets
+                .elements()
+                .iter()
+                .map(|e| (e.partition(), e.offset()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            offsets(odd),
+            [(1, Offset::Offset(4)), (5, Offset::Offset(2))]
+        );
+        assert_eq!(
+            odd.ranges.keys().map(|(_, p)| *p).collect::<Vec<_>>(),
+            [1, 5]
+        );
+        // One lane: the whole batch.
+        let all = lane_work(1, vec![(5, vec![tombstone("e")])], &ranges, &counts).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!((all[0].inputs, all[0].offsets.count()), (10, 4));
+    }
+
+    #[test]
+    fn outputs_go_to_the_input_partition_modulo_each_topics_partitions() {
+        let t = PublishTarget {
+            scores_topic: "s".into(),
+            shadow_topic: "sh".into(),
+            dlq_topic: "d".into(),
+            scores_schema: 1,
+            shadow_schema: 2,
+            scores_partitions: 12,
+            shadow_partitions: 4,
+            dlq_partitions: 1,
+        };
+        assert_eq!(t.partition("s", 7), 7);
+        assert_eq!(t.partition("sh", 7), 3);
+        assert_eq!(t.partition("d", 7), 0);
+        assert_eq!(t.partition("s", 13), 1);
+    }
 
     #[test]
     fn lag_counts_from_the_consumed_position_to_the_last_stable_offset() {

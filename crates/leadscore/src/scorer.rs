@@ -174,8 +174,10 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
                     shutdown.clone(),
                 ));
             }
-            leadscore_scorer::run(cfg, consumer, producers, registry, models, metrics, shutdown)
-                .await
+            leadscore_scorer::run(
+                cfg, consumer, producers, registry, models, metrics, shutdown,
+            )
+            .await
         },
     )
     .await

@@ -686,6 +686,77 @@ async fn a_registry_outage_stalls_scoring_flips_readiness_and_loses_nothing() {
     t.delete().await;
 }
 
+/// A lead's score and shadow score are written to the partition of the input record they
+/// come from (so each lane's transaction touches only its own partitions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scores_and_shadow_scores_land_on_the_partition_of_their_input() {
+    let t = Topics::create(6).await;
+    let registry = Registry::new(&leadscore_config::Config::load(None).unwrap().registry).unwrap();
+    let ls = leads("copart", 300, 21);
+    produce(
+        &t.input,
+        ls.iter()
+            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
+            .collect(),
+    )
+    .await;
+    let mut scorer = start_scorer(&t, &unique("it-copart"), "c", true);
+    let reader = consumer(&t.scores, "read_committed");
+    let decoder = Decoder::new(registry);
+    let mut score_partition: HashMap<String, i32> = HashMap::new();
+    let mut inputs = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while score_partition.len() < ls.len() {
+        let Ok(Ok(m)) = tokio::time::timeout_at(deadline, reader.recv()).await else {
+            break;
+        };
+        let Value::Record(fields) = decoder.decode(m.payload().unwrap()).await.unwrap() else {
+            panic!("not a record")
+        };
+        let source = fields
+            .iter()
+            .find(|(k, _)| k == "source")
+            .unwrap()
+            .1
+            .clone();
+        let Value::Union(_, source) = source else {
+            panic!("source is {source:?}")
+        };
+        let Value::Record(source) = *source else {
+            panic!("source is {source:?}")
+        };
+        let input = match source.iter().find(|(k, _)| k == "partition").unwrap().1 {
+            Value::Int(p) => p,
+            ref other => panic!("partition is {other:?}"),
+        };
+        inputs.insert(input);
+        assert_eq!(m.partition(), input % 6, "score of input partition {input}");
+        score_partition.insert(
+            String::from_utf8_lossy(m.key().unwrap()).into_owned(),
+            m.partition(),
+        );
+    }
+    assert_eq!(score_partition.len(), ls.len());
+    assert!(
+        inputs.len() > 1,
+        "the leads came from several partitions: {inputs:?}"
+    );
+    let shadow = leadscore_e2e::receive(
+        &consumer(&t.shadow, "read_committed"),
+        ls.len(),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(shadow.len(), ls.len());
+    for m in &shadow {
+        let key = String::from_utf8_lossy(m.key().unwrap()).into_owned();
+        assert_eq!(Some(&m.partition()), score_partition.get(&key), "{key}");
+    }
+    scorer.kill().unwrap();
+    scorer.wait().unwrap();
+    t.delete().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn evolved_avro_writer_schema_scores_like_json_and_shadow_is_published() {
     let t = Topics::create(1).await;
