@@ -52,6 +52,22 @@ for bins, n, concentration in [(5, 1000, 1.0), (10, 5000, 0.5), (12, 300, 2.0), 
         "chi2_p": float(chi.pvalue),
     })
 
+two_sample_cases = []
+for bins, big_n, n, concentration, unseen in [(5, 45000, 1000, 1.0, 0), (10, 44000, 100000, 0.5, 3), (8, 45404, 500, 2.0, 1), (4, 40000, 1000000, 1.0, 50)]:
+    probs = rng.dirichlet(np.full(bins, concentration))
+    ref = probs * big_n  # a reference's proportions times its size: fractional counts
+    ref = np.append(ref, 0.0)  # the unseen bin: never in the reference
+    act = np.append(rng.multinomial(n, probs), unseen)
+    keep = (ref + act) > 0
+    chi2, p, _, _ = stats.chi2_contingency(np.vstack([ref[keep], act[keep]]), correction=False)
+    two_sample_cases.append({"reference": ref.tolist(), "actual": act.tolist(), "chi2": float(chi2), "p": float(p)})
+
+proportion_cases = []
+for x1, n1, x2, n2 in [(1330, 44076, 3900, 31000), (1330, 44076, 35, 1000), (300, 10000, 1200, 10000), (50, 1000, 40, 1000)]:
+    pooled = (x1 + x2) / (n1 + n2)
+    z = (x2 / n2 - x1 / n1) / np.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    proportion_cases.append({"x1": x1, "n1": n1, "x2": x2, "n2": n2, "z": float(z), "p": float(2 * stats.norm.sf(abs(z)))})
+
 out = Path(__file__).parent / "fixtures" / "scipy.json"
-out.write_text(json.dumps({"ks": ks_cases, "histograms": hist_cases}, indent=1) + "\n")
+out.write_text(json.dumps({"ks": ks_cases, "histograms": hist_cases, "two_sample": two_sample_cases, "proportions": proportion_cases}, indent=1) + "\n")
 print(f"wrote {out}")

@@ -3,7 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use leadscore_stats::{Histogram, chi_square, js_distance, kl, ks_2samp, psi};
+use leadscore_stats::{
+    Histogram, chi_square, chi_square_2samp, js_distance, kl, ks_2samp, psi, two_proportion,
+};
 use serde_json::Value;
 
 fn fixtures() -> Value {
@@ -68,5 +70,25 @@ fn psi_kl_js_and_chi_square_match_the_references() {
         let (stat, p) = chi_square(&observed, &reference).unwrap();
         close("chi2", stat, case["chi2"].as_f64().unwrap());
         close("chi2 p", p, case["chi2_p"].as_f64().unwrap());
+    }
+}
+
+#[test]
+fn two_sample_chi_square_matches_scipy_contingency() {
+    for case in fixtures()["two_sample"].as_array().unwrap() {
+        let (stat, p) =
+            chi_square_2samp(&floats(&case["reference"]), &counts(&case["actual"])).unwrap();
+        close("chi2 2samp", stat, case["chi2"].as_f64().unwrap());
+        close("chi2 2samp p", p, case["p"].as_f64().unwrap());
+    }
+}
+
+#[test]
+fn two_proportion_z_matches_scipy_norm() {
+    for case in fixtures()["proportions"].as_array().unwrap() {
+        let f = |k: &str| case[k].as_f64().unwrap();
+        let (z, p) = two_proportion(f("x1"), f("n1"), f("x2"), f("n2")).unwrap();
+        close("z", z, f("z"));
+        close("p", p, f("p"));
     }
 }
