@@ -161,6 +161,17 @@ pub async fn load_profiles(urls: &[String]) -> Result<(Profiles, BTreeMap<String
     Ok((profiles, names))
 }
 
+/// What one completed window is judged on for alerts.
+#[derive(Debug, Default)]
+struct Judged {
+    /// The features it judges.
+    features: Vec<leadscore_drift::FeatureDrift>,
+    /// The score's PSI and sample, when it judges the score.
+    score: Option<(f64, u64)>,
+    /// The features (and `None`, the score) whose alerts it may fire or resolve.
+    scope: Vec<Option<String>>,
+}
+
 /// Thresholds of the config in the drift crate's terms.
 pub fn thresholds(cfg: &DriftConfig) -> Thresholds {
     let t = &cfg.thresholds;
@@ -173,6 +184,7 @@ pub fn thresholds(cfg: &DriftConfig) -> Thresholds {
         effect_psi: t.effect_psi,
         new_category_rate: t.new_category_rate,
         missing_rate_increase: t.missing_rate_increase,
+        missing_rate_effect: t.missing_rate_effect,
     }
 }
 
@@ -564,19 +576,20 @@ impl Aggregator {
         for c in &completed {
             // The merger may see a version its partitions' instances profiled first.
             self.core.ensure_profile(&c.model_name, &c.model_version);
-            let Some((report, features)) = self.core.report(c, now_ms) else {
+            let Some((report, judged)) = self.core.report(c, now_ms) else {
                 continue;
             };
-            if c.size_ms == self.core.cfg.window_ms
+            if !judged.scope.is_empty()
                 && report.scored > 0
                 && let Some((m, _)) = &mut self.core.merger
             {
-                let findings = evaluate(&features, report.score_psi, &self.core.thresholds);
-                alerts.extend(m.alerts.update(
+                let findings = evaluate(&judged.features, judged.score, &self.core.thresholds);
+                alerts.extend(m.alerts.update_scoped(
                     &c.model_name,
                     &c.model_version,
                     (c.start_ms, c.end_ms),
                     findings,
+                    |feature| judged.scope.contains(&feature.map(str::to_string)),
                 ));
             }
             reports.push(report);
@@ -892,11 +905,7 @@ impl Core {
         }
     }
 
-    fn report(
-        &self,
-        c: &Completed,
-        now_ms: i64,
-    ) -> Option<(WindowReport, Vec<leadscore_drift::FeatureDrift>)> {
+    fn report(&self, c: &Completed, now_ms: i64) -> Option<(WindowReport, Judged)> {
         let profile = self.profiles.get(&c.model_version);
         let window = match (profile, &c.counts) {
             (Some(p), Some(counts)) => match Window::from_counts(p.clone(), counts.clone()) {
@@ -913,6 +922,35 @@ impl Core {
             _ => None,
         };
         let features = window.as_ref().map(Window::report).unwrap_or_default();
+        // What this window judges: calendar features only over the smallest window that
+        // holds their whole cycle, everything else (and the score) over the base window.
+        let base = self.cfg.window_ms;
+        let covering = |cycle: i64| self.sizes.iter().copied().filter(|s| *s >= cycle).min();
+        let judges = |cycle: Option<i64>| match cycle {
+            Some(cycle) if cycle > base => covering(cycle) == Some(c.size_ms),
+            _ => c.size_ms == base,
+        };
+        let cycles: BTreeMap<&str, Option<i64>> = profile
+            .map(|p| {
+                p.features
+                    .iter()
+                    .map(|f| (f.name.as_str(), f.cycle_ms))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut judged = Judged::default();
+        for d in &features {
+            if judges(cycles.get(d.feature.as_str()).copied().flatten()) {
+                judged.scope.push(Some(d.feature.clone()));
+                judged.features.push(d.clone());
+            }
+        }
+        if c.size_ms == base {
+            judged.scope.push(None);
+            judged.score = window
+                .as_ref()
+                .and_then(|w| w.score_psi().map(|psi| (psi, w.score_sample())));
+        }
         let report = WindowReport {
             model_name: c.model_name.clone(),
             model_version: c.model_version.clone(),
@@ -929,7 +967,7 @@ impl Core {
             outcomes: None,
             emitted_at_ms: now_ms,
         };
-        Some((report, features))
+        Some((report, judged))
     }
 
     /// Queues the completed hourly windows for outcomes, and reports the

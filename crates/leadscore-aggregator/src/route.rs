@@ -443,6 +443,7 @@ mod tests {
             new_category_rate: Some(0.0),
             missing_rate: 0.0,
             reference_missing_rate: 0.0,
+            missing_p: None,
         };
         let mut state = AlertState::default();
         let mut events = state.update(

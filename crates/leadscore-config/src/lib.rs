@@ -454,6 +454,8 @@ pub struct DriftThresholds {
     pub new_category_rate: f64,
     /// Missing rate this far (absolute) above the reference's is a warning.
     pub missing_rate_increase: f64,
+    /// Least rise of the missing rate for a significant missing-rate test to be a warning.
+    pub missing_rate_effect: f64,
 }
 
 impl Default for DriftThresholds {
@@ -467,6 +469,7 @@ impl Default for DriftThresholds {
             effect_psi: 0.1,
             new_category_rate: 0.05,
             missing_rate_increase: 0.1,
+            missing_rate_effect: 0.05,
         }
     }
 }

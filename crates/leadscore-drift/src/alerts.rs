@@ -5,11 +5,16 @@
 //! - PSI above `psi_warning` (default 0.25) is a warning, above
 //!   `psi_critical` (0.5) critical; the score distribution's PSI likewise;
 //! - KL above `kl_warning` (0.1) is a warning;
-//! - KS and chi-square p-values are corrected with Holm's step-down method
-//!   over every test of the window. A significant test is a warning only if
-//!   the feature also moved (PSI at least `effect_psi`, 0.1) and the window
-//!   has `min_sample` values, so a very large window does not alarm on a
-//!   trivial difference and a tiny one not on noise; otherwise it is info.
+//! - KS, chi-square (two-sample: the reference is a sample too) and
+//!   missing-rate (two-proportion) p-values are corrected with Holm's
+//!   step-down method over every test of the window. A significant test is a
+//!   warning only if the feature also moved (PSI at least `effect_psi`, 0.1;
+//!   for missing values a rise of at least `missing_rate_effect`, 0.05) and
+//!   the window has `min_sample` values, so a very large window does not alarm
+//!   on a trivial difference and a tiny one not on noise; otherwise it is info;
+//! - a missing rate `missing_rate_increase` (0.1) above the reference's is a
+//!   warning whatever the test says;
+//! - the score's PSI counts only with `min_sample` scores, as features do.
 //!
 //! [`AlertState`] deduplicates by fingerprint (model, kind, feature): a
 //! condition fires once, fires again only when its severity changes, and
@@ -39,6 +44,8 @@ pub struct Thresholds {
     pub new_category_rate: f64,
     /// Missing rate this far (absolute) above the reference's is a warning.
     pub missing_rate_increase: f64,
+    /// Least rise of the missing rate for a significant missing-rate test to be a warning.
+    pub missing_rate_effect: f64,
 }
 
 impl Default for Thresholds {
@@ -52,6 +59,7 @@ impl Default for Thresholds {
             effect_psi: 0.1,
             new_category_rate: 0.05,
             missing_rate_increase: 0.1,
+            missing_rate_effect: 0.05,
         }
     }
 }
@@ -85,8 +93,13 @@ pub struct Finding {
     pub severity: Severity,
 }
 
-/// The conditions of one window's report.
-pub fn evaluate(report: &[FeatureDrift], score_psi: Option<f64>, t: &Thresholds) -> Vec<Finding> {
+/// The conditions of one window's report; `score` is the score distribution's PSI and the
+/// number of scores it was measured on.
+pub fn evaluate(
+    report: &[FeatureDrift],
+    score: Option<(f64, u64)>,
+    t: &Thresholds,
+) -> Vec<Finding> {
     let mut out = Vec::new();
     let psi_severity = |psi: f64| {
         if psi > t.psi_critical {
@@ -140,7 +153,8 @@ pub fn evaluate(report: &[FeatureDrift], score_psi: Option<f64>, t: &Thresholds)
             });
         }
     }
-    if let Some(psi) = score_psi
+    if let Some((psi, n)) = score
+        && n >= t.min_sample
         && let Some((severity, threshold)) = psi_severity(psi)
     {
         out.push(Finding {
@@ -159,6 +173,10 @@ pub fn evaluate(report: &[FeatureDrift], score_psi: Option<f64>, t: &Thresholds)
             [
                 d.ks.map(|(_, p)| (d, "ks", p)),
                 d.chi2.map(|(_, p)| (d, "chi2", p)),
+                // Rises only: fewer missing values than the reference is no alarm.
+                d.missing_p
+                    .filter(|_| d.missing_rate > d.reference_missing_rate)
+                    .map(|p| (d, "missing_rate", p)),
             ]
         })
         .flatten()
@@ -170,11 +188,24 @@ pub fn evaluate(report: &[FeatureDrift], score_psi: Option<f64>, t: &Thresholds)
         if p >= level {
             break;
         }
-        let severity = if d.psi >= t.effect_psi {
+        let moved = if kind == "missing_rate" {
+            d.missing_rate - d.reference_missing_rate >= t.missing_rate_effect
+        } else {
+            d.psi >= t.effect_psi
+        };
+        let severity = if moved {
             Severity::Warning
         } else {
             Severity::Info
         };
+        // The absolute missing-rate rule may have reported it already.
+        if kind == "missing_rate"
+            && out
+                .iter()
+                .any(|f| f.kind == kind && f.feature.as_deref() == Some(d.feature.as_str()))
+        {
+            continue;
+        }
         out.push(Finding {
             kind: kind.into(),
             feature: Some(d.feature.clone()),
@@ -236,6 +267,20 @@ impl AlertState {
         window: (i64, i64),
         findings: Vec<Finding>,
     ) -> Vec<AlertEvent> {
+        self.update_scoped(model_name, model_version, window, findings, |_| true)
+    }
+
+    /// [`Self::update`] for a window that judged only the features `in_scope` says (by
+    /// feature; `None` is the score): a firing condition outside the scope is left as it is,
+    /// since this window could not see it.
+    pub fn update_scoped(
+        &mut self,
+        model_name: &str,
+        model_version: &str,
+        window: (i64, i64),
+        findings: Vec<Finding>,
+        in_scope: impl Fn(Option<&str>) -> bool,
+    ) -> Vec<AlertEvent> {
         let event = |fp: String, status, finding: Finding| AlertEvent {
             fingerprint: fp,
             status,
@@ -263,9 +308,11 @@ impl AlertState {
         let prefix = format!("{model_name}/");
         let gone: Vec<String> = self
             .firing
-            .keys()
-            .filter(|fp| fp.starts_with(&prefix) && !seen.contains(fp))
-            .cloned()
+            .iter()
+            .filter(|(fp, f)| {
+                fp.starts_with(&prefix) && !seen.contains(fp) && in_scope(f.feature.as_deref())
+            })
+            .map(|(fp, _)| fp.clone())
             .collect();
         for fp in gone {
             if let Some(f) = self.firing.remove(&fp) {
@@ -293,6 +340,7 @@ mod tests {
             new_category_rate: None,
             missing_rate: 0.0,
             reference_missing_rate: 0.0,
+            missing_p: None,
         }
     }
 
@@ -305,7 +353,7 @@ mod tests {
                 drift("b", 0.6, None, 1000),
                 drift("c", 0.1, None, 1000),
             ],
-            Some(0.7),
+            Some((0.7, 10_000)),
             &t,
         );
         let sev = |kind: &str, feat: Option<&str>| {
@@ -369,6 +417,70 @@ mod tests {
         assert_eq!(ks, vec![("f0", Severity::Info), ("f1", Severity::Warning)]);
         // Too few values: nothing at all.
         assert!(evaluate(&[drift("x", 0.9, Some(0.0), 10)], None, &t).is_empty());
+    }
+
+    /// A feature whose missing rate went from `reference` (of 44,000) to `window` (of `n`).
+    fn gaps(reference: f64, window: f64, n: u64) -> FeatureDrift {
+        let mut d = drift("time_on_site", 0.01, None, n);
+        (d.reference_missing_rate, d.missing_rate) = (reference, window);
+        d.missing_p = leadscore_stats::two_proportion(
+            reference * 44_000.0,
+            44_000.0,
+            (window * n as f64).round(),
+            n as f64,
+        )
+        .map(|(_, p)| p);
+        d
+    }
+
+    #[test]
+    fn a_missing_rate_rise_is_tested_and_warns_only_with_an_effect() {
+        let t = Thresholds::default();
+        let kinds = |d: FeatureDrift| -> Vec<(String, Severity)> {
+            evaluate(&[d], None, &t)
+                .into_iter()
+                .map(|f| (f.kind, f.severity))
+                .collect()
+        };
+        // 9 points up at 10,000: under the absolute rule (10 points), found by the test.
+        assert_eq!(
+            kinds(gaps(0.03, 0.12, 10_000)),
+            [("missing_rate".to_string(), Severity::Warning)]
+        );
+        // 1 point up at 1,000,000: significant, but below the effect: info.
+        assert_eq!(
+            kinds(gaps(0.03, 0.04, 1_000_000)),
+            [("missing_rate".to_string(), Severity::Info)]
+        );
+        // Noise at 1,000 and a drop: nothing.
+        assert!(kinds(gaps(0.03, 0.035, 1_000)).is_empty());
+        assert!(kinds(gaps(0.03, 0.0, 100_000)).is_empty());
+        // Over the absolute rule: one finding, not two.
+        assert_eq!(kinds(gaps(0.03, 0.3, 10_000)).len(), 1);
+    }
+
+    #[test]
+    fn the_score_psi_needs_the_minimum_sample() {
+        let t = Thresholds::default();
+        assert!(evaluate(&[], Some((0.4, 100)), &t).is_empty());
+        assert_eq!(evaluate(&[], Some((0.4, 500)), &t).len(), 1);
+    }
+
+    #[test]
+    fn a_window_resolves_only_the_conditions_it_judged() {
+        let t = Thresholds::default();
+        let mut state = AlertState::default();
+        // A daily window finds hour_of_day drifted.
+        let daily = evaluate(&[drift("hour_of_day", 0.4, None, 5000)], None, &t);
+        assert_eq!(state.update("m", "1", (0, 10), daily).len(), 1);
+        // An hourly window does not judge hour_of_day: the alert stays firing.
+        let hourly = evaluate(&[drift("pv", 0.0, None, 1000)], None, &t);
+        let e = state.update_scoped("m", "1", (10, 20), hourly, |f| f != Some("hour_of_day"));
+        assert!(e.is_empty(), "{e:?}");
+        // The next daily window, fine again, resolves it.
+        let e = state.update_scoped("m", "1", (20, 30), Vec::new(), |f| f == Some("hour_of_day"));
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].status, Status::Resolved);
     }
 
     #[test]

@@ -38,6 +38,17 @@ pub enum Error {
 /// Result alias for this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// How long one cycle of a calendar feature is: a window shorter than that holds only part
+/// of the cycle, so the feature is judged only over windows at least this long.
+pub fn calendar_cycle_ms(derive: &str) -> Option<i64> {
+    const HOUR_MS: i64 = 3_600_000;
+    match derive {
+        "hour_of_day" => Some(24 * HOUR_MS),
+        "day_of_week" => Some(7 * 24 * HOUR_MS),
+        _ => None,
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct NumericRef {
     count: u64,
@@ -82,10 +93,15 @@ pub struct FeatureProfile {
     pub bins: FeatureBins,
     /// Reference proportions over the bins, smoothed.
     pub expected: Vec<f64>,
+    /// Reference proportions over the bins as measured (a bin it never saw is 0).
+    pub reference: Vec<f64>,
     /// Reference share of missing values.
     pub missing_rate: f64,
     /// Reference sample size.
     pub count: u64,
+    /// For a calendar feature (derived from a timestamp, as the model's `feature_spec` says),
+    /// the length of its cycle: it is judged only over windows at least that long.
+    pub cycle_ms: Option<i64>,
 }
 
 impl FeatureProfile {
@@ -135,9 +151,11 @@ fn numeric_profile(name: &str, r: &NumericRef) -> Result<FeatureProfile> {
     Ok(FeatureProfile {
         name: name.to_string(),
         expected: smooth(&weights),
+        reference: normalised(&weights),
         bins: FeatureBins::Numeric(bins),
         missing_rate: r.missing_rate,
         count: r.count,
+        cycle_ms: None,
     })
 }
 
@@ -154,10 +172,27 @@ fn categorical_profile(name: &str, r: &CategoricalRef) -> FeatureProfile {
     FeatureProfile {
         name: name.to_string(),
         expected: smooth(&weights),
+        reference: normalised(&weights),
         bins: FeatureBins::Categorical(bins),
         missing_rate: r.missing_rate,
         count: r.count,
+        cycle_ms: None,
     }
+}
+
+/// `weights` as proportions, zeros kept (all zero stays zero).
+fn normalised(weights: &[f64]) -> Vec<f64> {
+    let total: f64 = weights.iter().filter(|w| w.is_finite() && **w > 0.0).sum();
+    weights
+        .iter()
+        .map(|w| {
+            if total > 0.0 && w.is_finite() && *w > 0.0 {
+                w / total
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 /// The reference of one model version: every feature's bins and expected distribution, and the score's.
@@ -183,6 +218,23 @@ impl Profile {
         }
         for (name, r) in &doc.categorical {
             features.push(categorical_profile(name, r));
+        }
+        // Calendar features, as the training job's feature spec derives them.
+        if let Some(spec) = metadata
+            .pointer("/feature_spec/features")
+            .and_then(|f| f.as_array())
+        {
+            for f in spec {
+                let (Some(name), Some(derive)) = (
+                    f.get("name").and_then(|n| n.as_str()),
+                    f.get("derive").and_then(|d| d.as_str()),
+                ) else {
+                    continue;
+                };
+                if let Some(p) = features.iter_mut().find(|p| p.name == name) {
+                    p.cycle_ms = calendar_cycle_ms(derive);
+                }
+            }
         }
         features.sort_by(|a, b| a.name.cmp(&b.name));
         let score = doc
@@ -219,6 +271,9 @@ pub struct FeatureDrift {
     pub missing_rate: f64,
     /// Share of missing values in the reference.
     pub reference_missing_rate: f64,
+    /// Two-sided p-value of the two-proportion test of the window's missing rate against
+    /// the reference's (both samples' sizes); `None` when it cannot be computed.
+    pub missing_p: Option<f64>,
 }
 
 /// The mergeable counts of one window of one model version: what a
@@ -467,6 +522,11 @@ impl Window {
         (h.total() > 0).then(|| leadscore_stats::psi(&p.expected, &h.smoothed()))
     }
 
+    /// Scores counted into the score distribution.
+    pub fn score_sample(&self) -> u64 {
+        self.counts.score.as_ref().map_or(0, Histogram::total)
+    }
+
     /// Every feature's drift statistics.
     pub fn report(&self) -> Vec<FeatureDrift> {
         self.profile
@@ -493,9 +553,24 @@ impl Window {
                         b.missing(),
                         Some(h.rate(b.unseen())),
                         None,
-                        leadscore_stats::chi_square(&h.counts, &f.expected),
+                        // Both samples' noise counts: the reference is a sample too.
+                        leadscore_stats::chi_square_2samp(
+                            &f.reference
+                                .iter()
+                                .map(|p| p * f.count as f64)
+                                .collect::<Vec<_>>(),
+                            &h.counts,
+                        ),
                     ),
                 };
+                let reference_n = f.count as f64;
+                let missing_p = leadscore_stats::two_proportion(
+                    f.missing_rate * reference_n,
+                    reference_n,
+                    h.counts.get(missing).copied().unwrap_or(0) as f64,
+                    h.total() as f64,
+                )
+                .map(|(_, p)| p);
                 FeatureDrift {
                     feature: f.name.clone(),
                     numeric,
@@ -508,6 +583,7 @@ impl Window {
                     new_category_rate,
                     missing_rate: h.rate(missing),
                     reference_missing_rate: f.missing_rate,
+                    missing_p,
                 }
             })
             .collect()

@@ -152,6 +152,7 @@ fn feature_value(d: &FeatureDrift) -> Value {
             "reference_missing_rate".into(),
             Value::Double(d.reference_missing_rate),
         ),
+        ("missing_p_value".into(), opt_double(d.missing_p)),
     ])
 }
 
@@ -315,6 +316,7 @@ mod tests {
             new_category_rate: (!numeric).then_some(0.0),
             missing_rate: 0.03,
             reference_missing_rate: 0.03,
+            missing_p: None,
         }
     }
 
@@ -376,7 +378,7 @@ mod tests {
         let mut state = AlertState::default();
         let findings = evaluate(
             &[drift("industry", false, 0.6)],
-            Some(0.3),
+            Some((0.3, 10_000)),
             &Thresholds::default(),
         );
         let events = state.update("lead-scoring", "3", (0, 3_600_000), findings);

@@ -150,3 +150,62 @@ proptest! {
         prop_assert_eq!(left.report(), whole.report());
     }
 }
+
+#[test]
+fn calendar_features_carry_their_cycle_from_the_feature_spec() {
+    let profile = bundled_profile();
+    let cycle = |name: &str| {
+        profile
+            .features
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.cycle_ms)
+    };
+    assert_eq!(cycle("hour_of_day"), Some(Some(86_400_000)));
+    assert_eq!(cycle("day_of_week"), Some(Some(604_800_000)));
+    assert_eq!(cycle("page_views"), Some(None));
+    assert_eq!(cycle("industry"), Some(None));
+}
+
+/// Counts of `n` draws from `p` (xorshift, inverse CDF).
+fn multinomial(p: &[f64], n: u64, seed: u64) -> Vec<u64> {
+    let mut x = seed.max(1);
+    let mut out = vec![0u64; p.len()];
+    for _ in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+        let mut acc = 0.0;
+        let mut bin = p.len() - 1;
+        for (k, q) in p.iter().enumerate() {
+            acc += q;
+            if u < acc {
+                bin = k;
+                break;
+            }
+        }
+        out[bin] += 1;
+    }
+    out
+}
+
+#[test]
+fn a_large_window_drawn_from_the_reference_is_not_significant() {
+    // One-sample chi-square against the reference's proportions (floored unseen bin,
+    // reference taken as exact) had a median p of 3e-86 at n = 1,000,000.
+    let profile = bundled_profile();
+    for f in profile
+        .features
+        .iter()
+        .filter(|f| matches!(f.bins, FeatureBins::Categorical(_)))
+    {
+        for seed in [1, 2] {
+            let counts = multinomial(&f.reference, 1_000_000, seed * 7919);
+            let reference: Vec<f64> = f.reference.iter().map(|p| p * f.count as f64).collect();
+            let (_, p) = leadscore_stats::chi_square_2samp(&reference, &counts).unwrap();
+            assert!(p > 0.001, "{}: p {p}", f.name);
+            assert_eq!(counts[counts.len() - 2], 0, "nothing unseen drawn");
+        }
+    }
+}

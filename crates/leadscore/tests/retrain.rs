@@ -120,6 +120,7 @@ fn report(model: &str, start: i64, industry_psi: f64) -> WindowReport {
         new_category_rate: Some(0.0),
         missing_rate: 0.0,
         reference_missing_rate: 0.0,
+        missing_p: None,
     };
     WindowReport {
         model_name: model.into(),
