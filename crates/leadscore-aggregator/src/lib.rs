@@ -924,32 +924,20 @@ impl Core {
         let features = window.as_ref().map(Window::report).unwrap_or_default();
         // What this window judges: calendar features only over the smallest window that
         // holds their whole cycle, everything else (and the score) over the base window.
-        let base = self.cfg.window_ms;
-        let covering = |cycle: i64| self.sizes.iter().copied().filter(|s| *s >= cycle).min();
-        let judges = |cycle: Option<i64>| match cycle {
-            Some(cycle) if cycle > base => covering(cycle) == Some(c.size_ms),
-            _ => c.size_ms == base,
-        };
-        let cycles: BTreeMap<&str, Option<i64>> = profile
-            .map(|p| {
-                p.features
-                    .iter()
-                    .map(|f| (f.name.as_str(), f.cycle_ms))
-                    .collect()
-            })
-            .unwrap_or_default();
         let mut judged = Judged::default();
-        for d in &features {
-            if judges(cycles.get(d.feature.as_str()).copied().flatten()) {
-                judged.scope.push(Some(d.feature.clone()));
-                judged.features.push(d.clone());
+        if let Some(p) = profile {
+            for d in &features {
+                if p.judges(Some(&d.feature), c.size_ms, &self.sizes) {
+                    judged.scope.push(Some(d.feature.clone()));
+                    judged.features.push(d.clone());
+                }
             }
-        }
-        if c.size_ms == base {
-            judged.scope.push(None);
-            judged.score = window
-                .as_ref()
-                .and_then(|w| w.score_psi().map(|psi| (psi, w.score_sample())));
+            if p.judges(None, c.size_ms, &self.sizes) {
+                judged.scope.push(None);
+                judged.score = window
+                    .as_ref()
+                    .and_then(|w| w.score_psi().map(|psi| (psi, w.score_sample())));
+            }
         }
         let report = WindowReport {
             model_name: c.model_name.clone(),

@@ -246,6 +246,30 @@ impl Profile {
     }
 }
 
+impl Profile {
+    /// Whether a window of `size_ms` judges `feature` (`None`: the score) for alerts, given
+    /// the window sizes reported, base window first: a calendar feature only in the smallest
+    /// size that holds its whole cycle (hour of day daily, day of week weekly), since a
+    /// shorter window holds one slice of the cycle; everything else in the base window.
+    pub fn judges(&self, feature: Option<&str>, size_ms: i64, sizes: &[i64]) -> bool {
+        let Some(&base) = sizes.first() else {
+            return false;
+        };
+        let cycle = feature.and_then(|name| {
+            self.features
+                .iter()
+                .find(|f| f.name == name)
+                .and_then(|f| f.cycle_ms)
+        });
+        match cycle {
+            Some(cycle) if cycle > base => {
+                sizes.iter().copied().filter(|s| *s >= cycle).min() == Some(size_ms)
+            }
+            _ => size_ms == base,
+        }
+    }
+}
+
 /// Drift of one feature in one window (the `FeatureDrift` record of `WindowReport`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureDrift {

@@ -209,3 +209,25 @@ fn a_large_window_drawn_from_the_reference_is_not_significant() {
         }
     }
 }
+
+#[test]
+fn calendar_features_are_judged_in_the_smallest_window_holding_their_cycle() {
+    let profile = bundled_profile();
+    let (h, d, w) = (3_600_000, 86_400_000, 604_800_000);
+    let sizes = [h, d, w];
+    let judged = |f: Option<&str>| {
+        sizes
+            .iter()
+            .filter(|s| profile.judges(f, **s, &sizes))
+            .copied()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(judged(Some("page_views")), [h]);
+    assert_eq!(judged(None), [h], "the score");
+    assert_eq!(judged(Some("hour_of_day")), [d]);
+    assert_eq!(judged(Some("day_of_week")), [w]);
+    // Without a weekly roll-up, day of week is never judged; with daily base windows,
+    // hour of day is judged in them.
+    assert!(!profile.judges(Some("day_of_week"), d, &[h, d]));
+    assert!(profile.judges(Some("hour_of_day"), d, &[d, w]));
+}
