@@ -114,7 +114,7 @@ pub async fn load_profiles(urls: &[String]) -> Result<(Profiles, BTreeMap<String
                 model: url.clone(),
                 reason: e.to_string(),
             })?;
-        let (version, name, reference) = match &source {
+        let (version, name, reference, feature_spec) = match &source {
             leadscore_model::source::ModelSource::Dir(dir) => {
                 let path = dir.join("metadata.json");
                 let text = std::fs::read_to_string(&path).map_err(|e| Error::Profile {
@@ -126,7 +126,12 @@ pub async fn load_profiles(urls: &[String]) -> Result<(Profiles, BTreeMap<String
                         model: url.clone(),
                         reason: e.to_string(),
                     })?;
-                (meta.version, meta.model_name, meta.reference)
+                (
+                    meta.version,
+                    meta.model_name,
+                    meta.reference,
+                    meta.feature_spec,
+                )
             }
             leadscore_model::source::ModelSource::Mlflow {
                 base,
@@ -146,14 +151,22 @@ pub async fn load_profiles(urls: &[String]) -> Result<(Profiles, BTreeMap<String
                             model: url.clone(),
                             reason: e.to_string(),
                         })?;
-                (meta.version, meta.model_name, meta.reference)
+                (
+                    meta.version,
+                    meta.model_name,
+                    meta.reference,
+                    meta.feature_spec,
+                )
             }
         };
-        let profile = Profile::from_metadata(&serde_json::json!({ "reference": reference }))
-            .map_err(|e| Error::Profile {
-                model: url.clone(),
-                reason: e.to_string(),
-            })?;
+        // The feature spec says which features are calendar features.
+        let profile = Profile::from_metadata(
+            &serde_json::json!({ "reference": reference, "feature_spec": feature_spec }),
+        )
+        .map_err(|e| Error::Profile {
+            model: url.clone(),
+            reason: e.to_string(),
+        })?;
         tracing::info!(model = %name, version = %version, features = profile.features.len(), %source, "reference profile loaded");
         names.insert(version.clone(), name);
         profiles.insert(version, Arc::new(profile));

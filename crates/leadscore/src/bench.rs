@@ -27,6 +27,9 @@ pub(crate) enum BenchCommand {
     Scorer(BenchArgs),
     /// Drift aggregator throughput on a pre-filled score topic, against a plain read of it.
     Drift(crate::bench_drift::DriftBenchArgs),
+    /// Drift alert soundness: false alarms without drift and detection of known drifts by
+    /// window size, and the live hourly case (in memory, no services).
+    DriftSound(crate::bench_drift_sound::DriftSoundArgs),
     /// Lookup service: GetScore at a fixed rate and flat out, ScoreLead flat out (gRPC).
     Lookup(crate::bench_lookup::LookupBenchArgs),
 }
@@ -264,6 +267,9 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
     let args = match cmd {
         BenchCommand::Scorer(args) => args,
         BenchCommand::Drift(args) => return crate::bench_drift::run(args, config).await,
+        BenchCommand::DriftSound(args) => {
+            return tokio::task::block_in_place(|| crate::bench_drift_sound::run(args));
+        }
         BenchCommand::Lookup(args) => return crate::bench_lookup::run(args, config).await,
     };
     leadscore_model::init_runtime(None)

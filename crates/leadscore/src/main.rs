@@ -11,6 +11,7 @@ use leadscore_config::Config;
 
 mod bench;
 mod bench_drift;
+mod bench_drift_sound;
 mod bench_lookup;
 mod connectors;
 mod crm;
