@@ -28,6 +28,9 @@ pub(crate) struct DriftSoundArgs {
 
 const HOUR_MS: i64 = 3_600_000;
 
+/// Sets a drift on the generator's spec.
+type Knob = fn(&mut DriftSpec) -> leadscore_crm::Result<()>;
+
 struct Bench {
     model: Model,
     profile: Arc<Profile>,
@@ -129,7 +132,7 @@ pub(crate) fn run(args: DriftSoundArgs) -> anyhow::Result<ExitCode> {
     println!("\n### Known drift: windows with a warning or worse on the drifted feature\n");
     println!("| drift | feature | window n | windows | detected | mean PSI | mean missing rate |");
     println!("|---|---|---|---|---|---|---|");
-    let drifts: [(&str, &str, fn(&mut DriftSpec) -> leadscore_crm::Result<()>); 3] = [
+    let drifts: [(&str, &str, Knob); 3] = [
         (
             "industry mix Retail x4, Technology x0.25",
             "industry",
