@@ -540,6 +540,83 @@ async fn injected_drift_is_flagged_on_its_feature_and_clean_windows_stay_quiet()
     delete_topics(&run.topics()).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_stream_stays_quiet_until_a_drift_and_then_names_each_drifted_feature() {
+    let model = model();
+    let input = Input::create(3).await;
+    let run = Run::create().await;
+    // Two days of leads as they are created: event time = creation time, so an hourly
+    // window holds one hour of the day and one weekday. From hour 36, four drifts at once.
+    let (hours, drift_at) = (48i64, 36i64);
+    let at = |h: i64| chrono::DateTime::from_timestamp_millis(T0 + h * HOUR).unwrap();
+    let mut g = Generator::new(GeneratorConfig {
+        seed: 5,
+        days: 2,
+        end: at(hours),
+        drift: knob(|d| {
+            d.add_shift("page_views=+25")?;
+            d.add_mix("industry=Retail:4")?;
+            d.add_new_category("referral_source=TikTok:0.3")?;
+            d.add_missing("time_on_site=0.4")
+        }),
+        drift_from: Some(at(drift_at)),
+        ..Default::default()
+    });
+    let mut leads: Vec<leadscore_crm::Lead> = (0..36_000).map(|_| g.next_lead().lead).collect();
+    leads.sort_by_key(|l| l.created_at);
+    let scores: Vec<LeadScore> = leads
+        .iter()
+        .enumerate()
+        .filter_map(|(i, l)| score_lead(&model, l, l.created_at.timestamp_millis(), i as i64))
+        .collect();
+    produce_scores(&input, &scores, 0).await;
+    flush_to(&input, &model, hours - 1, 3).await;
+    let (child, _) = start(&input, &run, "live-0", &[]);
+    let reports = hourly_reports(&run, hours as usize, Duration::from_secs(180)).await;
+    let alerts = alerts(&run, Duration::from_secs(3)).await;
+    terminate(child);
+
+    let hourly: Vec<&Report> = reports.iter().filter(|r| r.kind == "hourly").collect();
+    let judged = hourly
+        .iter()
+        .filter(|r| r.start < T0 + drift_at * HOUR && r.scored >= 500)
+        .count();
+    assert!(
+        judged >= 20,
+        "most clean hours hold enough leads to be judged: {judged}"
+    );
+    let serious: Vec<&AlertMessage> = alerts
+        .iter()
+        .filter(|a| a.firing && a.severity != leadscore_drift::alerts::Severity::Info)
+        .collect();
+    // No warning or critical alert before the drift: not on the calendar features (judged
+    // daily and weekly only), not on the score, not on anything else.
+    let early: Vec<&&AlertMessage> = serious
+        .iter()
+        .filter(|a| a.window_start_ms < T0 + drift_at * HOUR)
+        .collect();
+    assert!(early.is_empty(), "alerts before the drift: {early:?}");
+    // In the first drifted hour: each drifted feature, by the rule its drift breaks.
+    let first: Vec<(String, String)> = serious
+        .iter()
+        .filter(|a| a.window_start_ms == T0 + drift_at * HOUR)
+        .map(|a| (a.kind.clone(), a.feature.clone().unwrap_or_default()))
+        .collect();
+    for (kind, feature) in [
+        ("psi", "page_views"),
+        ("psi", "industry"),
+        ("new_category", "referral_source"),
+        ("missing_rate", "time_on_site"),
+    ] {
+        assert!(
+            first.iter().any(|(k, f)| k == kind && f == feature),
+            "{kind} on {feature} in the first drifted hour: {first:?}"
+        );
+    }
+    delete_topics(&[&input.scores, &input.shadow]).await;
+    delete_topics(&run.topics()).await;
+}
+
 /// Every report of a run, without emission times, in a stable order.
 async fn all_reports(run: &Run, hourly: usize) -> Vec<Vec<(String, Value)>> {
     let mut reports = hourly_reports(run, hourly, Duration::from_secs(120)).await;
