@@ -250,17 +250,21 @@ impl Profile {
     /// Whether a window of `size_ms` judges `feature` (`None`: the score) for alerts, given
     /// the window sizes reported, base window first: a calendar feature only in the smallest
     /// size that holds its whole cycle (hour of day daily, day of week weekly), since a
-    /// shorter window holds one slice of the cycle; everything else in the base window.
+    /// shorter window holds one slice of the cycle; the score, which a model with calendar
+    /// features makes depend on the hour, in the smallest size that holds the shortest of
+    /// their cycles; everything else in the base window.
     pub fn judges(&self, feature: Option<&str>, size_ms: i64, sizes: &[i64]) -> bool {
         let Some(&base) = sizes.first() else {
             return false;
         };
-        let cycle = feature.and_then(|name| {
-            self.features
+        let cycle = match feature {
+            Some(name) => self
+                .features
                 .iter()
                 .find(|f| f.name == name)
-                .and_then(|f| f.cycle_ms)
-        });
+                .and_then(|f| f.cycle_ms),
+            None => self.features.iter().filter_map(|f| f.cycle_ms).min(),
+        };
         match cycle {
             Some(cycle) if cycle > base => {
                 sizes.iter().copied().filter(|s| *s >= cycle).min() == Some(size_ms)

@@ -223,7 +223,11 @@ fn calendar_features_are_judged_in_the_smallest_window_holding_their_cycle() {
             .collect::<Vec<_>>()
     };
     assert_eq!(judged(Some("page_views")), [h]);
-    assert_eq!(judged(None), [h], "the score");
+    assert_eq!(
+        judged(None),
+        [d],
+        "the score: the model takes the hour of day"
+    );
     assert_eq!(judged(Some("hour_of_day")), [d]);
     assert_eq!(judged(Some("day_of_week")), [w]);
     // Without a weekly roll-up, day of week is never judged; with daily base windows,

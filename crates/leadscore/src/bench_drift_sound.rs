@@ -80,6 +80,31 @@ fn windows_of(count: usize, scale: f64) -> usize {
     ((count as f64 * scale).round() as usize).max(3)
 }
 
+/// Counts findings by kind, feature and severity.
+fn tally(kinds: &mut BTreeMap<String, usize>, findings: &[leadscore_drift::alerts::Finding]) {
+    for x in findings {
+        *kinds
+            .entry(format!(
+                "{} {} {:?}",
+                x.kind,
+                x.feature.as_deref().unwrap_or("score"),
+                x.severity
+            ))
+            .or_default() += 1;
+    }
+}
+
+fn listed(kinds: &BTreeMap<String, usize>) -> String {
+    if kinds.is_empty() {
+        return "none".into();
+    }
+    kinds
+        .iter()
+        .map(|(k, n)| format!("{k}: {n}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn pct(k: usize, n: usize) -> String {
     format!("{:.2}%", 100.0 * k as f64 / n.max(1) as f64)
 }
@@ -99,8 +124,8 @@ pub(crate) fn run(args: DriftSoundArgs) -> anyhow::Result<ExitCode> {
     let features = bench.profile.features.len();
 
     println!("### No drift: windows with a finding, by window size\n");
-    println!("| window n | windows | warning or worse | any info | info per feature |");
-    println!("|---|---|---|---|---|");
+    println!("| window n | windows | warning or worse | any info | info per feature | findings |");
+    println!("|---|---|---|---|---|---|");
     let sizes = [
         (100, 2000),
         (1_000, 1000),
@@ -112,8 +137,10 @@ pub(crate) fn run(args: DriftSoundArgs) -> anyhow::Result<ExitCode> {
     for (n, count) in sizes {
         let count = windows_of(count, args.scale);
         let (mut warned, mut informed, mut infos) = (0, 0, 0);
+        let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
         for _ in 0..count {
             let f = bench.findings(&bench.window(&mut g, n)?);
+            tally(&mut kinds, &f);
             warned += usize::from(f.iter().any(|x| x.severity >= Severity::Warning));
             informed += usize::from(f.iter().any(|x| x.severity == Severity::Info));
             infos += f
@@ -122,10 +149,11 @@ pub(crate) fn run(args: DriftSoundArgs) -> anyhow::Result<ExitCode> {
                 .count();
         }
         println!(
-            "| {n} | {count} | {} | {} | {} |",
+            "| {n} | {count} | {} | {} | {} | {} |",
             pct(warned, count),
             pct(informed, count),
-            pct(infos, count * features)
+            pct(infos, count * features),
+            listed(&kinds)
         );
     }
 
@@ -218,31 +246,17 @@ pub(crate) fn run(args: DriftSoundArgs) -> anyhow::Result<ExitCode> {
             let f = evaluate(&report, score, &bench.thresholds);
             warned += usize::from(f.iter().any(|x| x.severity >= Severity::Warning));
             informed += usize::from(f.iter().any(|x| x.severity == Severity::Info));
-            for x in &f {
-                *kinds
-                    .entry(format!(
-                        "{} {} {:?}",
-                        x.kind,
-                        x.feature.as_deref().unwrap_or("score"),
-                        x.severity
-                    ))
-                    .or_default() += 1;
-            }
+            tally(&mut kinds, &f);
         }
         let name = match size {
             HOUR_MS => "hourly",
             s if s == 24 * HOUR_MS => "daily",
             _ => "weekly",
         };
-        let found = kinds
-            .iter()
-            .map(|(k, n)| format!("{k}: {n}"))
-            .collect::<Vec<_>>()
-            .join("; ");
         println!(
             "| {name} | {} | {judged} | {warned} | {informed} | {} |",
             by_window.len(),
-            if found.is_empty() { "none" } else { &found }
+            listed(&kinds)
         );
     }
     Ok(ExitCode::SUCCESS)
