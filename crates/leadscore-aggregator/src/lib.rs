@@ -934,18 +934,23 @@ impl Core {
             }
             _ => None,
         };
-        let features = window.as_ref().map(Window::report).unwrap_or_default();
-        // What this window judges: calendar features only over the smallest window that
-        // holds their whole cycle, everything else (and the score) over the base window.
+        let mut features = window.as_ref().map(Window::report).unwrap_or_default();
+        // What this window judges (`Profile::judges`): calendar features only in the smallest
+        // window that holds their cycle, the score in the one that holds the hour of day when
+        // the model takes it, everything else in the base window. The report says so, for
+        // the retrain trigger.
         let mut judged = Judged::default();
+        let mut score_judged = false;
         if let Some(p) = profile {
-            for d in &features {
-                if p.judges(Some(&d.feature), c.size_ms, &self.sizes) {
+            for d in &mut features {
+                d.judged = p.judges(Some(&d.feature), c.size_ms, &self.sizes);
+                if d.judged {
                     judged.scope.push(Some(d.feature.clone()));
                     judged.features.push(d.clone());
                 }
             }
-            if p.judges(None, c.size_ms, &self.sizes) {
+            score_judged = p.judges(None, c.size_ms, &self.sizes);
+            if score_judged {
                 judged.scope.push(None);
                 judged.score = window
                     .as_ref()
@@ -961,8 +966,9 @@ impl Core {
             scored: window.as_ref().map_or(0, Window::scored),
             late_events: c.late,
             errors: c.counts.as_ref().map_or(0, |k| k.errors),
-            features: features.clone(),
+            features,
             score_psi: window.as_ref().and_then(Window::score_psi),
+            score_judged,
             shadow: window.as_ref().and_then(Window::shadow),
             latency: c.counts.as_ref().and_then(|k| k.latency.summary()),
             outcomes: None,
@@ -1012,6 +1018,7 @@ impl Core {
                         errors: 0,
                         features: Vec::new(),
                         score_psi: None,
+                        score_judged: false,
                         shadow: None,
                         latency: None,
                         outcomes: Some(leadscore_drift::outcomes::summarize(&rows)),

@@ -444,6 +444,7 @@ mod tests {
             missing_rate: 0.0,
             reference_missing_rate: 0.0,
             missing_p: None,
+            judged: true,
         };
         let mut state = AlertState::default();
         let mut events = state.update(

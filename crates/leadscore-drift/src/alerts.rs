@@ -341,6 +341,7 @@ mod tests {
             missing_rate: 0.0,
             reference_missing_rate: 0.0,
             missing_p: None,
+            judged: true,
         }
     }
 

@@ -302,6 +302,9 @@ pub struct FeatureDrift {
     /// Two-sided p-value of the two-proportion test of the window's missing rate against
     /// the reference's (both samples' sizes); `None` when it cannot be computed.
     pub missing_p: Option<f64>,
+    /// Whether the window it is reported in judges it (alerts, retraining); see
+    /// [`Profile::judges`].
+    pub judged: bool,
 }
 
 /// The mergeable counts of one window of one model version: what a
@@ -612,6 +615,7 @@ impl Window {
                     missing_rate: h.rate(missing),
                     reference_missing_rate: f.missing_rate,
                     missing_p,
+                    judged: true,
                 }
             })
             .collect()

@@ -103,6 +103,8 @@ pub struct WindowReport {
     pub features: Vec<FeatureDrift>,
     /// PSI of the score distribution.
     pub score_psi: Option<f64>,
+    /// Whether this window judges the score's PSI.
+    pub score_judged: bool,
     /// Shadow agreement, with a challenger.
     pub shadow: Option<ShadowAgreement>,
     /// Latency of the window's scores.
@@ -153,6 +155,7 @@ fn feature_value(d: &FeatureDrift) -> Value {
             Value::Double(d.reference_missing_rate),
         ),
         ("missing_p_value".into(), opt_double(d.missing_p)),
+        ("judged".into(), Value::Boolean(d.judged)),
     ])
 }
 
@@ -177,6 +180,7 @@ impl WindowReport {
                 Value::Array(self.features.iter().map(feature_value).collect()),
             ),
             ("score_psi".into(), opt_double(self.score_psi)),
+            ("score_judged".into(), Value::Boolean(self.score_judged)),
             (
                 "shadow".into(),
                 opt_record(self.shadow.as_ref().map(|s| {
@@ -317,6 +321,7 @@ mod tests {
             missing_rate: 0.03,
             reference_missing_rate: 0.03,
             missing_p: None,
+            judged: true,
         }
     }
 
@@ -337,6 +342,7 @@ mod tests {
                 drift("industry", false, 0.3),
             ],
             score_psi: None,
+            score_judged: true,
             shadow: None,
             latency: None,
             outcomes: None,

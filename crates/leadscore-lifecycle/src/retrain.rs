@@ -223,7 +223,12 @@ impl ReportView {
                         Value::Double(d) => Some(*d),
                         _ => None,
                     })?;
-                Some((name, psi))
+                // A feature this window does not judge (a calendar feature in an hourly
+                // window) asks for nothing; reports without the flag judge everything.
+                let judged = !ff
+                    .iter()
+                    .any(|(n, v)| n == "judged" && matches!(v, Value::Boolean(false)));
+                judged.then_some((name, psi))
             })
             .collect();
         Some(Self {
@@ -234,8 +239,9 @@ impl ReportView {
                 _ => return None,
             },
             psi,
-            score_psi: match get("score_psi") {
-                Some(Value::Double(d)) => Some(*d),
+            score_psi: match (get("score_psi"), get("score_judged")) {
+                (_, Some(Value::Boolean(false))) => None,
+                (Some(Value::Double(d)), _) => Some(*d),
                 _ => None,
             },
         })
@@ -492,6 +498,55 @@ mod tests {
     }
 
     const H: i64 = 3_600_000;
+
+    #[test]
+    fn a_report_view_leaves_out_what_its_window_does_not_judge() {
+        let feature = |name: &str, psi: f64, judged: Option<bool>| {
+            let mut f = vec![
+                ("feature".to_string(), Value::String(name.into())),
+                ("psi".to_string(), Value::Double(psi)),
+            ];
+            if let Some(j) = judged {
+                f.push(("judged".to_string(), Value::Boolean(j)));
+            }
+            Value::Record(f)
+        };
+        let value = |score_judged: Option<bool>| {
+            let mut r = vec![
+                ("model_name".to_string(), Value::String("m".into())),
+                ("model_version".to_string(), Value::String("1".into())),
+                ("window_kind".to_string(), Value::Enum(0, "hourly".into())),
+                ("window_start".to_string(), Value::TimestampMillis(H)),
+                (
+                    "features".to_string(),
+                    Value::Array(vec![
+                        feature("hour_of_day", 8.0, Some(false)),
+                        feature("industry", 0.3, Some(true)),
+                        feature("country", 0.1, None),
+                    ]),
+                ),
+                (
+                    "score_psi".to_string(),
+                    Value::Union(1, Box::new(Value::Double(0.4))),
+                ),
+            ];
+            if let Some(j) = score_judged {
+                r.push(("score_judged".to_string(), Value::Boolean(j)));
+            }
+            Value::Record(r)
+        };
+        let v = ReportView::from_value(&value(Some(false))).unwrap();
+        assert_eq!(
+            v.psi,
+            [("industry".to_string(), 0.3), ("country".to_string(), 0.1)]
+        );
+        assert_eq!(v.score_psi, None);
+        // A report written before the flags existed judges everything.
+        assert_eq!(
+            ReportView::from_value(&value(None)).unwrap().score_psi,
+            Some(0.4)
+        );
+    }
 
     #[test]
     fn sustained_drift_asks_after_n_windows_and_a_gap_resets_the_streak() {

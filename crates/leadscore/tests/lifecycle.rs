@@ -141,6 +141,7 @@ async fn report(
         errors: 0,
         features: Vec::new(),
         score_psi: None,
+        score_judged: true,
         shadow: shadow.map(|(v, n)| ShadowAgreement {
             challenger_version: v.into(),
             pairs: n,

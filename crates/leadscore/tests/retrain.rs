@@ -121,6 +121,7 @@ fn report(model: &str, start: i64, industry_psi: f64) -> WindowReport {
         missing_rate: 0.0,
         reference_missing_rate: 0.0,
         missing_p: None,
+        judged: true,
     };
     WindowReport {
         model_name: model.into(),
@@ -133,6 +134,7 @@ fn report(model: &str, start: i64, industry_psi: f64) -> WindowReport {
         errors: 0,
         features: vec![f("industry", industry_psi), f("country", 0.01)],
         score_psi: Some(0.02),
+        score_judged: true,
         shadow: None,
         latency: None,
         outcomes: None,
