@@ -562,7 +562,7 @@ async fn a_live_stream_stays_quiet_until_a_drift_and_then_names_each_drifted_fea
         drift_from: Some(at(drift_at)),
         ..Default::default()
     });
-    let mut leads: Vec<leadscore_crm::Lead> = (0..36_000).map(|_| g.next_lead().lead).collect();
+    let mut leads: Vec<leadscore_crm::Lead> = (0..48_000).map(|_| g.next_lead().lead).collect();
     leads.sort_by_key(|l| l.created_at);
     let scores: Vec<LeadScore> = leads
         .iter()
