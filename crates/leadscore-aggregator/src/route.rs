@@ -445,6 +445,7 @@ mod tests {
             reference_missing_rate: 0.0,
             missing_p: None,
             judged: true,
+            psi_noise: 0.0,
         };
         let mut state = AlertState::default();
         let mut events = state.update(

@@ -464,7 +464,7 @@ impl Default for DriftThresholds {
             psi_warning: 0.25,
             psi_critical: 0.5,
             kl_warning: 0.1,
-            alpha: 0.05,
+            alpha: 0.01,
             min_sample: 500,
             effect_psi: 0.1,
             new_category_rate: 0.05,

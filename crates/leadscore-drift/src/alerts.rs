@@ -8,7 +8,8 @@
 //! - KS, chi-square (two-sample: the reference is a sample too) and
 //!   missing-rate (two-proportion) p-values are corrected with Holm's
 //!   step-down method over every test of the window. A significant test is a
-//!   warning only if the feature also moved (PSI at least `effect_psi`, 0.1;
+//!   warning only if the feature also moved (PSI at least `effect_psi`, 0.1,
+//!   above what sampling alone gives at the window's and the reference's sizes;
 //!   for missing values a rise of at least `missing_rate_effect`, 0.05) and
 //!   the window has `min_sample` values, so a very large window does not alarm
 //!   on a trivial difference and a tiny one not on noise; otherwise it is info;
@@ -54,7 +55,7 @@ impl Default for Thresholds {
             psi_warning: 0.25,
             psi_critical: 0.5,
             kl_warning: 0.1,
-            alpha: 0.05,
+            alpha: 0.01,
             min_sample: 500,
             effect_psi: 0.1,
             new_category_rate: 0.05,
@@ -188,10 +189,12 @@ pub fn evaluate(
         if p >= level {
             break;
         }
+        // The effect is measured above what sampling alone gives, so a change just under
+        // the effect size is not a warning in small windows (noise) and info in large ones.
         let moved = if kind == "missing_rate" {
             d.missing_rate - d.reference_missing_rate >= t.missing_rate_effect
         } else {
-            d.psi >= t.effect_psi
+            d.psi - d.psi_noise >= t.effect_psi
         };
         let severity = if moved {
             Severity::Warning
@@ -342,6 +345,7 @@ mod tests {
             reference_missing_rate: 0.0,
             missing_p: None,
             judged: true,
+            psi_noise: 0.0,
         }
     }
 
@@ -458,6 +462,21 @@ mod tests {
         assert!(kinds(gaps(0.03, 0.0, 100_000)).is_empty());
         // Over the absolute rule: one finding, not two.
         assert_eq!(kinds(gaps(0.03, 0.3, 10_000)).len(), 1);
+    }
+
+    #[test]
+    fn the_effect_is_measured_above_the_sampling_noise() {
+        let t = Thresholds::default();
+        let severity = |noise: f64| {
+            let mut d = drift("industry", 0.105, Some(1e-9), 1000);
+            d.psi_noise = noise;
+            evaluate(&[d], None, &t)
+                .into_iter()
+                .find(|f| f.kind == "ks")
+                .map(|f| f.severity)
+        };
+        assert_eq!(severity(0.0), Some(Severity::Warning));
+        assert_eq!(severity(0.01), Some(Severity::Info));
     }
 
     #[test]

@@ -305,6 +305,9 @@ pub struct FeatureDrift {
     /// Whether the window it is reported in judges it (alerts, retraining); see
     /// [`Profile::judges`].
     pub judged: bool,
+    /// The PSI expected without any drift from sampling alone, (bins - 1) x (1/n + 1/N):
+    /// what the effect size is measured above (not published).
+    pub psi_noise: f64,
 }
 
 /// The mergeable counts of one window of one model version: what a
@@ -616,6 +619,13 @@ impl Window {
                     reference_missing_rate: f.missing_rate,
                     missing_p,
                     judged: true,
+                    psi_noise: if h.total() > 0 && f.count > 0 {
+                        let bins = f.reference.iter().filter(|p| **p > 0.0).count();
+                        bins.saturating_sub(1) as f64
+                            * (1.0 / h.total() as f64 + 1.0 / f.count as f64)
+                    } else {
+                        0.0
+                    },
                 }
             })
             .collect()

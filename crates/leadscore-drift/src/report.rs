@@ -322,6 +322,7 @@ mod tests {
             reference_missing_rate: 0.03,
             missing_p: None,
             judged: true,
+            psi_noise: 0.0,
         }
     }
 

@@ -122,6 +122,7 @@ fn report(model: &str, start: i64, industry_psi: f64) -> WindowReport {
         reference_missing_rate: 0.0,
         missing_p: None,
         judged: true,
+        psi_noise: 0.0,
     };
     WindowReport {
         model_name: model.into(),
