@@ -38,6 +38,19 @@ CREATE TABLE IF NOT EXISTS public.lead_scores (
     latency_ms    double precision
 );
 
+-- When the row was last written (set by the database, not by the sink): how long a score
+-- takes to reach the CRM (`leadscore demo` reports insert -> row from it).
+ALTER TABLE public.lead_scores ADD COLUMN IF NOT EXISTS written_at timestamptz;
+CREATE OR REPLACE FUNCTION public.lead_scores_written_at() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.written_at := clock_timestamp();
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS lead_scores_written_at ON public.lead_scores;
+CREATE TRIGGER lead_scores_written_at BEFORE INSERT OR UPDATE ON public.lead_scores
+    FOR EACH ROW EXECUTE FUNCTION public.lead_scores_written_at();
+
 -- Limit logical decoding to the leads table.
 DO $$ BEGIN
   IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'leadscore_crm') THEN
