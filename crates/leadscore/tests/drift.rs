@@ -545,13 +545,14 @@ async fn a_live_stream_stays_quiet_until_a_drift_and_then_names_each_drifted_fea
     let model = model();
     let input = Input::create(3).await;
     let run = Run::create().await;
-    // Two days of leads as they are created: event time = creation time, so an hourly
-    // window holds one hour of the day and one weekday. From hour 36, four drifts at once.
-    let (hours, drift_at) = (48i64, 36i64);
+    // Three days of leads as they are created: event time = creation time, so an hourly
+    // window holds one hour of the day and one weekday. Two and a half clean days, then
+    // from hour 60 (noon, when an hour holds enough leads to judge) four drifts at once.
+    let (hours, drift_at) = (72i64, 60i64);
     let at = |h: i64| chrono::DateTime::from_timestamp_millis(T0 + h * HOUR).unwrap();
     let mut g = Generator::new(GeneratorConfig {
         seed: 5,
-        days: 2,
+        days: 3,
         end: at(hours),
         drift: knob(|d| {
             d.add_shift("page_views=+25")?;
@@ -562,7 +563,7 @@ async fn a_live_stream_stays_quiet_until_a_drift_and_then_names_each_drifted_fea
         drift_from: Some(at(drift_at)),
         ..Default::default()
     });
-    let mut leads: Vec<leadscore_crm::Lead> = (0..48_000).map(|_| g.next_lead().lead).collect();
+    let mut leads: Vec<leadscore_crm::Lead> = (0..72_000).map(|_| g.next_lead().lead).collect();
     leads.sort_by_key(|l| l.created_at);
     let scores: Vec<LeadScore> = leads
         .iter()
@@ -582,7 +583,7 @@ async fn a_live_stream_stays_quiet_until_a_drift_and_then_names_each_drifted_fea
         .filter(|r| r.start < T0 + drift_at * HOUR && r.scored >= 500)
         .count();
     assert!(
-        judged >= 20,
+        judged >= 28,
         "most clean hours hold enough leads to be judged: {judged}"
     );
     let serious: Vec<&AlertMessage> = alerts
@@ -601,6 +602,7 @@ async fn a_live_stream_stays_quiet_until_a_drift_and_then_names_each_drifted_fea
     let first: Vec<(String, String)> = serious
         .iter()
         .filter(|a| a.window_start_ms == T0 + drift_at * HOUR)
+        .filter(|a| a.window_end_ms - a.window_start_ms == HOUR)
         .map(|a| (a.kind.clone(), a.feature.clone().unwrap_or_default()))
         .collect();
     for (kind, feature) in [
