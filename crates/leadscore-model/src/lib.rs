@@ -20,6 +20,7 @@ use ort::value::Tensor;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+pub mod explain;
 pub mod native;
 pub mod source;
 

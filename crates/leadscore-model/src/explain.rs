@@ -1,0 +1,530 @@
+//! Exact per-feature contributions of a tree ensemble's raw score: path-dependent TreeSHAP
+//! (Lundberg, Erion and Lee, "Consistent Individualized Feature Attribution for Tree
+//! Ensembles", Algorithm 2, the algorithm of LightGBM's `pred_contrib` and of `shap`'s
+//! `TreeExplainer` with `feature_perturbation="tree_path_dependent"`).
+//!
+//! A tree's nodes carry their cover (the training rows that reached them); a feature
+//! outside a coalition follows both children, weighted by their covers. For one row the
+//! contributions plus the ensemble's expected value equal its raw score (local accuracy).
+//! Pure: no model loading here; the trees come from the caller.
+
+/// One node of a tree to explain.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Node {
+    /// `x[feature] <= threshold` goes to `yes`, a greater value to `no`; a missing value
+    /// (NaN) goes to `yes` when `missing_yes`, else to `no`.
+    Split {
+        /// Feature index.
+        feature: usize,
+        /// Threshold.
+        threshold: f32,
+        /// Child for values at or below the threshold.
+        yes: usize,
+        /// Child for values above it.
+        no: usize,
+        /// Where a missing value goes.
+        missing_yes: bool,
+        /// Training rows that reached this node.
+        cover: f64,
+    },
+    /// A leaf.
+    Leaf {
+        /// Its value (added to the raw score).
+        value: f64,
+        /// Training rows that reached it.
+        cover: f64,
+    },
+}
+
+impl Node {
+    fn cover(&self) -> f64 {
+        match self {
+            Node::Split { cover, .. } | Node::Leaf { cover, .. } => *cover,
+        }
+    }
+}
+
+/// A tree: `nodes[root]` first reached.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tree {
+    /// The nodes, children by index.
+    pub nodes: Vec<Node>,
+    /// The root's index.
+    pub root: usize,
+}
+
+/// Why a tree cannot be explained.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A child index outside the tree, a cycle, or a split on a feature outside the row.
+    #[error("tree {tree}: {reason}")]
+    Malformed {
+        /// The tree's position in the ensemble.
+        tree: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A node without training rows: its children cannot be weighted.
+    #[error("tree {tree}: node {node} has no cover")]
+    NoCover {
+        /// The tree's position.
+        tree: usize,
+        /// The node.
+        node: usize,
+    },
+}
+
+impl Tree {
+    fn goes_yes(&self, x: &[f32], feature: usize, threshold: f32, missing_yes: bool) -> bool {
+        let v = x[feature];
+        if v.is_nan() {
+            missing_yes
+        } else {
+            v <= threshold
+        }
+    }
+
+    /// The raw value of the leaf `x` reaches.
+    pub fn predict(&self, x: &[f32]) -> f64 {
+        let mut i = self.root;
+        loop {
+            match &self.nodes[i] {
+                Node::Leaf { value, .. } => return *value,
+                Node::Split {
+                    feature,
+                    threshold,
+                    yes,
+                    no,
+                    missing_yes,
+                    ..
+                } => {
+                    i = if self.goes_yes(x, *feature, *threshold, *missing_yes) {
+                        *yes
+                    } else {
+                        *no
+                    }
+                }
+            }
+        }
+    }
+
+    /// The cover-weighted mean of the leaves: the tree's value when no feature is known.
+    pub fn expected(&self) -> f64 {
+        let root = self.nodes[self.root].cover();
+        self.nodes
+            .iter()
+            .filter_map(|n| match n {
+                Node::Leaf { value, cover } if root > 0.0 => Some(value * cover / root),
+                _ => None,
+            })
+            .sum()
+    }
+}
+
+/// A tree ensemble whose raw score is the sum of its trees' leaves plus `base`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Explainer {
+    trees: Vec<Tree>,
+    base: f64,
+    width: usize,
+    expected: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PathElement {
+    feature: Option<usize>,
+    zero: f64,
+    one: f64,
+    weight: f64,
+}
+
+impl Explainer {
+    /// Checks the trees (children in range, no cycle, splits on features `< width`, covers
+    /// on every node) and computes the expected value.
+    pub fn new(trees: Vec<Tree>, base: f64, width: usize) -> Result<Self, Error> {
+        for (t, tree) in trees.iter().enumerate() {
+            let bad = |reason: String| Error::Malformed { tree: t, reason };
+            if tree.root >= tree.nodes.len() {
+                return Err(bad(format!("root {} outside the tree", tree.root)));
+            }
+            let mut stack = vec![(tree.root, 0usize)];
+            while let Some((i, depth)) = stack.pop() {
+                if depth > tree.nodes.len() {
+                    return Err(bad("a cycle".into()));
+                }
+                let node = tree
+                    .nodes
+                    .get(i)
+                    .ok_or_else(|| bad(format!("child {i} outside the tree")))?;
+                if node.cover() <= 0.0 || !node.cover().is_finite() {
+                    return Err(Error::NoCover { tree: t, node: i });
+                }
+                if let Node::Split {
+                    feature, yes, no, ..
+                } = node
+                {
+                    if *feature >= width {
+                        return Err(bad(format!("split on feature {feature} of {width}")));
+                    }
+                    stack.push((*yes, depth + 1));
+                    stack.push((*no, depth + 1));
+                }
+            }
+        }
+        let expected = base + trees.iter().map(Tree::expected).sum::<f64>();
+        Ok(Self {
+            trees,
+            base,
+            width,
+            expected,
+        })
+    }
+
+    /// The raw score no feature explains: `base` plus every tree's expected value.
+    pub fn expected_value(&self) -> f64 {
+        self.expected
+    }
+
+    /// Features per row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The raw score of `x` (`base` plus the leaves it reaches).
+    pub fn predict(&self, x: &[f32]) -> f64 {
+        self.base + self.trees.iter().map(|t| t.predict(x)).sum::<f64>()
+    }
+
+    /// Each feature's contribution to the raw score of `x` (`x.len()` must be the width):
+    /// they sum, with [`Self::expected_value`], to [`Self::predict`].
+    pub fn contributions(&self, x: &[f32]) -> Vec<f64> {
+        let mut phi = vec![0.0; self.width];
+        if x.len() != self.width {
+            return phi;
+        }
+        for tree in &self.trees {
+            recurse(tree, x, tree.root, &[], 1.0, 1.0, None, &mut phi);
+        }
+        phi
+    }
+}
+
+fn extend(path: &mut Vec<PathElement>, zero: f64, one: f64, feature: Option<usize>) {
+    let depth = path.len();
+    path.push(PathElement {
+        feature,
+        zero,
+        one,
+        weight: if depth == 0 { 1.0 } else { 0.0 },
+    });
+    for i in (0..depth).rev() {
+        path[i + 1].weight += one * path[i].weight * (i + 1) as f64 / (depth + 1) as f64;
+        path[i].weight = zero * path[i].weight * (depth - i) as f64 / (depth + 1) as f64;
+    }
+}
+
+fn unwind(path: &mut Vec<PathElement>, index: usize) {
+    let depth = path.len() - 1;
+    let (one, zero) = (path[index].one, path[index].zero);
+    let mut next = path[depth].weight;
+    for i in (0..depth).rev() {
+        if one != 0.0 {
+            let tmp = path[i].weight;
+            path[i].weight = next * (depth + 1) as f64 / ((i + 1) as f64 * one);
+            next = tmp - path[i].weight * zero * (depth - i) as f64 / (depth + 1) as f64;
+        } else {
+            path[i].weight = path[i].weight * (depth + 1) as f64 / (zero * (depth - i) as f64);
+        }
+    }
+    for i in index..depth {
+        path[i].feature = path[i + 1].feature;
+        path[i].zero = path[i + 1].zero;
+        path[i].one = path[i + 1].one;
+    }
+    path.pop();
+}
+
+fn unwound_sum(path: &[PathElement], index: usize) -> f64 {
+    let depth = path.len() - 1;
+    let (one, zero) = (path[index].one, path[index].zero);
+    let mut next = path[depth].weight;
+    let mut total = 0.0;
+    for i in (0..depth).rev() {
+        if one != 0.0 {
+            let tmp = next * (depth + 1) as f64 / ((i + 1) as f64 * one);
+            total += tmp;
+            next = path[i].weight - tmp * zero * (depth - i) as f64 / (depth + 1) as f64;
+        } else if zero != 0.0 {
+            total += path[i].weight / zero / ((depth - i) as f64 / (depth + 1) as f64);
+        }
+    }
+    total
+}
+
+#[allow(clippy::too_many_arguments)]
+fn recurse(
+    tree: &Tree,
+    x: &[f32],
+    node: usize,
+    parent: &[PathElement],
+    zero: f64,
+    one: f64,
+    feature: Option<usize>,
+    phi: &mut [f64],
+) {
+    // Each level works on its own copy of the path (as the reference implementation does).
+    let mut path = parent.to_vec();
+    extend(&mut path, zero, one, feature);
+    match &tree.nodes[node] {
+        Node::Leaf { value, .. } => {
+            for i in 1..path.len() {
+                let w = unwound_sum(&path, i);
+                let el = path[i];
+                if let Some(f) = el.feature {
+                    phi[f] += w * (el.one - el.zero) * value;
+                }
+            }
+        }
+        Node::Split {
+            feature: split,
+            threshold,
+            yes,
+            no,
+            missing_yes,
+            cover,
+        } => {
+            let (hot, cold) = if tree.goes_yes(x, *split, *threshold, *missing_yes) {
+                (*yes, *no)
+            } else {
+                (*no, *yes)
+            };
+            let hot_zero = tree.nodes[hot].cover() / cover;
+            let cold_zero = tree.nodes[cold].cover() / cover;
+            let (mut in_zero, mut in_one) = (1.0, 1.0);
+            // A feature split on again above: undo that split, to redo it here.
+            if let Some(k) = path.iter().position(|e| e.feature == Some(*split)) {
+                in_zero = path[k].zero;
+                in_one = path[k].one;
+                unwind(&mut path, k);
+            }
+            recurse(
+                tree,
+                x,
+                hot,
+                &path,
+                hot_zero * in_zero,
+                in_one,
+                Some(*split),
+                phi,
+            );
+            recurse(
+                tree,
+                x,
+                cold,
+                &path,
+                cold_zero * in_zero,
+                0.0,
+                Some(*split),
+                phi,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// The tree's value when only the features in `known` are known: a split on an unknown
+    /// feature averages its children by cover (the path-dependent conditional expectation).
+    fn value_knowing(tree: &Tree, x: &[f32], node: usize, known: u32) -> f64 {
+        match &tree.nodes[node] {
+            Node::Leaf { value, .. } => *value,
+            Node::Split {
+                feature,
+                threshold,
+                yes,
+                no,
+                missing_yes,
+                cover,
+            } => {
+                if known & (1 << feature) != 0 {
+                    let next = if tree.goes_yes(x, *feature, *threshold, *missing_yes) {
+                        *yes
+                    } else {
+                        *no
+                    };
+                    value_knowing(tree, x, next, known)
+                } else {
+                    (tree.nodes[*yes].cover() * value_knowing(tree, x, *yes, known)
+                        + tree.nodes[*no].cover() * value_knowing(tree, x, *no, known))
+                        / cover
+                }
+            }
+        }
+    }
+
+    /// Shapley values by enumerating every coalition.
+    fn brute_force(trees: &[Tree], x: &[f32], width: usize) -> Vec<f64> {
+        let v = |s: u32| -> f64 {
+            trees
+                .iter()
+                .map(|t| value_knowing(t, x, t.root, s))
+                .sum::<f64>()
+        };
+        let fact = |n: usize| (1..=n).map(|k| k as f64).product::<f64>();
+        let mut phi = vec![0.0; width];
+        for (i, p) in phi.iter_mut().enumerate() {
+            for s in 0..(1u32 << width) {
+                if s & (1 << i) != 0 {
+                    continue;
+                }
+                let size = s.count_ones() as usize;
+                let weight = fact(size) * fact(width - size - 1) / fact(width);
+                *p += weight * (v(s | (1 << i)) - v(s));
+            }
+        }
+        phi
+    }
+
+    /// xorshift64, for reproducible random trees and rows.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn unit(&mut self) -> f64 {
+            (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    /// A random tree of depth up to `depth` over `width` features, covers adding up.
+    fn random_tree(rng: &mut Rng, width: usize, depth: usize) -> Tree {
+        fn grow(
+            rng: &mut Rng,
+            nodes: &mut Vec<Node>,
+            width: usize,
+            depth: usize,
+            cover: f64,
+        ) -> usize {
+            let i = nodes.len();
+            nodes.push(Node::Leaf { value: 0.0, cover });
+            if depth == 0 || (rng.unit() < 0.2 && i > 0) {
+                nodes[i] = Node::Leaf {
+                    value: rng.unit() * 2.0 - 1.0,
+                    cover,
+                };
+                return i;
+            }
+            let share = 0.1 + 0.8 * rng.unit();
+            let feature = rng.below(width);
+            let threshold = (rng.unit() * 10.0) as f32;
+            let missing_yes = rng.unit() < 0.5;
+            let yes = grow(rng, nodes, width, depth - 1, cover * share);
+            let no = grow(rng, nodes, width, depth - 1, cover * (1.0 - share));
+            nodes[i] = Node::Split {
+                feature,
+                threshold,
+                yes,
+                no,
+                missing_yes,
+                cover,
+            };
+            i
+        }
+        let mut nodes = Vec::new();
+        let root = grow(rng, &mut nodes, width, depth, 1000.0);
+        Tree { nodes, root }
+    }
+
+    #[test]
+    fn tree_shap_equals_the_shapley_values_of_the_path_dependent_expectation() {
+        let mut rng = Rng(0x5eed_cafe);
+        for case in 0..60 {
+            let width = 2 + case % 6;
+            let trees: Vec<Tree> = (0..1 + case % 4)
+                .map(|_| random_tree(&mut rng, width, 1 + case % 6))
+                .collect();
+            let explainer = Explainer::new(trees.clone(), 0.25, width).unwrap();
+            let x: Vec<f32> = (0..width)
+                .map(|_| {
+                    if rng.unit() < 0.15 {
+                        f32::NAN
+                    } else {
+                        (rng.unit() * 10.0) as f32
+                    }
+                })
+                .collect();
+            let phi = explainer.contributions(&x);
+            let want = brute_force(&trees, &x, width);
+            for (f, (got, want)) in phi.iter().zip(&want).enumerate() {
+                assert!(
+                    (got - want).abs() < 1e-9,
+                    "case {case}, feature {f}: {got} vs {want}"
+                );
+            }
+            // Local accuracy: the contributions and the expected value make the raw score.
+            let total = explainer.expected_value() + phi.iter().sum::<f64>();
+            assert!(
+                (total - explainer.predict(&x)).abs() < 1e-9,
+                "case {case}: {total} vs {}",
+                explainer.predict(&x)
+            );
+        }
+    }
+
+    #[test]
+    fn a_feature_the_trees_never_split_on_gets_nothing() {
+        let mut rng = Rng(7);
+        let tree = random_tree(&mut rng, 3, 4);
+        let explainer = Explainer::new(vec![tree], 0.0, 5).unwrap();
+        let phi = explainer.contributions(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!((phi[3], phi[4]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn malformed_trees_are_refused_with_the_reason() {
+        let leaf = |cover: f64| Node::Leaf { value: 1.0, cover };
+        let split = |feature: usize, yes: usize, no: usize| Node::Split {
+            feature,
+            threshold: 0.5,
+            yes,
+            no,
+            missing_yes: true,
+            cover: 2.0,
+        };
+        let tree = |nodes: Vec<Node>| Tree { nodes, root: 0 };
+        assert!(matches!(
+            Explainer::new(vec![tree(vec![split(0, 1, 9), leaf(1.0)])], 0.0, 1),
+            Err(Error::Malformed { .. })
+        ));
+        assert!(matches!(
+            Explainer::new(
+                vec![tree(vec![split(4, 1, 2), leaf(1.0), leaf(1.0)])],
+                0.0,
+                2
+            ),
+            Err(Error::Malformed { .. })
+        ));
+        assert!(matches!(
+            Explainer::new(vec![tree(vec![split(0, 0, 1), leaf(1.0)])], 0.0, 1),
+            Err(Error::Malformed { .. })
+        ));
+        assert_eq!(
+            Explainer::new(
+                vec![tree(vec![split(0, 1, 2), leaf(0.0), leaf(1.0)])],
+                0.0,
+                1
+            ),
+            Err(Error::NoCover { tree: 0, node: 1 })
+        );
+    }
+}
