@@ -79,6 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         "features": [[None if math.isnan(v) else float(v) for v in row] for row in X],
         "probabilities": [float(v) for v in probs],
     }
+    booster_file = model / "lightgbm.txt"
+    if booster_file.exists():
+        # LightGBM's exact TreeSHAP: one contribution per feature, then the expected value,
+        # in raw margin (log-odds) units.
+        import lightgbm as lgb
+
+        contrib = lgb.Booster(model_file=str(booster_file)).predict(
+            np.asarray(X, dtype=np.float64), pred_contrib=True)
+        out["contributions"] = [[float(v) for v in row[:-1]] for row in contrib]
+        out["expected_value"] = float(contrib[0][-1])
     (model / "parity.json").write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {len(leads)} shared test vectors to {model / 'parity.json'}")
     return 0

@@ -114,6 +114,60 @@ def exact_thresholds(onx, model: lgb.LGBMClassifier) -> None:
     attrs["nodes_values"].floats.extend(values)
 
 
+def tree_covers(onnx_bytes: bytes, model: lgb.LGBMClassifier) -> list[list[float]]:
+    """Training rows that reached each node, per tree, indexed by the ONNX graph's node ids.
+
+    The trees' covers are what path-dependent TreeSHAP weighs a feature outside a coalition
+    by (LightGBM's own ``pred_contrib`` uses the same counts); the ONNX graph does not carry
+    them. Walks each LightGBM tree and its ONNX counterpart together: the left child is the
+    ``<=`` branch in both.
+    """
+    import onnx
+
+    onx = onnx.load_from_string(onnx_bytes)
+    ensembles = [n for n in onx.graph.node if n.op_type.startswith("TreeEnsemble")]
+    if len(ensembles) != 1:
+        raise TrainingError(f"expected one tree ensemble in the ONNX graph, found {len(ensembles)}")
+    attrs = {a.name: a for a in ensembles[0].attribute}
+    tree_ids = list(attrs["nodes_treeids"].ints)
+    node_ids = list(attrs["nodes_nodeids"].ints)
+    yes = list(attrs["nodes_truenodeids"].ints)
+    no = list(attrs["nodes_falsenodeids"].ints)
+    modes = [m.decode() if isinstance(m, bytes) else m for m in attrs["nodes_modes"].strings]
+    children: dict[tuple[int, int], tuple[int, int, str]] = {}
+    for t, n, y, f, m in zip(tree_ids, node_ids, yes, no, modes, strict=True):
+        children[(t, n)] = (y, f, m)
+    covers: list[list[float]] = []
+    for info in model.booster_.dump_model()["tree_info"]:
+        t = info["tree_index"]
+        ids = [n for (tt, n) in children if tt == t]
+        if not ids:
+            raise TrainingError(f"tree {t} is not in the ONNX graph")
+        reached = {c for (tt, n), (y, f, m) in children.items() if tt == t and m != "LEAF" for c in (y, f)}
+        roots = [n for n in ids if n not in reached]
+        if len(roots) != 1:
+            raise TrainingError(f"tree {t}: {len(roots)} roots in the ONNX graph")
+        out = [0.0] * (max(ids) + 1)
+        total = float(info["tree_structure"].get("internal_count", info["tree_structure"].get("leaf_count", 0)))
+
+        def walk(node: dict, onnx_id: int) -> None:
+            y, f, mode = children[(t, onnx_id)]
+            if "split_feature" in node:
+                if mode == "LEAF":
+                    raise TrainingError(f"tree {t}: node {onnx_id} is a leaf in ONNX but a split in LightGBM")
+                out[onnx_id] = float(node["internal_count"])
+                walk(node["left_child"], y)
+                walk(node["right_child"], f)
+            else:
+                if mode != "LEAF":
+                    raise TrainingError(f"tree {t}: node {onnx_id} is a split in ONNX but a leaf in LightGBM")
+                out[onnx_id] = float(node.get("leaf_count", total))
+
+        walk(info["tree_structure"], roots[0])
+        covers.append(out)
+    return covers
+
+
 def onnx_scores(onnx_bytes: bytes, X: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     return sess.run([OUTPUT_NAME], {INPUT_NAME: X})[0][:, 1]
@@ -190,10 +244,14 @@ def train(args: argparse.Namespace) -> dict:
         "params": params,
         "data_window": {**info, "train_rows": len(train_df), "holdout_rows": len(hold_df)},
         "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+        # Per-feature contributions (TreeSHAP) need each node's training rows.
+        "explain": {"method": "tree_path_dependent", "covers": tree_covers(onnx_bytes, model)},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.onnx").write_bytes(onnx_bytes)
+    # LightGBM's own model, the oracle of the contribution parity vectors (parity.py).
+    model.booster_.save_model(str(out / "lightgbm.txt"))
     (out / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     log.info("validation AUC %.4f (cv %.4f), model in %s", holdout_auc, cv_auc, out)
 

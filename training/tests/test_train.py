@@ -34,6 +34,20 @@ def test_training_exports_onnx_and_metadata(leads_csv, tmp_path):
     assert set(meta["reference"]["numeric"]) == {"page_views", "time_on_site", "form_completion_time",
                                                  "hour_of_day", "day_of_week"}
     assert meta["data_window"]["rows"] >= 1000
+    # Every node's training rows, by ONNX node id: a split's rows are its children's.
+    import onnx
+    covers = meta["explain"]["covers"]
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    ens = next(n for n in graph.node if n.op_type.startswith("TreeEnsemble"))
+    a = {x.name: x for x in ens.attribute}
+    modes = [m.decode() for m in a["nodes_modes"].strings]
+    assert len(covers) == len(set(a["nodes_treeids"].ints))
+    for t, n, y, f, m in zip(a["nodes_treeids"].ints, a["nodes_nodeids"].ints,
+                             a["nodes_truenodeids"].ints, a["nodes_falsenodeids"].ints, modes):
+        assert covers[t][n] > 0
+        if m != "LEAF":
+            assert covers[t][n] == covers[t][y] + covers[t][f], (t, n)
+    assert (tmp_path / "lightgbm.txt").exists()
 
 
 def test_gate_registers_champion_then_rejects_or_promotes_by_margin(leads_csv, tmp_path, mlflow_uri):
