@@ -142,6 +142,16 @@ pub struct Metadata {
     pub metrics: serde_json::Value,
     /// SHA-256 of `model.onnx`, hex.
     pub onnx_sha256: String,
+    /// What per-feature contributions need (tree covers); absent in older models.
+    #[serde(default)]
+    pub explain: Option<ExplainMeta>,
+}
+
+/// The `explain` section of the metadata.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ExplainMeta {
+    /// Training rows of each node: `covers[tree id][node id]` in the ONNX graph.
+    pub covers: Vec<Vec<f64>>,
 }
 
 impl Metadata {
@@ -159,6 +169,11 @@ impl Metadata {
     }
 }
 
+/// The logistic function: a raw score (log-odds) to a probability.
+fn logistic(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
 /// A scored lead.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Score {
@@ -173,6 +188,9 @@ pub struct Model {
     session: Mutex<Session>,
     /// The graph's trees, evaluated in Rust; `None` when ONNX Runtime scores.
     native: Option<native::Forest>,
+    /// Per-feature contributions; `None` when the metadata has no covers or the graph is
+    /// not an explained tree ensemble.
+    explainer: Option<explain::Explainer>,
 }
 
 /// Largest difference allowed between native and ONNX Runtime scores on the probe rows.
@@ -292,6 +310,7 @@ impl Model {
             features,
             session: Mutex::new(session),
             native: None,
+            explainer: None,
         };
         // A graph whose width differs from the feature spec fails here, not on the first lead.
         let probe = vec![f32::NAN; model.features.width()];
@@ -305,7 +324,65 @@ impl Model {
                 ),
             })?;
         model.native = model.native_if_equal(onnx);
+        model.explainer = model.explainer_if_exact(onnx);
         Ok(model)
+    }
+
+    /// The TreeSHAP explainer of the graph, if the metadata has the trees' covers and the
+    /// explainer's raw scores give the model's probabilities on probe rows (so its
+    /// contributions are of this model).
+    fn explainer_if_exact(&self, onnx: &[u8]) -> Option<explain::Explainer> {
+        let label = self.meta.label();
+        let covers = &self.meta.explain.as_ref()?.covers;
+        let explainer = match native::explainer(
+            onnx,
+            &self.meta.output.name,
+            self.features.width(),
+            covers,
+        ) {
+            Ok(e) => e,
+            Err(why) => {
+                tracing::warn!(model = %label, reason = %why, "scores of this model carry no reasons");
+                return None;
+            }
+        };
+        let width = self.features.width();
+        let rows = native::Forest::from_onnx(onnx, &self.meta.output.name, width)
+            .map(|f| f.probe_rows(64))
+            .unwrap_or_default();
+        let n = rows.len() / width.max(1);
+        let want = self.score_onnx(&rows, n).ok()?;
+        let worst = rows
+            .chunks(width)
+            .zip(&want)
+            .map(|(row, w)| (logistic(explainer.predict(row)) - w).abs())
+            .fold(0.0f64, f64::max);
+        if n == 0 || worst > NATIVE_TOLERANCE {
+            tracing::warn!(model = %label, max_abs_diff = worst, "the explainer's scores differ from the model's; scores carry no reasons");
+            return None;
+        }
+        Some(explainer)
+    }
+
+    /// Each feature's contribution to `lead`'s score in log-odds (path-dependent TreeSHAP),
+    /// by feature name in the spec's order, and the expected log-odds they add to; `None`
+    /// when this model is not explained.
+    pub fn contributions(&self, lead: &Lead) -> Option<(Vec<(&str, f64)>, f64)> {
+        let explainer = self.explainer.as_ref()?;
+        let row = self.features.build(lead).ok()?;
+        let phi = explainer.contributions(&row);
+        let names = self
+            .meta
+            .feature_spec
+            .features
+            .iter()
+            .map(|f| f.name.as_str());
+        Some((names.zip(phi).collect(), explainer.expected_value()))
+    }
+
+    /// Whether scores of this model can carry reasons.
+    pub fn explained(&self) -> bool {
+        self.explainer.is_some()
     }
 
     /// The native evaluator of the graph, if the graph is a covered tree ensemble and its

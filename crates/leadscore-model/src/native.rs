@@ -342,6 +342,34 @@ impl Forest {
     /// Reads the tree ensemble of `onnx` (a serialized `ModelProto`) whose features are
     /// `width` wide and whose probabilities output is `output`.
     pub fn from_onnx(onnx: &[u8], output: &str, width: usize) -> Result<Self, Unsupported> {
+        let parsed = Parsed::from_onnx(onnx, output, width)?;
+        Ok(compile(
+            &parsed.nodes,
+            &parsed.roots,
+            parsed.base,
+            parsed.post,
+            width,
+        ))
+    }
+
+    /// Number of trees.
+    pub fn trees(&self) -> usize {
+        self.roots.len()
+    }
+}
+
+/// The tree ensemble of an ONNX graph, read and checked, before compiling.
+struct Parsed {
+    nodes: Vec<Node>,
+    roots: Vec<u32>,
+    base: f32,
+    post: Post,
+    /// Each node's (tree id, node id) in the graph.
+    ids: Vec<(i64, i64)>,
+}
+
+impl Parsed {
+    fn from_onnx(onnx: &[u8], output: &str, width: usize) -> Result<Self, Unsupported> {
         let model = proto::ModelProto::decode(onnx)
             .map_err(|e| Unsupported(format!("not an ONNX model: {e}")))?;
         let Some(graph) = model.graph else {
@@ -510,14 +538,84 @@ impl Forest {
             leaf.weight += weights[j];
         }
         check_acyclic(&nodes, &roots)?;
-        Ok(compile(&nodes, &roots, base, post, width))
+        Ok(Parsed {
+            nodes,
+            roots,
+            base,
+            post,
+            ids: tree_ids.into_iter().zip(node_ids).collect(),
+        })
     }
+}
 
-    /// Number of trees.
-    pub fn trees(&self) -> usize {
-        self.roots.len()
+/// A TreeSHAP explainer of the tree ensemble in an ONNX graph, in raw score (log-odds) units:
+/// the same graph reading as [`Forest::from_onnx`], with `covers[tree id][node id]` (the
+/// training rows of each node, from the model's metadata) as the trees' covers. Only
+/// `BRANCH_LEQ` splits and a `LOGISTIC` or no post-transform are covered.
+pub fn explainer(
+    onnx: &[u8],
+    output: &str,
+    width: usize,
+    covers: &[Vec<f64>],
+) -> Result<crate::explain::Explainer, Unsupported> {
+    use crate::explain;
+    let parsed = Parsed::from_onnx(onnx, output, width)?;
+    let cover = |i: usize| -> Result<f64, Unsupported> {
+        let (t, n) = parsed.ids[i];
+        usize::try_from(t)
+            .ok()
+            .and_then(|t| covers.get(t))
+            .and_then(|c| usize::try_from(n).ok().and_then(|n| c.get(n)))
+            .copied()
+            .filter(|c| c.is_finite() && *c > 0.0)
+            .ok_or_else(|| Unsupported(format!("no cover for node {n} of tree {t}")))
+    };
+    // One explain tree per graph tree: its nodes in graph order, children by local index.
+    let mut tree_of: HashMap<i64, usize> = HashMap::new();
+    let mut trees: Vec<explain::Tree> = Vec::new();
+    let mut local = vec![0usize; parsed.nodes.len()];
+    for (i, (t, _)) in parsed.ids.iter().enumerate() {
+        let k = *tree_of.entry(*t).or_insert_with(|| {
+            trees.push(explain::Tree {
+                nodes: Vec::new(),
+                root: 0,
+            });
+            trees.len() - 1
+        });
+        local[i] = trees[k].nodes.len();
+        trees[k].nodes.push(explain::Node::Leaf {
+            value: 0.0,
+            cover: 0.0,
+        });
     }
+    for (i, node) in parsed.nodes.iter().enumerate() {
+        let k = tree_of[&parsed.ids[i].0];
+        let cover = cover(i)?;
+        trees[k].nodes[local[i]] = match node.mode {
+            LEAF => explain::Node::Leaf {
+                value: f64::from(node.weight),
+                cover,
+            },
+            LEQ => explain::Node::Split {
+                feature: usize::from(node.feature),
+                threshold: node.threshold,
+                yes: local[node.next_true as usize],
+                no: local[node.next_false as usize],
+                missing_yes: node.missing_true,
+                cover,
+            },
+            _ => return unsupported("only BRANCH_LEQ splits are explained"),
+        };
+    }
+    for &r in &parsed.roots {
+        let k = tree_of[&parsed.ids[r as usize].0];
+        trees[k].root = local[r as usize];
+    }
+    explain::Explainer::new(trees, f64::from(parsed.base), width)
+        .map_err(|e| Unsupported(e.to_string()))
+}
 
+impl Forest {
     /// Features per row.
     pub fn width(&self) -> usize {
         self.width
