@@ -104,6 +104,49 @@ fn rust_features_and_scores_equal_python_on_shared_vectors() {
 }
 
 #[test]
+fn contributions_equal_lightgbms_pred_contrib_on_shared_vectors() {
+    let dir = bundled_dir();
+    let fixture: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("parity.json")).unwrap()).unwrap();
+    let model = Model::load_dir(&dir).unwrap();
+    assert!(
+        model.explained(),
+        "the bundled model carries its trees' covers"
+    );
+    let expected_value = fixture["expected_value"].as_f64().unwrap();
+    let leads = fixture["leads"].as_array().unwrap();
+    let mut worst = 0.0f64;
+    for (i, v) in leads.iter().enumerate() {
+        let l = lead(v);
+        let (contributions, base) = model.contributions(&l).unwrap();
+        assert!(
+            (base - expected_value).abs() <= 1e-6,
+            "{base} vs LightGBM {expected_value}"
+        );
+        let want = fixture["contributions"][i].as_array().unwrap();
+        assert_eq!(contributions.len(), want.len());
+        for ((name, got), w) in contributions.iter().zip(want) {
+            let w = w.as_f64().unwrap();
+            worst = worst.max((got - w).abs());
+            assert!(
+                (got - w).abs() <= 1e-6,
+                "lead {} {name}: {got} vs LightGBM {w}",
+                l.lead_id
+            );
+        }
+        // Local accuracy: they add up to the model's log-odds.
+        let p = model.score(&l).unwrap().unwrap().probability;
+        let margin = base + contributions.iter().map(|(_, c)| c).sum::<f64>();
+        assert!(
+            (1.0 / (1.0 + (-margin).exp()) - p).abs() <= 1e-6,
+            "lead {}",
+            l.lead_id
+        );
+    }
+    eprintln!("largest difference from LightGBM: {worst:e}");
+}
+
+#[test]
 fn a_batch_with_an_invalid_lead_scores_the_rest() {
     let model = Model::load_dir(&bundled_dir()).unwrap();
     let fixture: Value =
