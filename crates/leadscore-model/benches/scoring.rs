@@ -61,6 +61,13 @@ fn bench(c: &mut Criterion) {
             black_box(model.score(&pool[i]).unwrap().unwrap())
         })
     });
+    // Per-feature contributions (TreeSHAP over every tree), features included.
+    g.bench_function("features_and_contributions", |b| {
+        b.iter(|| {
+            i = (i + 1) % pool.len();
+            black_box(model.contributions(&pool[i]).unwrap())
+        })
+    });
     g.finish();
 
     let mut g = c.benchmark_group("batch");

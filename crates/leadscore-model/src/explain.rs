@@ -202,28 +202,43 @@ impl Explainer {
         if x.len() != self.width {
             return phi;
         }
+        let mut buf: Vec<PathElement> = Vec::with_capacity(256);
         for tree in &self.trees {
-            recurse(tree, x, tree.root, &[], 1.0, 1.0, None, &mut phi);
+            recurse(
+                tree,
+                x,
+                tree.root,
+                &mut buf,
+                (0, 0),
+                1.0,
+                1.0,
+                None,
+                &mut phi,
+            );
         }
         phi
     }
 }
 
-fn extend(path: &mut Vec<PathElement>, zero: f64, one: f64, feature: Option<usize>) {
-    let depth = path.len();
-    path.push(PathElement {
+/// Extends the path `buf[start..]` (at the end of `buf`) by one element.
+fn extend(buf: &mut Vec<PathElement>, start: usize, zero: f64, one: f64, feature: Option<usize>) {
+    let depth = buf.len() - start;
+    buf.push(PathElement {
         feature,
         zero,
         one,
         weight: if depth == 0 { 1.0 } else { 0.0 },
     });
+    let path = &mut buf[start..];
     for i in (0..depth).rev() {
         path[i + 1].weight += one * path[i].weight * (i + 1) as f64 / (depth + 1) as f64;
         path[i].weight = zero * path[i].weight * (depth - i) as f64 / (depth + 1) as f64;
     }
 }
 
-fn unwind(path: &mut Vec<PathElement>, index: usize) {
+/// Removes element `index` of the path `buf[start..]` (at the end of `buf`).
+fn unwind(buf: &mut Vec<PathElement>, start: usize, index: usize) {
+    let path = &mut buf[start..];
     let depth = path.len() - 1;
     let (one, zero) = (path[index].one, path[index].zero);
     let mut next = path[depth].weight;
@@ -241,7 +256,7 @@ fn unwind(path: &mut Vec<PathElement>, index: usize) {
         path[i].zero = path[i + 1].zero;
         path[i].one = path[i + 1].one;
     }
-    path.pop();
+    buf.pop();
 }
 
 fn unwound_sum(path: &[PathElement], index: usize) -> f64 {
@@ -261,24 +276,28 @@ fn unwound_sum(path: &[PathElement], index: usize) -> f64 {
     total
 }
 
+/// One node of the walk. The paths of all levels live in `buf`, each after its parent's
+/// (`parent` is the parent's range): no allocation once `buf` has grown to the depth.
 #[allow(clippy::too_many_arguments)]
 fn recurse(
     tree: &Tree,
     x: &[f32],
     node: usize,
-    parent: &[PathElement],
+    buf: &mut Vec<PathElement>,
+    parent: (usize, usize),
     zero: f64,
     one: f64,
     feature: Option<usize>,
     phi: &mut [f64],
 ) {
-    // Each level works on its own copy of the path (as the reference implementation does).
-    let mut path = parent.to_vec();
-    extend(&mut path, zero, one, feature);
+    let start = buf.len();
+    buf.extend_from_within(parent.0..parent.1);
+    extend(buf, start, zero, one, feature);
     match &tree.nodes[node] {
         Node::Leaf { value, .. } => {
+            let path = &buf[start..];
             for i in 1..path.len() {
-                let w = unwound_sum(&path, i);
+                let w = unwound_sum(path, i);
                 let el = path[i];
                 if let Some(f) = el.feature {
                     phi[f] += w * (el.one - el.zero) * value;
@@ -302,16 +321,18 @@ fn recurse(
             let cold_zero = tree.nodes[cold].cover() / cover;
             let (mut in_zero, mut in_one) = (1.0, 1.0);
             // A feature split on again above: undo that split, to redo it here.
-            if let Some(k) = path.iter().position(|e| e.feature == Some(*split)) {
-                in_zero = path[k].zero;
-                in_one = path[k].one;
-                unwind(&mut path, k);
+            if let Some(k) = buf[start..].iter().position(|e| e.feature == Some(*split)) {
+                in_zero = buf[start + k].zero;
+                in_one = buf[start + k].one;
+                unwind(buf, start, k);
             }
+            let here = (start, buf.len());
             recurse(
                 tree,
                 x,
                 hot,
-                &path,
+                buf,
+                here,
                 hot_zero * in_zero,
                 in_one,
                 Some(*split),
@@ -321,7 +342,8 @@ fn recurse(
                 tree,
                 x,
                 cold,
-                &path,
+                buf,
+                here,
                 cold_zero * in_zero,
                 0.0,
                 Some(*split),
@@ -329,6 +351,7 @@ fn recurse(
             );
         }
     }
+    buf.truncate(start);
 }
 
 #[cfg(test)]
