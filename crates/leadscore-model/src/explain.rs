@@ -128,6 +128,31 @@ pub struct Explainer {
     base: f64,
     width: usize,
     expected: f64,
+    /// Precomputed contributions per leaf and per pattern of followed path features;
+    /// `None` when a path has too many distinct features for tables.
+    tables: Option<Vec<LeafTable>>,
+}
+
+/// Most distinct features on one root-to-leaf path for which a leaf's table is built
+/// (2^k patterns of k contributions each).
+const MAX_TABLE_FEATURES: usize = 12;
+
+/// One leaf's contributions for every pattern of which of its path features the row follows.
+///
+/// A leaf's share of the contributions depends on the row only through that pattern: for
+/// each distinct feature on its path, whether the row takes the path's direction at every
+/// split on that feature. The zero fractions (cover ratios) and the leaf value are fixed,
+/// so the path-dependent algorithm's leaf step is evaluated once per pattern here
+/// (Fast TreeSHAP's second variant) and a row costs one lookup per leaf.
+#[derive(Debug, Clone, PartialEq)]
+struct LeafTable {
+    tree: usize,
+    /// The path's splits: (node, whether the path takes `yes`, the pattern bit).
+    steps: Vec<(usize, bool, u8)>,
+    /// The distinct features, in pattern-bit order.
+    features: Vec<usize>,
+    /// `values[pattern * features.len() + k]`: the contribution to `features[k]`.
+    values: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -172,11 +197,13 @@ impl Explainer {
             }
         }
         let expected = base + trees.iter().map(Tree::expected).sum::<f64>();
+        let tables = leaf_tables(&trees);
         Ok(Self {
             trees,
             base,
             width,
             expected,
+            tables,
         })
     }
 
@@ -202,22 +229,151 @@ impl Explainer {
         if x.len() != self.width {
             return phi;
         }
-        let mut buf: Vec<PathElement> = Vec::with_capacity(256);
-        for tree in &self.trees {
-            recurse(
-                tree,
-                x,
-                tree.root,
-                &mut buf,
-                (0, 0),
-                1.0,
-                1.0,
-                None,
-                &mut phi,
-            );
+        if let Some(tables) = &self.tables {
+            // Where the row goes at every split of the current tree, one bit per node.
+            let (mut current, mut yes_mask) = (usize::MAX, 0u64);
+            for t in tables {
+                if t.tree != current {
+                    current = t.tree;
+                    let tree = &self.trees[current];
+                    yes_mask = 0;
+                    for (i, n) in tree.nodes.iter().enumerate() {
+                        if let Node::Split {
+                            feature,
+                            threshold,
+                            missing_yes,
+                            ..
+                        } = n
+                            && tree.goes_yes(x, *feature, *threshold, *missing_yes)
+                        {
+                            yes_mask |= 1 << i;
+                        }
+                    }
+                }
+                let mut followed: u32 = (1u32 << t.features.len()) - 1;
+                for &(node, takes_yes, bit) in &t.steps {
+                    if (yes_mask >> node & 1 == 1) != takes_yes {
+                        followed &= !(1u32 << bit);
+                    }
+                }
+                let k = t.features.len();
+                let row = &t.values[followed as usize * k..(followed as usize + 1) * k];
+                for (f, v) in t.features.iter().zip(row) {
+                    phi[*f] += v;
+                }
+            }
+            return phi;
+        }
+        self.contributions_recursive(x, &mut phi);
+        phi
+    }
+
+    /// The path-dependent algorithm walked for `x` (no tables): the reference the tables
+    /// are checked against.
+    pub fn contributions_walked(&self, x: &[f32]) -> Vec<f64> {
+        let mut phi = vec![0.0; self.width];
+        if x.len() == self.width {
+            self.contributions_recursive(x, &mut phi);
         }
         phi
     }
+
+    fn contributions_recursive(&self, x: &[f32], phi: &mut [f64]) {
+        let mut buf: Vec<PathElement> = Vec::with_capacity(256);
+        for tree in &self.trees {
+            recurse(tree, x, tree.root, &mut buf, (0, 0), 1.0, 1.0, None, phi);
+        }
+    }
+}
+
+/// Every leaf's table, or `None` if a path has more than [`MAX_TABLE_FEATURES`] features
+/// or a tree more than 64 nodes.
+fn leaf_tables(trees: &[Tree]) -> Option<Vec<LeafTable>> {
+    let mut out = Vec::new();
+    for (t, tree) in trees.iter().enumerate() {
+        // A row's directions are kept as one bit per node.
+        if tree.nodes.len() > 64 {
+            return None;
+        }
+        // Depth-first: (node, path so far as (split node, takes yes)).
+        let mut stack: Vec<(usize, Vec<(usize, bool)>)> = vec![(tree.root, Vec::new())];
+        while let Some((i, path)) = stack.pop() {
+            match &tree.nodes[i] {
+                Node::Split { yes, no, .. } => {
+                    let mut y = path.clone();
+                    y.push((i, true));
+                    stack.push((*yes, y));
+                    let mut n = path;
+                    n.push((i, false));
+                    stack.push((*no, n));
+                }
+                Node::Leaf { value, .. } => {
+                    out.push(leaf_table(tree, t, &path, *value)?);
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+fn leaf_table(tree: &Tree, t: usize, path: &[(usize, bool)], value: f64) -> Option<LeafTable> {
+    // Each distinct feature's zero fraction: the product of the path's cover ratios on it.
+    let mut features: Vec<usize> = Vec::new();
+    let mut zeros: Vec<f64> = Vec::new();
+    let mut steps = Vec::with_capacity(path.len());
+    for &(node, takes_yes) in path {
+        let Node::Split {
+            feature,
+            yes,
+            no,
+            cover,
+            ..
+        } = &tree.nodes[node]
+        else {
+            continue;
+        };
+        let child = if takes_yes { *yes } else { *no };
+        let ratio = tree.nodes[child].cover() / cover;
+        let bit = match features.iter().position(|f| f == feature) {
+            Some(b) => {
+                zeros[b] *= ratio;
+                b
+            }
+            None => {
+                features.push(*feature);
+                zeros.push(ratio);
+                features.len() - 1
+            }
+        };
+        steps.push((node, takes_yes, bit as u8));
+    }
+    let k = features.len();
+    if k > MAX_TABLE_FEATURES {
+        return None;
+    }
+    let mut values = vec![0.0; (1usize << k) * k];
+    let mut buf: Vec<PathElement> = Vec::with_capacity(k + 1);
+    for pattern in 0..(1usize << k) {
+        buf.clear();
+        extend(&mut buf, 0, 1.0, 1.0, None);
+        for (b, z) in zeros.iter().enumerate() {
+            let one = if pattern & (1 << b) != 0 { 1.0 } else { 0.0 };
+            extend(&mut buf, 0, *z, one, Some(b));
+        }
+        for i in 1..buf.len() {
+            let w = unwound_sum(&buf, i);
+            let el = buf[i];
+            if let Some(b) = el.feature {
+                values[pattern * k + b] += w * (el.one - el.zero) * value;
+            }
+        }
+    }
+    Some(LeafTable {
+        tree: t,
+        steps,
+        features,
+        values,
+    })
 }
 
 /// Extends the path `buf[start..]` (at the end of `buf`) by one element.
@@ -487,6 +643,13 @@ mod tests {
                 })
                 .collect();
             let phi = explainer.contributions(&x);
+            let walked = explainer.contributions_walked(&x);
+            for (f, (a, b)) in phi.iter().zip(&walked).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-9,
+                    "case {case}, feature {f}: table {a} vs walk {b}"
+                );
+            }
             let want = brute_force(&trees, &x, width);
             for (f, (got, want)) in phi.iter().zip(&want).enumerate() {
                 assert!(
