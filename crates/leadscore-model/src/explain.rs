@@ -131,6 +131,68 @@ pub struct Explainer {
     /// Precomputed contributions per leaf and per pattern of followed path features;
     /// `None` when a path has too many distinct features for tables.
     tables: Option<Vec<LeafTable>>,
+    /// Each tree's contributions for every combination of directions at its splits, built
+    /// from the leaf tables; `None` when a tree has more than [`MAX_TREE_SPLITS`] splits.
+    tree_tables: Option<Vec<TreeTable>>,
+}
+
+/// Most splits in one tree for which a per-tree table is built (2^s rows of `width`).
+const MAX_TREE_SPLITS: usize = 10;
+
+/// One tree's contributions by the row's directions at its splits: bit `b` of the index
+/// is whether the row goes `yes` at `splits[b]`. A row costs the tree's comparisons and
+/// one row of adds.
+#[derive(Debug, Clone, PartialEq)]
+struct TreeTable {
+    tree: usize,
+    splits: Vec<usize>,
+    /// `values[mask * width + f]`.
+    values: Vec<f64>,
+}
+
+/// The per-tree tables, from the leaf tables (`None` if a tree has too many splits).
+fn tree_tables(trees: &[Tree], leaves: &[LeafTable], width: usize) -> Option<Vec<TreeTable>> {
+    let mut out = Vec::with_capacity(trees.len());
+    for (t, tree) in trees.iter().enumerate() {
+        let splits: Vec<usize> = tree
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| matches!(n, Node::Split { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        if splits.len() > MAX_TREE_SPLITS {
+            return None;
+        }
+        let bit_of = |node: usize| splits.iter().position(|s| *s == node).unwrap_or(0);
+        let mut values = vec![0.0; (1usize << splits.len()) * width];
+        let mine: Vec<&LeafTable> = leaves.iter().filter(|l| l.tree == t).collect();
+        for mask in 0..(1usize << splits.len()) {
+            let row = &mut values[mask * width..(mask + 1) * width];
+            for leaf in &mine {
+                let mut followed: usize = (1usize << leaf.features.len()) - 1;
+                for &(node, takes_yes, bit) in &leaf.steps {
+                    if (mask >> bit_of(node) & 1 == 1) != takes_yes {
+                        followed &= !(1usize << bit);
+                    }
+                }
+                let k = leaf.features.len();
+                for (f, v) in leaf
+                    .features
+                    .iter()
+                    .zip(&leaf.values[followed * k..(followed + 1) * k])
+                {
+                    row[*f] += v;
+                }
+            }
+        }
+        out.push(TreeTable {
+            tree: t,
+            splits,
+            values,
+        });
+    }
+    Some(out)
 }
 
 /// Most distinct features on one root-to-leaf path for which a leaf's table is built
@@ -198,12 +260,16 @@ impl Explainer {
         }
         let expected = base + trees.iter().map(Tree::expected).sum::<f64>();
         let tables = leaf_tables(&trees);
+        let tree_tables = tables
+            .as_deref()
+            .and_then(|leaves| tree_tables(&trees, leaves, width));
         Ok(Self {
             trees,
             base,
             width,
             expected,
             tables,
+            tree_tables,
         })
     }
 
@@ -227,6 +293,29 @@ impl Explainer {
     pub fn contributions(&self, x: &[f32]) -> Vec<f64> {
         let mut phi = vec![0.0; self.width];
         if x.len() != self.width {
+            return phi;
+        }
+        if let Some(tables) = &self.tree_tables {
+            for t in tables {
+                let tree = &self.trees[t.tree];
+                let mut mask = 0usize;
+                for (b, &node) in t.splits.iter().enumerate() {
+                    if let Node::Split {
+                        feature,
+                        threshold,
+                        missing_yes,
+                        ..
+                    } = &tree.nodes[node]
+                        && tree.goes_yes(x, *feature, *threshold, *missing_yes)
+                    {
+                        mask |= 1 << b;
+                    }
+                }
+                let row = &t.values[mask * self.width..(mask + 1) * self.width];
+                for (p, v) in phi.iter_mut().zip(row) {
+                    *p += v;
+                }
+            }
             return phi;
         }
         if let Some(tables) = &self.tables {
