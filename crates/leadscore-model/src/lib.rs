@@ -169,6 +169,31 @@ impl Metadata {
     }
 }
 
+/// Why a score is what it is: one feature, the lead's value of it and how far it moved the
+/// score, in log-odds (positive: towards converting).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reason {
+    /// Feature name, as in the model's feature spec.
+    pub feature: String,
+    /// The lead's value (`None`: missing).
+    pub value: Option<String>,
+    /// The feature's contribution to the log-odds.
+    pub contribution: f64,
+}
+
+impl std::fmt::Display for Reason {
+    /// `page_views=42 +0.31`, `industry=(missing) -0.05`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}={} {:+.2}",
+            self.feature,
+            self.value.as_deref().unwrap_or("(missing)"),
+            self.contribution
+        )
+    }
+}
+
 /// The logistic function: a raw score (log-odds) to a probability.
 fn logistic(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
@@ -383,6 +408,31 @@ impl Model {
     /// Whether scores of this model can carry reasons.
     pub fn explained(&self) -> bool {
         self.explainer.is_some()
+    }
+
+    /// The `n` features that moved `lead`'s score most (largest absolute contribution
+    /// first, ties by feature order), each with the lead's value; `None` when this model is
+    /// not explained.
+    pub fn reasons(&self, lead: &Lead, n: usize) -> Option<Vec<Reason>> {
+        let (contributions, _) = self.contributions(lead)?;
+        let values = self.features.raw_values(lead);
+        let mut reasons: Vec<Reason> = contributions
+            .into_iter()
+            .zip(values)
+            .map(|((name, contribution), (_, value))| Reason {
+                feature: name.to_string(),
+                value: match value {
+                    leadscore_features::RawValue::Null => None,
+                    leadscore_features::RawValue::Long(v) => Some(v.to_string()),
+                    leadscore_features::RawValue::Double(v) => Some(format!("{v}")),
+                    leadscore_features::RawValue::String(s) => Some(s),
+                },
+                contribution,
+            })
+            .collect();
+        reasons.sort_by(|a, b| b.contribution.abs().total_cmp(&a.contribution.abs()));
+        reasons.truncate(n);
+        Some(reasons)
     }
 
     /// The native evaluator of the graph, if the graph is a covered tree ensemble and its
@@ -646,6 +696,17 @@ pub fn bundled_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reason_reads_as_feature_value_and_signed_contribution() {
+        let r = |value: Option<&str>, contribution: f64| Reason {
+            feature: "page_views".into(),
+            value: value.map(str::to_string),
+            contribution,
+        };
+        assert_eq!(r(Some("42"), 0.314).to_string(), "page_views=42 +0.31");
+        assert_eq!(r(None, -0.049).to_string(), "page_views=(missing) -0.05");
+    }
 
     #[test]
     fn bands_follow_thresholds_at_their_bounds() {

@@ -147,6 +147,47 @@ fn contributions_equal_lightgbms_pred_contrib_on_shared_vectors() {
 }
 
 #[test]
+fn reasons_are_the_largest_contributions_with_the_leads_values() {
+    let dir = bundled_dir();
+    let fixture: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("parity.json")).unwrap()).unwrap();
+    let model = Model::load_dir(&dir).unwrap();
+    for (i, v) in fixture["leads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .take(40)
+    {
+        let l = lead(v);
+        let reasons = model.reasons(&l, 3).unwrap();
+        assert_eq!(reasons.len(), 3);
+        // The three largest |contributions| of LightGBM's, in that order.
+        let mut want: Vec<(String, f64)> = fixture["feature_names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(fixture["contributions"][i].as_array().unwrap())
+            .map(|(n, c)| (n.as_str().unwrap().to_string(), c.as_f64().unwrap()))
+            .collect();
+        want.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+        for (r, (name, c)) in reasons.iter().zip(&want) {
+            assert_eq!(&r.feature, name, "lead {}", l.lead_id);
+            assert!((r.contribution - c).abs() <= 1e-6);
+        }
+        // In plain words, with the lead's own value.
+        let first = &reasons[0];
+        let shown = first.to_string();
+        assert!(shown.starts_with(&format!("{}=", first.feature)), "{shown}");
+        if first.feature == "page_views" {
+            assert_eq!(first.value, l.page_views.map(|p| p.to_string()));
+        }
+    }
+    let edge = lead(&fixture["leads"].as_array().unwrap().last().unwrap().clone());
+    assert!(model.reasons(&edge, 20).unwrap().len() <= model.features().width());
+}
+
+#[test]
 fn a_batch_with_an_invalid_lead_scores_the_rest() {
     let model = Model::load_dir(&bundled_dir()).unwrap();
     let fixture: Value =
