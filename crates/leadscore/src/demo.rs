@@ -104,25 +104,19 @@ async fn snapshot(pg: &leadscore_postgres::Client, pattern: &str) -> anyhow::Res
         )
         .await?;
     let bands: BTreeMap<String, i64> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    // Insert (the CRM row's created_at, set at insert) to scored (the score row's scored_at).
+    // From insert (the CRM row's created_at, set at insert) to scored (the score row's
+    // scored_at) and to the row written (written_at, set by the database on each write;
+    // percentile_cont skips rows without one), in one pass over the join.
     let lat = pg
         .query_one(
-            "SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY d), 0), \
-                    coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY d), 0) \
-             FROM (SELECT extract(epoch FROM s.scored_at - l.created_at) * 1000 AS d \
+            "SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY scored), 0), \
+                    coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY scored), 0), \
+                    coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY written), 0), \
+                    coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY written), 0) \
+             FROM (SELECT extract(epoch FROM s.scored_at - l.created_at) * 1000 AS scored, \
+                          extract(epoch FROM s.written_at - l.created_at) * 1000 AS written \
                    FROM public.lead_scores s JOIN public.leads l USING (lead_id) \
                    WHERE s.lead_id LIKE $1) x",
-            &[&pattern],
-        )
-        .await?;
-    // Insert to the score row in lead_scores (written_at, set by the database on write).
-    let row = pg
-        .query_one(
-            "SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY d), 0), \
-                    coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY d), 0) \
-             FROM (SELECT extract(epoch FROM s.written_at - l.created_at) * 1000 AS d \
-                   FROM public.lead_scores s JOIN public.leads l USING (lead_id) \
-                   WHERE s.lead_id LIKE $1 AND s.written_at IS NOT NULL) x",
             &[&pattern],
         )
         .await?;
@@ -131,8 +125,8 @@ async fn snapshot(pg: &leadscore_postgres::Client, pattern: &str) -> anyhow::Res
         bands,
         p50_ms: lat.get(0),
         p99_ms: lat.get(1),
-        row_p50_ms: row.get(0),
-        row_p99_ms: row.get(1),
+        row_p50_ms: lat.get(2),
+        row_p99_ms: lat.get(3),
     })
 }
 
