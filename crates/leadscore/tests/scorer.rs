@@ -21,6 +21,18 @@ use rdkafka::Message;
 use rdkafka::consumer::StreamConsumer;
 use serde_json::json;
 
+/// Produces a Debezium create event for each lead, keyed by its id.
+async fn produce_creates(topic: &str, leads: &[Lead]) {
+    produce(
+        topic,
+        leads
+            .iter()
+            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
+            .collect(),
+    )
+    .await;
+}
+
 fn start_scorer(t: &Topics, group: &str, instance: &str, challenger: bool) -> Service {
     start_scorer_with(t, group, instance, challenger, &[]).0
 }
@@ -46,13 +58,7 @@ fn start_scorer_with(
 async fn scores_reach_redis_and_a_redis_outage_only_degrades_the_cache() {
     let t = Topics::create(1).await;
     let ls = leads("cache", 50, 6);
-    produce(
-        &t.input,
-        ls.iter()
-            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
-            .collect(),
-    )
-    .await;
+    produce_creates(&t.input, &ls).await;
 
     // Healthy Redis: every committed score is cached.
     let (mut scorer, _) = start_scorer_with(&t, &unique("it-cache"), "c1", false, &[]);
@@ -90,13 +96,7 @@ async fn scores_reach_redis_and_a_redis_outage_only_degrades_the_cache() {
 
     // Redis unreachable: scoring goes on, the cache error is counted.
     let t2 = Topics::create(1).await;
-    produce(
-        &t2.input,
-        ls.iter()
-            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
-            .collect(),
-    )
-    .await;
+    produce_creates(&t2.input, &ls).await;
     let dead_redis = format!("redis://127.0.0.1:{}", free_port());
     let (mut scorer, port) = start_scorer_with(
         &t2,
@@ -144,13 +144,7 @@ async fn stage_latencies_lag_and_otlp_export_reach_prometheus_and_the_collector(
         .expect("LEADSCORE__TELEMETRY__OTLP_ENDPOINT from the stack env");
     let t = Topics::create(2).await;
     let ls = leads("otel", 300, 8);
-    produce(
-        &t.input,
-        ls.iter()
-            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
-            .collect(),
-    )
-    .await;
+    produce_creates(&t.input, &ls).await;
     let instance = unique("otel-scorer");
     let (mut scorer, port) = start_scorer_with(
         &t,
@@ -260,14 +254,7 @@ async fn exactly_once_across_sigkill_and_a_second_instance() {
     let t = Topics::create(6).await;
     let group = unique("it-scorer-group");
     let first = leads("eo_a", 3000, 1);
-    produce(
-        &t.input,
-        first
-            .iter()
-            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
-            .collect(),
-    )
-    .await;
+    produce_creates(&t.input, &first).await;
 
     let mut a = start_scorer(&t, &group, "a", false);
     let mut b = start_scorer(&t, &group, "b", false);
@@ -279,14 +266,7 @@ async fn exactly_once_across_sigkill_and_a_second_instance() {
     a.wait().unwrap();
 
     let second = leads("eo_b", 2000, 2);
-    produce(
-        &t.input,
-        second
-            .iter()
-            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
-            .collect(),
-    )
-    .await;
+    produce_creates(&t.input, &second).await;
     // The survivor takes over the dead instance's partitions; a restarted "a" fences any zombie.
     let mut a2 = start_scorer(&t, &group, "a", false);
 
@@ -693,13 +673,7 @@ async fn scores_and_shadow_scores_land_on_the_partition_of_their_input() {
     let t = Topics::create(6).await;
     let registry = Registry::new(&leadscore_config::Config::load(None).unwrap().registry).unwrap();
     let ls = leads("copart", 300, 21);
-    produce(
-        &t.input,
-        ls.iter()
-            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
-            .collect(),
-    )
-    .await;
+    produce_creates(&t.input, &ls).await;
     let mut scorer = start_scorer(&t, &unique("it-copart"), "c", true);
     let reader = consumer(&t.scores, "read_committed");
     let decoder = Decoder::new(registry);
@@ -999,14 +973,7 @@ async fn a_lifecycle_event_swaps_the_champion_between_batches() {
         ],
     );
     let before = leads("swap_a", 300, 9);
-    produce(
-        &t.input,
-        before
-            .iter()
-            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
-            .collect(),
-    )
-    .await;
+    produce_creates(&t.input, &before).await;
     let config = leadscore_config::Config::load(None).unwrap();
     let decoder = Decoder::new(Registry::new(&config.registry).unwrap());
     let reader = consumer(&t.scores, "read_committed");
@@ -1052,14 +1019,7 @@ async fn a_lifecycle_event_swaps_the_champion_between_batches() {
     assert!(swapped, "the scorer did not pick up v2");
 
     let after = leads("swap_b", 300, 10);
-    produce(
-        &t.input,
-        after
-            .iter()
-            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
-            .collect(),
-    )
-    .await;
+    produce_creates(&t.input, &after).await;
     let second = scored_versions(&reader, &decoder, after.len()).await;
     scorer.kill().unwrap();
     scorer.wait().unwrap();
@@ -1086,13 +1046,7 @@ async fn canary_serves_its_share_by_stable_hash_and_the_champion_goes_to_shadow(
 
     let t = Topics::create(2).await;
     let ls = leads("canary", 400, 12);
-    produce(
-        &t.input,
-        ls.iter()
-            .map(|l| (Some(l.lead_id.clone()), create_event(l)))
-            .collect(),
-    )
-    .await;
+    produce_creates(&t.input, &ls).await;
     let canary_dir = dir.path().to_str().unwrap().to_string();
     let (mut scorer, _) = start_scorer_with(
         &t,
@@ -1226,13 +1180,7 @@ async fn the_canary_share_follows_the_lifecycle_controllers_steps_while_running(
         // The scorer applies the step on receipt; give it a moment before the leads.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let ls = leads(&format!("steps{phase}"), 200, 20 + phase as u64);
-        produce(
-            &t.input,
-            ls.iter()
-                .map(|l| (Some(l.lead_id.clone()), create_event(l)))
-                .collect(),
-        )
-        .await;
+        produce_creates(&t.input, &ls).await;
         let versions = scored_versions(&scores, &decoder, ls.len()).await;
         let canary = ls
             .iter()
