@@ -9,6 +9,12 @@ use leadscore_model::{Engine, Model, NATIVE_TOLERANCE, bundled_dir};
 use proptest::prelude::*;
 use serde_json::Value;
 
+/// The shared test vectors of the bundled model.
+fn fixture() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(bundled_dir().join("parity.json")).unwrap())
+        .unwrap()
+}
+
 fn lead(v: &Value) -> Lead {
     let s = |k: &str| v[k].as_str().map(str::to_string);
     let created_at: DateTime<Utc> = DateTime::parse_from_rfc3339(v["created_at"].as_str().unwrap())
@@ -33,8 +39,7 @@ fn lead(v: &Value) -> Lead {
 #[test]
 fn rust_features_and_scores_equal_python_on_shared_vectors() {
     let dir = bundled_dir();
-    let fixture: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("parity.json")).unwrap()).unwrap();
+    let fixture = fixture();
     let model = Model::load_dir(&dir).unwrap();
     assert_eq!(
         model.engine(),
@@ -106,8 +111,7 @@ fn rust_features_and_scores_equal_python_on_shared_vectors() {
 #[test]
 fn contributions_equal_lightgbms_pred_contrib_on_shared_vectors() {
     let dir = bundled_dir();
-    let fixture: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("parity.json")).unwrap()).unwrap();
+    let fixture = fixture();
     let model = Model::load_dir(&dir).unwrap();
     assert!(
         model.explained(),
@@ -149,8 +153,7 @@ fn contributions_equal_lightgbms_pred_contrib_on_shared_vectors() {
 #[test]
 fn reasons_are_the_largest_contributions_with_the_leads_values() {
     let dir = bundled_dir();
-    let fixture: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("parity.json")).unwrap()).unwrap();
+    let fixture = fixture();
     let model = Model::load_dir(&dir).unwrap();
     for (i, v) in fixture["leads"]
         .as_array()
@@ -190,9 +193,7 @@ fn reasons_are_the_largest_contributions_with_the_leads_values() {
 #[test]
 fn a_batch_with_an_invalid_lead_scores_the_rest() {
     let model = Model::load_dir(&bundled_dir()).unwrap();
-    let fixture: Value =
-        serde_json::from_str(&std::fs::read_to_string(bundled_dir().join("parity.json")).unwrap())
-            .unwrap();
+    let fixture = fixture();
     let mut leads: Vec<Lead> = fixture["leads"].as_array().unwrap()[..5]
         .iter()
         .map(lead)
