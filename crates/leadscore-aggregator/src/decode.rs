@@ -183,6 +183,40 @@ pub fn lead_score<'a>(
     })
 }
 
+/// How a writer laid out its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// `ModelScore` ends with `reasons` (schemas from reason codes on).
+    pub reasons: bool,
+}
+
+impl<'a> Cursor<'a> {
+    /// Reads an optional array of reason strings; the feature of the first, if any.
+    fn top_reason(&mut self) -> Result<Option<&'a str>, Malformed> {
+        if self.index(2)? == 0 {
+            return Ok(None);
+        }
+        let mut top = None;
+        loop {
+            let mut n = self.long()?;
+            if n == 0 {
+                break;
+            }
+            if n < 0 {
+                n = -n;
+                self.long()?; // block size in bytes
+            }
+            for _ in 0..n {
+                let reason = self.str()?;
+                if top.is_none() {
+                    top = Some(reason.split_once('=').map_or(reason, |(f, _)| f));
+                }
+            }
+        }
+        Ok(top)
+    }
+}
+
 /// The fields of a `ShadowScore` the aggregator uses.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Shadow<'a> {
@@ -206,10 +240,14 @@ pub struct Shadow<'a> {
     pub event_time_ms: i64,
     /// The shadow model failed on this lead (its score is meaningless).
     pub failed: bool,
+    /// The feature of the shadow model's first reason, if it gave reasons.
+    pub shadow_top: Option<&'a str>,
+    /// The feature of the live model's first reason, if it gave reasons.
+    pub live_top: Option<&'a str>,
 }
 
-/// Reads a `ShadowScore` datum (no frame).
-pub fn shadow_score(datum: &[u8]) -> Result<Shadow<'_>, Malformed> {
+/// Reads a `ShadowScore` datum (no frame) written in `layout`.
+pub fn shadow_score(datum: &[u8], layout: Layout) -> Result<Shadow<'_>, Malformed> {
     let mut c = Cursor {
         record: "ShadowScore",
         bytes: datum,
@@ -221,10 +259,20 @@ pub fn shadow_score(datum: &[u8]) -> Result<Shadow<'_>, Malformed> {
     let shadow_version = c.str()?;
     let shadow = c.double()?;
     let shadow_band = c.index(3)? as usize;
+    let shadow_top = if layout.reasons {
+        c.top_reason()?
+    } else {
+        None
+    };
     let live_name = c.str()?;
     let live_version = c.str()?;
     let live = c.double()?;
     let live_band = c.index(3)? as usize;
+    let live_top = if layout.reasons {
+        c.top_reason()?
+    } else {
+        None
+    };
     c.index(2)?; // live_role
     let event_time_ms = c.long()?;
     c.long()?; // scored_at
@@ -242,6 +290,8 @@ pub fn shadow_score(datum: &[u8]) -> Result<Shadow<'_>, Malformed> {
         live_band,
         event_time_ms,
         failed,
+        shadow_top,
+        live_top,
     })
 }
 
@@ -275,7 +325,38 @@ mod tests {
             model_version: version,
             score,
             band,
+            reasons: None,
         }
+    }
+
+    /// `value` without its `reasons` fields, at any depth.
+    fn without_reasons(value: apache_avro::types::Value) -> apache_avro::types::Value {
+        use apache_avro::types::Value;
+        match value {
+            Value::Record(fields) => Value::Record(
+                fields
+                    .into_iter()
+                    .filter(|(k, _)| k != "reasons")
+                    .map(|(k, v)| (k, without_reasons(v)))
+                    .collect(),
+            ),
+            Value::Union(i, v) => Value::Union(i, Box::new(without_reasons(*v))),
+            other => other,
+        }
+    }
+
+    /// The bytes a scorer from before reasons wrote for `record`.
+    fn old_layout(record: &ShadowScore) -> Vec<u8> {
+        let mut json: serde_json::Value =
+            serde_json::from_str(leadscore_schemas::find("ShadowScore.avsc").unwrap().text)
+                .unwrap();
+        crate::drop_reasons(&mut json);
+        let schema = apache_avro::Schema::parse_str(&json.to_string()).unwrap();
+        apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+            .build()
+            .unwrap()
+            .write_value_to_vec(without_reasons(record.to_value()))
+            .unwrap()
     }
 
     proptest! {
@@ -321,12 +402,17 @@ mod tests {
         fn shadow_scores_read_back_what_the_scorer_wrote(
             live in 0.0f64..1.0, shadow in 0.0f64..1.0, lb in band(), sb in band(), event in any::<i64>(),
             error in proptest::option::of(".{0,20}"),
+            shadow_reasons in proptest::option::of(proptest::collection::vec("[a-z_]{1,8}=[a-z0-9 ]{0,6} [+-]0\\.[0-9]{2}", 0..4)),
+            live_reasons in proptest::option::of(proptest::collection::vec("[a-z_]{1,8}=[a-z0-9 ]{0,6} [+-]0\\.[0-9]{2}", 0..4)),
         ) {
+            let top = |r: &Option<Vec<String>>| {
+                r.as_ref().and_then(|r| r.first()).map(|r| r.split('=').next().unwrap().to_string())
+            };
             let mut record = ShadowScore {
                 lead_id: "lead-2".into(),
                 reason: if error.is_some() { Reason::Canary } else { Reason::Challenger },
-                shadow: model(sb, shadow, "8".into()),
-                live: model(lb, live, "7".into()),
+                shadow: ModelScore { reasons: shadow_reasons.clone(), ..model(sb, shadow, "8".into()) },
+                live: ModelScore { reasons: live_reasons.clone(), ..model(lb, live, "7".into()) },
                 live_role: Role::Champion,
                 event_time_ms: event,
                 scored_at_ms: 1,
@@ -339,19 +425,27 @@ mod tests {
             record.error = error.clone();
             let mut bytes = Vec::new();
             record.encode(&mut bytes);
-            let s = shadow_score(&bytes).unwrap();
+            let now = Layout { reasons: true };
+            let s = shadow_score(&bytes, now).unwrap();
+            prop_assert_eq!(s.shadow_top.map(str::to_string), top(&shadow_reasons));
+            prop_assert_eq!(s.live_top.map(str::to_string), top(&live_reasons));
             prop_assert_eq!((s.shadow_name, s.shadow_version, s.live_version), ("lead-scoring", "8", "7"));
             prop_assert_eq!((s.shadow, s.live), (shadow, live));
             prop_assert_eq!((BANDS[s.shadow_band], BANDS[s.live_band]), (sb.as_str(), lb.as_str()));
             prop_assert_eq!(s.event_time_ms, event);
             prop_assert_eq!(s.failed, error.is_some());
-            let old = shadow_score(&before_error).unwrap();
+            let old = shadow_score(&before_error, now).unwrap();
             prop_assert!(!old.failed);
             prop_assert_eq!(old.shadow_version, "8");
             // Cut anywhere before the optional `error` field: an error, never a panic.
             for cut in 0..before_error.len() {
-                prop_assert!(shadow_score(&bytes[..cut]).is_err());
+                prop_assert!(shadow_score(&bytes[..cut], now).is_err());
             }
+            // Written by a scorer from before reasons: the same fields, no reasons.
+            let older = old_layout(&record);
+            let o = shadow_score(&older, Layout { reasons: false }).unwrap();
+            prop_assert_eq!((o.shadow, o.live, o.event_time_ms), (shadow, live, event));
+            prop_assert_eq!((o.shadow_top, o.live_top, o.failed), (None, None, error.is_some()));
         }
     }
 }

@@ -247,43 +247,95 @@ enum Input {
 }
 
 /// Schema ids whose writer schema is the one the fast decoders read.
+/// The writer schemas the direct decoders read: the ones in `schemas/` (with reasons) and
+/// the same without the `reasons` fields (records of scorers from before reasons, read
+/// through an upgrade).
 struct Schemas {
     registry: Registry,
-    scores: String,
-    shadow: String,
-    verdicts: HashMap<u32, bool>,
+    scores: [String; 2],
+    shadow: [String; 2],
+    verdicts: HashMap<u32, Option<decode::Layout>>,
 }
 
 impl Schemas {
-    fn accepts(&mut self, rt: &tokio::runtime::Handle, id: u32, input: Input) -> Result<bool> {
+    fn new(registry: Registry) -> Result<Self> {
+        Ok(Self {
+            registry,
+            scores: [
+                canonical("LeadScore.avsc", false)?,
+                canonical("LeadScore.avsc", true)?,
+            ],
+            shadow: [
+                canonical("ShadowScore.avsc", false)?,
+                canonical("ShadowScore.avsc", true)?,
+            ],
+            verdicts: HashMap::new(),
+        })
+    }
+
+    /// How records of writer schema `id` are laid out, or `None` when they cannot be read.
+    fn layout(
+        &mut self,
+        rt: &tokio::runtime::Handle,
+        id: u32,
+        input: Input,
+    ) -> Result<Option<decode::Layout>> {
         if let Some(v) = self.verdicts.get(&id) {
             return Ok(*v);
         }
-        let writer = rt.block_on(self.registry.schema_by_id(id))?;
-        let expected = if input == Input::Scores {
+        let writer = rt
+            .block_on(self.registry.schema_by_id(id))?
+            .canonical_form();
+        let known = if input == Input::Scores {
             &self.scores
         } else {
             &self.shadow
         };
-        let ok = writer.canonical_form() == *expected;
-        if !ok {
+        let layout = known
+            .iter()
+            .position(|k| *k == writer)
+            .map(|i| decode::Layout { reasons: i == 0 });
+        if layout.is_none() {
             tracing::error!(
                 schema_id = id,
                 ?input,
-                "records of an unknown writer schema are skipped (the aggregator reads schemas/LeadScore.avsc and ShadowScore.avsc as written)"
+                "records of an unknown writer schema are skipped (the aggregator reads schemas/LeadScore.avsc and ShadowScore.avsc as written, with or without reasons)"
             );
         }
-        self.verdicts.insert(id, ok);
-        Ok(ok)
+        self.verdicts.insert(id, layout);
+        Ok(layout)
     }
 }
 
-fn canonical(file: &str) -> Result<String> {
+/// The canonical form of a catalogue schema; `without_reasons` removes every field named
+/// `reasons` first (the layout written before reasons existed).
+fn canonical(file: &str, without_reasons: bool) -> Result<String> {
     let text = leadscore_schemas::find(file)
         .map_err(leadscore_registry::Error::from)?
         .text;
-    let schema = leadscore_schemas::parse(file, text).map_err(leadscore_registry::Error::from)?;
+    let text = if without_reasons {
+        let mut json: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| Error::Config(format!("schema {file} is not JSON: {e}")))?;
+        drop_reasons(&mut json);
+        json.to_string()
+    } else {
+        text.to_string()
+    };
+    let schema = leadscore_schemas::parse(file, &text).map_err(leadscore_registry::Error::from)?;
     Ok(schema.canonical_form())
+}
+
+pub(crate) fn drop_reasons(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(o) => {
+            if let Some(serde_json::Value::Array(fields)) = o.get_mut("fields") {
+                fields.retain(|f| f.get("name").and_then(|n| n.as_str()) != Some("reasons"));
+            }
+            o.values_mut().for_each(drop_reasons);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(drop_reasons),
+        _ => {}
+    }
 }
 
 struct Source {
@@ -384,12 +436,7 @@ impl Aggregator {
             schema_text("Alert.avsc")?,
         )
         .await?;
-        let schemas = Schemas {
-            registry,
-            scores: canonical("LeadScore.avsc")?,
-            shadow: canonical("ShadowScore.avsc")?,
-            verdicts: HashMap::new(),
-        };
+        let schemas = Schemas::new(registry)?;
         let kc = kafka_cfg.clone();
         let c2 = cfg.clone();
         let (consumer, producer, checkpoints) = tokio::task::spawn_blocking(move || {
@@ -791,10 +838,10 @@ impl Core {
             self.metrics.add(Event::Malformed, 1);
             return Ok(());
         };
-        if !self.schemas.accepts(&self.rt, id, input)? {
+        let Some(layout) = self.schemas.layout(&self.rt, id, input)? else {
             self.metrics.add(Event::Malformed, 1);
             return Ok(());
-        }
+        };
         let size = self.cfg.window_ms;
         let observed = match input {
             Input::Scores => match decode::lead_score(datum, &mut self.features) {
@@ -822,7 +869,7 @@ impl Core {
                     return Ok(());
                 }
             },
-            _ => match decode::shadow_score(datum) {
+            _ => match decode::shadow_score(datum, layout) {
                 Ok(s) if s.failed => {
                     // A candidate's failure: an error of its own version.
                     self.ensure_profile(s.shadow_name, s.shadow_version);
@@ -858,6 +905,10 @@ impl Core {
                             live: s.live,
                             shadow: s.shadow,
                             same_band: s.live_band == s.shadow_band,
+                            same_top_reason: s
+                                .live_top
+                                .zip(s.shadow_top)
+                                .map(|(live, shadow)| live == shadow),
                         },
                     );
                     if o == Observed::Counted {

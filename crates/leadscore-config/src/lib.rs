@@ -607,6 +607,10 @@ pub struct ScorerConfig {
     /// partitions `p` with `p % lanes == lane` (1..=64). A lead's outputs go to partition
     /// `p % partitions` of each output topic, so a lane's transaction touches only its own.
     pub lanes: u32,
+    /// Reasons on every score (0..=20): the features that moved it most, by exact TreeSHAP,
+    /// on the score, shadow and CRM records; 0 computes none. Models that are not tree
+    /// ensembles score without reasons whatever this says.
+    pub reasons: usize,
     /// Champion model URL: a directory, `file://dir` or `mlflow+http://host:port/NAME@champion`.
     pub champion_model: String,
     /// Challenger (shadow) model URL; unset for none.
@@ -672,6 +676,7 @@ impl Default for ScorerConfig {
             max_batch: 1000,
             batch_linger_ms: 20,
             lanes: 2,
+            reasons: 3,
             transaction_timeout_ms: 60_000,
             champion_model: "models/default".into(),
             challenger_model: None,
@@ -846,6 +851,12 @@ impl Config {
             return Err(Error::Invalid {
                 key: "scorer.lanes",
                 reason: format!("{} is not in 1..=64", s.lanes),
+            });
+        }
+        if s.reasons > 20 {
+            return Err(Error::Invalid {
+                key: "scorer.reasons",
+                reason: format!("{} is not in 0..=20", s.reasons),
             });
         }
         if !(1024..=512 * 1024).contains(&s.dlq_max_payload_bytes) {

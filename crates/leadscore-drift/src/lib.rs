@@ -387,12 +387,17 @@ impl Counts {
         live: f64,
         shadow: f64,
         same_band: bool,
+        same_top_reason: Option<bool>,
     ) {
         let s = self.shadow.entry(shadow_version.to_string()).or_default();
         s.pairs += 1;
         // Fixed point, so merged sums do not depend on the order of addition.
         s.sum_abs_diff_nanos += ((live - shadow).abs() * 1e9).round() as u64;
         s.same_band += u64::from(same_band);
+        if let Some(same) = same_top_reason {
+            s.reason_pairs += 1;
+            s.same_top_reason += u64::from(same);
+        }
     }
 
     /// Adds other counts of the same shape.
@@ -416,6 +421,8 @@ impl Counts {
             mine.pairs += s.pairs;
             mine.sum_abs_diff_nanos += s.sum_abs_diff_nanos;
             mine.same_band += s.same_band;
+            mine.reason_pairs += s.reason_pairs;
+            mine.same_top_reason += s.same_top_reason;
         }
         Ok(())
     }
@@ -430,6 +437,12 @@ pub struct ShadowCounts {
     pub sum_abs_diff_nanos: u64,
     /// Pairs in the same band.
     pub same_band: u64,
+    /// Pairs where both sides carried reasons (checkpoints from before reasons have none).
+    #[serde(default)]
+    pub reason_pairs: u64,
+    /// Of those, pairs whose first reason names the same feature.
+    #[serde(default)]
+    pub same_top_reason: u64,
 }
 
 /// Relative width of a latency bucket: values are kept to within 1%.
@@ -644,6 +657,9 @@ impl Window {
             pairs: s.pairs,
             mean_abs_diff: s.sum_abs_diff_nanos as f64 / 1e9 / s.pairs as f64,
             band_agreement: s.same_band as f64 / s.pairs as f64,
+            top_reason_agreement: (s.reason_pairs > 0)
+                .then(|| s.same_top_reason as f64 / s.reason_pairs as f64),
+            reason_pairs: s.reason_pairs,
         })
     }
 }

@@ -54,6 +54,10 @@ pub struct ShadowAgreement {
     pub mean_abs_diff: f64,
     /// Share of pairs in the same band.
     pub band_agreement: f64,
+    /// Share of the pairs with reasons on both sides whose top reason is the same feature.
+    pub top_reason_agreement: Option<f64>,
+    /// Pairs with reasons on both sides.
+    pub reason_pairs: u64,
 }
 
 /// Event-to-score latency of the window's scores.
@@ -192,6 +196,14 @@ impl WindowReport {
                         ("pairs".into(), Value::Long(s.pairs as i64)),
                         ("mean_abs_diff".into(), Value::Double(s.mean_abs_diff)),
                         ("band_agreement".into(), Value::Double(s.band_agreement)),
+                        (
+                            "top_reason_agreement".into(),
+                            match s.top_reason_agreement {
+                                None => Value::Union(0, Box::new(Value::Null)),
+                                Some(a) => Value::Union(1, Box::new(Value::Double(a))),
+                            },
+                        ),
+                        ("reason_pairs".into(), Value::Long(s.reason_pairs as i64)),
                     ]
                 })),
             ),
@@ -362,6 +374,8 @@ mod tests {
             pairs: 990,
             mean_abs_diff: 0.01,
             band_agreement: 0.97,
+            top_reason_agreement: Some(0.8),
+            reason_pairs: 900,
         });
         report.latency = Some(LatencySummary {
             p50_ms: 300.0,

@@ -133,6 +133,9 @@ pub struct ShadowEvent<'a> {
     pub shadow: f64,
     /// Whether both are in the same band.
     pub same_band: bool,
+    /// Whether both name the same feature first among their reasons; `None` when either
+    /// carried none.
+    pub same_top_reason: Option<bool>,
 }
 
 impl SourceState {
@@ -205,8 +208,13 @@ impl SourceState {
         self.advance(e.event_ms);
         match self.slot(profiles, size_ms, e.model_name, e.model_version, e.event_ms) {
             Ok((open, _)) => {
-                open.counts
-                    .observe_shadow(e.shadow_version, e.live, e.shadow, e.same_band);
+                open.counts.observe_shadow(
+                    e.shadow_version,
+                    e.live,
+                    e.shadow,
+                    e.same_band,
+                    e.same_top_reason,
+                );
                 Observed::Counted
             }
             Err(o) => o,
@@ -782,6 +790,7 @@ mod shadow_tests {
                     live: 0.5,
                     shadow: 0.6,
                     same_band: true,
+                    same_top_reason: Some(t % 2 == 0),
                 },
             );
         }

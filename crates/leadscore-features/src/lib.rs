@@ -257,25 +257,31 @@ impl FeatureBuilder {
             .features
             .iter()
             .zip(&self.extract)
-            .map(|(f, e)| {
-                let v = match e {
-                    Extract::Category(col, _) => {
-                        cat(lead, *col).map_or(RawValue::Null, |s| RawValue::String(s.to_string()))
-                    }
-                    Extract::Number(NumCol::PageViews) => lead
-                        .page_views
-                        .map_or(RawValue::Null, |v| RawValue::Long(i64::from(v))),
-                    Extract::Number(col) => {
-                        num(lead, *col).map_or(RawValue::Null, RawValue::Double)
-                    }
-                    Extract::Hour => RawValue::Long(i64::from(lead.created_at.hour())),
-                    Extract::Weekday => {
-                        RawValue::Long(i64::from(lead.created_at.weekday().num_days_from_monday()))
-                    }
-                };
-                (f.name.clone(), v)
-            })
+            .map(|(f, e)| (f.name.clone(), raw(lead, e)))
             .collect()
+    }
+
+    /// The raw value feature `index` (spec order) was built from; `Null` past the width.
+    pub fn raw_value(&self, lead: &Lead, index: usize) -> RawValue {
+        self.extract
+            .get(index)
+            .map_or(RawValue::Null, |e| raw(lead, e))
+    }
+}
+
+fn raw(lead: &Lead, e: &Extract) -> RawValue {
+    match e {
+        Extract::Category(col, _) => {
+            cat(lead, *col).map_or(RawValue::Null, |s| RawValue::String(s.to_string()))
+        }
+        Extract::Number(NumCol::PageViews) => lead
+            .page_views
+            .map_or(RawValue::Null, |v| RawValue::Long(i64::from(v))),
+        Extract::Number(col) => num(lead, *col).map_or(RawValue::Null, RawValue::Double),
+        Extract::Hour => RawValue::Long(i64::from(lead.created_at.hour())),
+        Extract::Weekday => {
+            RawValue::Long(i64::from(lead.created_at.weekday().num_days_from_monday()))
+        }
     }
 }
 

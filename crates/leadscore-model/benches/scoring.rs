@@ -84,6 +84,17 @@ fn bench(c: &mut Criterion) {
                 BatchSize::SmallInput,
             )
         });
+        g.bench_function(format!("features_score_and_3_reasons_{size}"), |b| {
+            let mut start = 0usize;
+            b.iter_batched(
+                || {
+                    start = (start + size) % (pool.len() - size);
+                    &pool[start..start + size]
+                },
+                |batch| black_box(model.score_batch_with_reasons(batch, 3).unwrap()),
+                BatchSize::SmallInput,
+            )
+        });
     }
     g.finish();
 

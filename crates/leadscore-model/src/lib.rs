@@ -194,10 +194,61 @@ impl std::fmt::Display for Reason {
     }
 }
 
+impl std::str::FromStr for Reason {
+    type Err = String;
+
+    /// Reads the [`Display`](std::fmt::Display) form back: the feature is up to the first
+    /// `=` (feature names have none), the contribution after the last space (it has none),
+    /// the value in between (`(missing)` for none).
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let bad = || format!("reason {s:?} is not `feature=value +0.00`");
+        let (feature, rest) = s.split_once('=').ok_or_else(bad)?;
+        let (value, contribution) = rest.rsplit_once(' ').ok_or_else(bad)?;
+        if feature.is_empty() {
+            return Err(bad());
+        }
+        let contribution: f64 = contribution.parse().map_err(|_| bad())?;
+        Ok(Reason {
+            feature: feature.to_string(),
+            value: (value != "(missing)").then(|| value.to_string()),
+            contribution,
+        })
+    }
+}
+
+impl Reason {
+    fn new(feature: &str, value: leadscore_features::RawValue, contribution: f64) -> Self {
+        use leadscore_features::RawValue;
+        Reason {
+            feature: feature.to_string(),
+            value: match value {
+                RawValue::Null => None,
+                RawValue::Long(v) => Some(v.to_string()),
+                RawValue::Double(v) => Some(format!("{v}")),
+                RawValue::String(s) => Some(s),
+            },
+            contribution,
+        }
+    }
+}
+
+/// The `n` largest contributions of one row by absolute value, largest first, ties in
+/// feature order: (feature index, contribution).
+fn top_contributions(phi: &[f64], n: usize) -> Vec<(usize, f64)> {
+    let mut order: Vec<(usize, f64)> = phi.iter().copied().enumerate().collect();
+    // Stable: equal magnitudes keep feature order.
+    order.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+    order.truncate(n);
+    order
+}
+
 /// The logistic function: a raw score (log-odds) to a probability.
 fn logistic(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
+
+/// A score and its reasons (`None`: none asked, or the model is not explained).
+pub type Explained = (Score, Option<Vec<Reason>>);
 
 /// A scored lead.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -414,25 +465,21 @@ impl Model {
     /// first, ties by feature order), each with the lead's value; `None` when this model is
     /// not explained.
     pub fn reasons(&self, lead: &Lead, n: usize) -> Option<Vec<Reason>> {
-        let (contributions, _) = self.contributions(lead)?;
-        let values = self.features.raw_values(lead);
-        let mut reasons: Vec<Reason> = contributions
+        let explainer = self.explainer.as_ref()?;
+        let row = self.features.build(lead).ok()?;
+        Some(self.reasons_of(lead, &explainer.contributions(&row), n))
+    }
+
+    /// The reasons of one row's contributions `phi` (spec order).
+    fn reasons_of(&self, lead: &Lead, phi: &[f64], n: usize) -> Vec<Reason> {
+        let names = &self.meta.feature_spec.features;
+        top_contributions(phi, n)
             .into_iter()
-            .zip(values)
-            .map(|((name, contribution), (_, value))| Reason {
-                feature: name.to_string(),
-                value: match value {
-                    leadscore_features::RawValue::Null => None,
-                    leadscore_features::RawValue::Long(v) => Some(v.to_string()),
-                    leadscore_features::RawValue::Double(v) => Some(format!("{v}")),
-                    leadscore_features::RawValue::String(s) => Some(s),
-                },
-                contribution,
+            .map(|(f, c)| {
+                let name = names.get(f).map_or("", |s| s.name.as_str());
+                Reason::new(name, self.features.raw_value(lead, f), c)
             })
-            .collect();
-        reasons.sort_by(|a, b| b.contribution.abs().total_cmp(&a.contribution.abs()));
-        reasons.truncate(n);
-        Some(reasons)
+            .collect()
     }
 
     /// The native evaluator of the graph, if the graph is a covered tree ensemble and its
@@ -572,15 +619,30 @@ impl Model {
 
     /// Scores a batch in one ONNX call; invalid leads get their reason, the rest a score.
     pub fn score_batch(&self, leads: &[Lead]) -> Result<Vec<Result<Score, InvalidInput>>> {
+        Ok(self
+            .score_batch_with_reasons(leads, 0)?
+            .into_iter()
+            .map(|r| r.map(|(score, _)| score))
+            .collect())
+    }
+
+    /// [`Self::score_batch`], each score with the `top` features that moved it most (see
+    /// [`Self::reasons`]); the reasons are `None` when `top` is 0 or the model is not
+    /// explained. The contributions of the batch are computed together.
+    pub fn score_batch_with_reasons(
+        &self,
+        leads: &[Lead],
+        top: usize,
+    ) -> Result<Vec<Result<Explained, InvalidInput>>> {
         let width = self.features.width();
         let mut rows = Vec::with_capacity(leads.len() * width);
-        let mut out: Vec<Result<Score, InvalidInput>> = Vec::with_capacity(leads.len());
+        let mut out: Vec<Result<Explained, InvalidInput>> = Vec::with_capacity(leads.len());
         let mut valid = Vec::with_capacity(leads.len());
         for (i, lead) in leads.iter().enumerate() {
             match self.features.build_into(lead, &mut rows) {
                 Ok(()) => {
                     valid.push(i);
-                    out.push(Ok(Score { probability: 0.0 }));
+                    out.push(Ok((Score { probability: 0.0 }, None)));
                 }
                 Err(e) => {
                     rows.truncate(valid.len() * width);
@@ -589,8 +651,15 @@ impl Model {
             }
         }
         let scores = self.score_features(&rows, valid.len())?;
-        for (i, p) in valid.into_iter().zip(scores) {
-            out[i] = Ok(Score { probability: p });
+        let phi = match &self.explainer {
+            Some(explainer) if top > 0 => explainer.contributions_batch(&rows),
+            _ => Vec::new(),
+        };
+        for (k, (i, p)) in valid.into_iter().zip(scores).enumerate() {
+            let reasons = phi
+                .get(k * width..(k + 1) * width)
+                .map(|row| self.reasons_of(&leads[i], row, top));
+            out[i] = Ok((Score { probability: p }, reasons));
         }
         Ok(out)
     }

@@ -191,6 +191,38 @@ fn reasons_are_the_largest_contributions_with_the_leads_values() {
 }
 
 #[test]
+fn a_batch_carries_each_leads_reasons_and_they_read_back_from_their_text() {
+    let model = Model::load_dir(&bundled_dir()).unwrap();
+    let fixture = fixture();
+    let leads: Vec<Lead> = fixture["leads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(lead)
+        .collect();
+    let batch = model.score_batch_with_reasons(&leads, 3).unwrap();
+    let plain = model.score_batch(&leads).unwrap();
+    assert_eq!(batch.len(), leads.len());
+    for ((l, got), score) in leads.iter().zip(&batch).zip(&plain) {
+        let (Ok((s, reasons)), Ok(want)) = (got, score) else {
+            panic!("lead {} refused", l.lead_id);
+        };
+        assert_eq!(s.probability, want.probability, "lead {}", l.lead_id);
+        let reasons = reasons.as_ref().expect("the bundled model is explained");
+        assert_eq!(reasons, &model.reasons(l, 3).unwrap(), "lead {}", l.lead_id);
+        for r in reasons {
+            let back: leadscore_model::Reason = r.to_string().parse().unwrap();
+            assert_eq!(back.feature, r.feature);
+            assert_eq!(back.value, r.value);
+            assert!((back.contribution - r.contribution).abs() <= 0.005);
+        }
+    }
+    // No reasons asked, none computed.
+    let none = model.score_batch_with_reasons(&leads[..3], 0).unwrap();
+    assert!(none.iter().all(|r| matches!(r, Ok((_, None)))));
+}
+
+#[test]
 fn a_batch_with_an_invalid_lead_scores_the_rest() {
     let model = Model::load_dir(&bundled_dir()).unwrap();
     let fixture = fixture();

@@ -104,6 +104,8 @@ pub struct Models {
     pub challenger_stand_in: Arc<std::sync::atomic::AtomicBool>,
     /// The canary slot holds the champion until its alias exists: not scored.
     pub canary_stand_in: Arc<std::sync::atomic::AtomicBool>,
+    /// Reasons per score (`scorer.reasons`).
+    pub reasons: usize,
 }
 
 /// The canary share, readable by every batch and set by lifecycle events.
@@ -978,6 +980,7 @@ async fn prepare(
                     .load(std::sync::atomic::Ordering::Relaxed)
             })
             .map(|m| (m, models.canary_percent.get())),
+        reasons: models.reasons,
     };
     metrics.stage(Stage::Decode, started.elapsed());
     let started = std::time::Instant::now();

@@ -100,6 +100,8 @@ pub struct BatchModels<'a> {
     pub challenger: Option<&'a Model>,
     /// Canary candidate and the share of leads (0-100) it serves.
     pub canary: Option<(&'a Model, f64)>,
+    /// Reasons per score (`scorer.reasons`; 0: none computed).
+    pub reasons: usize,
 }
 
 /// Stable share in [0, 100) for `lead_id` (FNV-1a 64): the same lead is always in or out of the canary.
@@ -124,6 +126,11 @@ fn failure_log_due(now_ms: i64) -> bool {
         && LAST_FAILURE_LOG_MS
             .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
+}
+
+/// Reasons as the records carry them (`page_views=42 +0.31`).
+fn texts(reasons: Option<Vec<leadscore_model::Reason>>) -> Option<Vec<String>> {
+    reasons.map(|r| r.iter().map(ToString::to_string).collect())
 }
 
 /// Scores one batch. Leads are scored with one ONNX call per model.
@@ -168,11 +175,12 @@ pub fn process(
     if leads.is_empty() {
         return Ok(outputs);
     }
-    let champion = models.champion.score_batch(&leads)?;
+    let top = models.reasons;
+    let champion = models.champion.score_batch_with_reasons(&leads, top)?;
     // A candidate that fails never stops scoring: the champion serves its leads
     // and each failure is published as an error of the candidate's version.
     let challenger = models.challenger.map(|m| {
-        m.score_batch(&leads).map_err(|e| {
+        m.score_batch_with_reasons(&leads, top).map_err(|e| {
             if failure_log_due(now_ms()) {
                 tracing::warn!(version = %m.metadata().version, error = %e, leads = leads.len(), "challenger failed on a batch; counted as errors of its version (logged at most every 30 s)");
             }
@@ -188,7 +196,7 @@ pub fn process(
         })
         .collect();
     let mut canary_failed: Option<String> = None;
-    let canary_scores: HashMap<usize, f64> = match models.canary {
+    let mut canary_scores: HashMap<usize, (f64, Option<Vec<String>>)> = match models.canary {
         Some((model, _)) if canary_members.iter().any(|m| *m) => {
             let subset: Vec<Lead> = leads
                 .iter()
@@ -196,14 +204,14 @@ pub fn process(
                 .filter(|(_, m)| **m)
                 .map(|(l, _)| l.clone())
                 .collect();
-            match model.score_batch(&subset) {
+            match model.score_batch_with_reasons(&subset, top) {
                 Ok(scored) => canary_members
                     .iter()
                     .enumerate()
                     .filter(|(_, m)| **m)
                     .map(|(j, _)| j)
                     .zip(scored)
-                    .filter_map(|(j, s)| s.ok().map(|s| (j, s.probability)))
+                    .filter_map(|(j, s)| s.ok().map(|(s, r)| (j, (s.probability, texts(r)))))
                     .collect(),
                 Err(e) => {
                     if failure_log_due(now_ms()) {
@@ -225,8 +233,8 @@ pub fn process(
             payload,
             ..
         } = &inputs[i];
-        let score = match result {
-            Ok(s) => s.probability,
+        let (score, reasons) = match result {
+            Ok((s, r)) => (s.probability, texts(r)),
             Err(invalid) => {
                 // The lead decoded: the dead letter carries it (a row without PII columns).
                 outputs[i] = Output::Dead {
@@ -241,17 +249,27 @@ pub fn process(
         };
         let scored_at = now_ms();
         let latency_ms = (scored_at - event_time_ms).max(0) as f64;
-        let (live_model, live_score, role) = match (canary_scores.get(&j), models.canary) {
-            (Some(c), Some((m, _))) => (m, *c, Role::Canary),
-            _ => (models.champion, score, Role::Champion),
-        };
-        let model_score = |model: &Model, score: f64| ModelScore {
+        let in_canary = canary_scores.remove(&j);
+        let served_by_canary = in_canary.is_some();
+        let (live_model, live_score, live_reasons, champion_reasons, role) =
+            match (in_canary, models.canary) {
+                (Some((c, r)), Some((m, _))) => (m, c, r, reasons, Role::Canary),
+                _ => (
+                    models.champion,
+                    score,
+                    reasons.clone(),
+                    reasons,
+                    Role::Champion,
+                ),
+            };
+        let model_score = |model: &Model, score: f64, reasons: Option<Vec<String>>| ModelScore {
             model_name: model.metadata().model_name.clone(),
             model_version: model.metadata().version.clone(),
             score,
             band: bands.band(score),
+            reasons,
         };
-        let live = model_score(live_model, live_score);
+        let live = model_score(live_model, live_score, live_reasons);
         let cached = leadscore_cache::CachedScore {
             lead_id: lead.lead_id.clone(),
             score: live_score,
@@ -285,12 +303,13 @@ pub fn process(
         let shadow = |reason: Reason,
                       shadow_model: &Model,
                       shadow_score: f64,
+                      shadow_reasons: Option<Vec<String>>,
                       error: Option<&String>| Output::Shadow {
             key: lead.lead_id.clone(),
             record: ShadowScore {
                 lead_id: lead.lead_id.clone(),
                 reason,
-                shadow: model_score(shadow_model, shadow_score),
+                shadow: model_score(shadow_model, shadow_score, shadow_reasons),
                 live: live.clone(),
                 live_role: role,
                 event_time_ms: *event_time_ms,
@@ -299,24 +318,33 @@ pub fn process(
                 error: error.cloned(),
             },
         };
-        if canary_scores.contains_key(&j) {
+        if served_by_canary {
             extra.push((
                 i,
-                shadow(Reason::CanaryChampion, models.champion, score, None),
+                shadow(
+                    Reason::CanaryChampion,
+                    models.champion,
+                    score,
+                    champion_reasons,
+                    None,
+                ),
             ));
         }
         if let (Some((m, _)), Some(why), true) = (models.canary, &canary_failed, canary_members[j])
         {
-            extra.push((i, shadow(Reason::Canary, m, 0.0, Some(why))));
+            extra.push((i, shadow(Reason::Canary, m, 0.0, None, Some(why))));
         }
         match (models.challenger, challenger.as_ref()) {
             (Some(m), Some(Ok(results))) => {
-                if let Some(Ok(s)) = results.get(j) {
-                    extra.push((i, shadow(Reason::Challenger, m, s.probability, None)));
+                if let Some(Ok((s, r))) = results.get(j) {
+                    extra.push((
+                        i,
+                        shadow(Reason::Challenger, m, s.probability, texts(r.clone()), None),
+                    ));
                 }
             }
             (Some(m), Some(Err(why))) => {
-                extra.push((i, shadow(Reason::Challenger, m, 0.0, Some(why))));
+                extra.push((i, shadow(Reason::Challenger, m, 0.0, None, Some(why))));
             }
             _ => {}
         }

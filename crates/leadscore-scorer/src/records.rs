@@ -88,6 +88,8 @@ pub struct ModelScore {
     pub score: f64,
     /// Band of the score.
     pub band: Band,
+    /// The model's reasons (`feature=value +0.31`), largest first; `None`: not explained.
+    pub reasons: Option<Vec<String>>,
 }
 
 /// Where the input came from (`SourcePosition`).
@@ -120,6 +122,34 @@ pub struct LeadScore {
     pub latency_ms: f64,
     /// Input position.
     pub source: Option<Source>,
+}
+
+fn encode_reasons(out: &mut Vec<u8>, reasons: &Option<Vec<String>>) {
+    match reasons {
+        None => long(out, 0),
+        Some(list) => {
+            long(out, 1);
+            if !list.is_empty() {
+                long(out, list.len() as i64);
+                for r in list {
+                    string(out, r);
+                }
+            }
+            long(out, 0);
+        }
+    }
+}
+
+fn reasons_value(reasons: &Option<Vec<String>>) -> Value {
+    match reasons {
+        None => Value::Union(0, Box::new(Value::Null)),
+        Some(list) => Value::Union(
+            1,
+            Box::new(Value::Array(
+                list.iter().map(|r| Value::String(r.clone())).collect(),
+            )),
+        ),
+    }
 }
 
 /// A shadow score (`ShadowScore`).
@@ -169,6 +199,7 @@ impl ModelScore {
         string(out, &self.model_version);
         double(out, self.score);
         long(out, i64::from(band_index(self.band)));
+        encode_reasons(out, &self.reasons);
     }
 
     fn to_value(&self) -> Value {
@@ -183,6 +214,7 @@ impl ModelScore {
                 "band".into(),
                 Value::Enum(band_index(self.band), self.band.as_str().into()),
             ),
+            ("reasons".into(), reasons_value(&self.reasons)),
         ])
     }
 }
@@ -230,6 +262,7 @@ impl LeadScore {
                 long(out, s.offset);
             }
         }
+        encode_reasons(out, &self.model.reasons);
     }
 
     /// The same record as a generic Avro value (tests and tools).
@@ -290,6 +323,7 @@ impl LeadScore {
                     ),
                 },
             ),
+            ("reasons".into(), reasons_value(&self.model.reasons)),
         ])
     }
 }
@@ -405,12 +439,20 @@ mod tests {
     }
 
     fn model_score() -> impl Strategy<Value = ModelScore> {
-        (".{0,12}", "[a-z0-9.-]{0,8}", 0.0f64..=1.0, band()).prop_map(|(n, v, s, b)| ModelScore {
-            model_name: n,
-            model_version: v,
-            score: s,
-            band: b,
-        })
+        (
+            ".{0,12}",
+            "[a-z0-9.-]{0,8}",
+            0.0f64..=1.0,
+            band(),
+            proptest::option::of(proptest::collection::vec(".{0,24}", 0..4)),
+        )
+            .prop_map(|(n, v, s, b, r)| ModelScore {
+                model_name: n,
+                model_version: v,
+                score: s,
+                band: b,
+                reasons: r,
+            })
     }
 
     fn raw() -> impl Strategy<Value = RawValue> {

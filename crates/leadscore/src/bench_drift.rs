@@ -51,8 +51,10 @@ fn records(n: usize, schema_id: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
         let leads: Vec<_> = (0..10_000.min(n - out.len()))
             .map(|_| g.next_lead().lead)
             .collect();
-        for (lead, score) in leads.iter().zip(model.score_batch(&leads)?) {
-            let Ok(score) = score else { continue };
+        for (lead, scored) in leads.iter().zip(model.score_batch_with_reasons(&leads, 3)?) {
+            let Ok((score, reasons)) = scored else {
+                continue;
+            };
             let i = out.len() as i64;
             let event = t0 + i * day / n as i64;
             let record = LeadScore {
@@ -62,6 +64,7 @@ fn records(n: usize, schema_id: u32) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
                     model_version: meta.version.clone(),
                     score: score.probability,
                     band: bands.band(score.probability),
+                    reasons: reasons.map(|r| r.iter().map(ToString::to_string).collect()),
                 },
                 role: Role::Champion,
                 features: model.features().raw_values(lead),

@@ -67,7 +67,18 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         canary_percent: Arc::new(leadscore_scorer::CanaryPercent::new(cfg.canary_percent)),
         challenger_stand_in: challenger_stand_in.clone(),
         canary_stand_in: canary_stand_in.clone(),
+        reasons: cfg.reasons,
     };
+    let champion = models.champion.get();
+    if cfg.reasons > 0 && !champion.explained() {
+        tracing::warn!(model = %champion.metadata().label(), "the champion is not an explained tree ensemble (no exported covers, or not a tree graph): its scores carry no reasons");
+    }
+    tracing::info!(
+        reasons = cfg.reasons,
+        explained = champion.explained(),
+        "reasons per score"
+    );
+    drop(champion);
     let registry = leadscore_registry::Registry::new(&config.registry)?;
     let metrics = Metrics::with_liveness(leadscore_runtime::Liveness::new(
         cfg.stuck_after_aborts,

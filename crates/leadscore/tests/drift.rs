@@ -149,6 +149,9 @@ fn score_lead(model: &Model, lead: &leadscore_crm::Lead, event: i64, i: i64) -> 
             model_version: meta.version.clone(),
             score: score.probability,
             band: bands().band(score.probability),
+            reasons: model
+                .reasons(lead, 3)
+                .map(|r| r.iter().map(ToString::to_string).collect()),
         },
         role: Role::Champion,
         features: model.features().raw_values(lead),
@@ -171,8 +174,9 @@ fn window_scores(model: &Model, g: &mut Generator, w: i64, n: usize) -> Vec<Lead
     out
 }
 
-/// A challenger that scores 0.02 higher than live.
-fn shadow_of(s: &LeadScore) -> ShadowScore {
+/// A challenger that scores 0.02 higher than live, with live's reasons in reverse order
+/// when `flip` (another top reason).
+fn shadow_of(s: &LeadScore, flip: bool) -> ShadowScore {
     let shadow = (s.model.score + 0.02).min(1.0);
     ShadowScore {
         lead_id: s.lead_id.clone(),
@@ -182,6 +186,12 @@ fn shadow_of(s: &LeadScore) -> ShadowScore {
             model_version: "challenger-1".into(),
             score: shadow,
             band: bands().band(shadow),
+            reasons: s.model.reasons.clone().map(|mut r| {
+                if flip {
+                    r.reverse();
+                }
+                r
+            }),
         },
         live: s.model.clone(),
         live_role: Role::Champion,
@@ -221,7 +231,8 @@ async fn produce_scores(input: &Input, scores: &[LeadScore], shadow_every: usize
                 .unwrap(),
         );
         if shadow_every > 0 && i % shadow_every == 0 {
-            let sh = shadow_of(s);
+            // Every other pair disagrees on the top reason.
+            let sh = shadow_of(s, (i / shadow_every) % 2 == 1);
             let bytes = records::framed(shid, |out| sh.encode(out));
             sends.push(
                 producer
@@ -274,6 +285,7 @@ struct Report {
     score_psi: Option<f64>,
     shadow_pairs: Option<i64>,
     shadow_mad: Option<f64>,
+    top_reason_agreement: Option<f64>,
     p50: Option<f64>,
     /// Labelled leads, AUC and conversion rate by band, for outcome reports.
     outcomes: Option<(i64, Option<f64>, BTreeMap<String, f64>)>,
@@ -339,6 +351,7 @@ fn report(v: Value) -> Report {
         score_psi: double(field(&fields, "score_psi")),
         shadow_pairs: sub("shadow", "pairs").map(|v| long(&v)),
         shadow_mad: sub("shadow", "mean_abs_diff").and_then(|v| double(&v)),
+        top_reason_agreement: sub("shadow", "top_reason_agreement").and_then(|v| double(&v)),
         p50: sub("latency", "p50_ms").and_then(|v| double(&v)),
         outcomes: match field(&fields, "outcomes") {
             Value::Record(o) => Some((
@@ -492,6 +505,13 @@ async fn injected_drift_is_flagged_on_its_feature_and_clean_windows_stay_quiet()
             (r.shadow_mad.unwrap() - 0.02).abs() < 1e-3,
             "{:?}",
             r.shadow_mad
+        );
+        // Every other pair's challenger names another feature first.
+        let pairs = (per_window / 4) as f64;
+        assert!(
+            (r.top_reason_agreement.unwrap() - 0.5).abs() <= 1.0 / pairs,
+            "{:?}",
+            r.top_reason_agreement
         );
         assert!(r.p50.unwrap() >= 40.0 && r.p50.unwrap() <= 90.0);
     }

@@ -147,6 +147,8 @@ async fn report(
             pairs: n,
             mean_abs_diff: 0.01,
             band_agreement: 0.95,
+            top_reason_agreement: None,
+            reason_pairs: 0,
         }),
         latency: Some(LatencySummary {
             p50_ms: p95 / 2.0,
