@@ -46,6 +46,10 @@ pub struct CachedScore {
     pub model_role: String,
     /// When it was scored, ms since epoch.
     pub scored_at_ms: i64,
+    /// Why: the features that moved the score most, as `feature=value +0.31`, largest
+    /// first; empty for a model without reasons.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
 }
 
 /// The marker a deletion leaves for the TTL, so a late older score cannot bring the lead back.

@@ -43,6 +43,23 @@ pub fn band_of(name: &str) -> v1::Band {
     }
 }
 
+/// One reason as a message: its parts when the text reads as `feature=value +0.31`, the
+/// text alone otherwise.
+pub fn reason_message(text: &str) -> v1::Reason {
+    match text.parse::<leadscore_model::Reason>() {
+        Ok(r) => v1::Reason {
+            feature: r.feature,
+            value: r.value,
+            contribution: r.contribution,
+            text: text.to_string(),
+        },
+        Err(_) => v1::Reason {
+            text: text.to_string(),
+            ..Default::default()
+        },
+    }
+}
+
 /// A stored score as a message.
 pub fn score_message(s: &CachedScore, source: v1::ScoreSource) -> v1::Score {
     v1::Score {
@@ -54,6 +71,7 @@ pub fn score_message(s: &CachedScore, source: v1::ScoreSource) -> v1::Score {
         model_role: s.model_role.clone(),
         scored_at_ms: s.scored_at_ms,
         source: source as i32,
+        reasons: s.reasons.iter().map(|r| reason_message(r)).collect(),
     }
 }
 
@@ -223,6 +241,16 @@ impl v1::lead_scores_server::LeadScores for Arc<Lookup> {
                     model_role: "champion".into(),
                     scored_at_ms: chrono::Utc::now().timestamp_millis(),
                     source: v1::ScoreSource::OnDemand as i32,
+                    reasons: s
+                        .reasons
+                        .iter()
+                        .map(|r| v1::Reason {
+                            feature: r.feature.clone(),
+                            value: r.value.clone(),
+                            contribution: r.contribution,
+                            text: r.to_string(),
+                        })
+                        .collect(),
                 }),
                 latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             })

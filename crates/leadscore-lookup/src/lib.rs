@@ -211,6 +211,19 @@ async fn follow_scores(
             _ => 0,
         };
         let band = text("band");
+        let reasons: Vec<String> = match get("reasons") {
+            Some(Value::Union(_, inner)) => match inner.as_ref() {
+                Value::Array(items) => items
+                    .iter()
+                    .filter_map(|v| match v {
+                        Value::String(s) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
         let streamed = proto::v1::Score {
             lead_id: text("lead_id"),
             score,
@@ -220,6 +233,7 @@ async fn follow_scores(
             model_role: text("model_role"),
             scored_at_ms,
             source: proto::v1::ScoreSource::Stream as i32,
+            reasons: reasons.iter().map(|r| grpc::reason_message(r)).collect(),
         };
         if let Some(memory) = &memory {
             memory.streamed(leadscore_cache::CachedScore {
@@ -230,6 +244,7 @@ async fn follow_scores(
                 model_version: streamed.model_version.clone(),
                 model_role: streamed.model_role.clone(),
                 scored_at_ms,
+                reasons,
             });
         }
         if tx.receiver_count() > 0 {

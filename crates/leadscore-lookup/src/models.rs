@@ -18,6 +18,8 @@ pub struct OnDemand {
     pub band: Band,
     /// The model that scored it.
     pub model: Arc<Model>,
+    /// The features that moved it most (empty: the model is not explained).
+    pub reasons: Vec<leadscore_model::Reason>,
 }
 
 /// Models in service.
@@ -32,6 +34,8 @@ pub struct Served {
     pub canary_percent: Arc<leadscore_scorer::CanaryPercent>,
     /// Score bands (the scorer's).
     pub bands: BandThresholds,
+    /// Reasons per on-demand score (the scorer's `scorer.reasons`).
+    pub reasons: usize,
 }
 
 impl Served {
@@ -39,13 +43,14 @@ impl Served {
     pub fn score(&self, lead: &Lead) -> Result<OnDemand, Error> {
         let model = self.champion.get();
         let mut results = model
-            .score_batch(std::slice::from_ref(lead))
+            .score_batch_with_reasons(std::slice::from_ref(lead), self.reasons)
             .map_err(|e| Error::Model(e.to_string()))?;
         match results.pop() {
-            Some(Ok(s)) => Ok(OnDemand {
+            Some(Ok((s, reasons))) => Ok(OnDemand {
                 score: s.probability,
                 band: self.bands.band(s.probability),
                 model,
+                reasons: reasons.unwrap_or_default(),
             }),
             Some(Err(invalid)) => Err(Error::Invalid {
                 field: invalid.field.to_string(),

@@ -188,6 +188,7 @@ fn score_lead_inner(l: &Lookup, body: &[u8], started: Instant) -> Response {
             "lead_score": s.score,
             "score_category": s.band.as_str(),
             "model_version": s.model.metadata().version,
+            "reasons": s.reasons.iter().map(|r| reason_json(&r.to_string())).collect::<Vec<_>>(),
             "prediction_timestamp": iso(chrono::Utc::now()),
             "latency_ms": started.elapsed().as_secs_f64() * 1000.0,
         }))
@@ -195,6 +196,21 @@ fn score_lead_inner(l: &Lookup, body: &[u8], started: Instant) -> Response {
         Err(Error::Invalid { field, reason }) => unprocessable(&field, reason, "value_error"),
         Err(e) => detail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// One reason in a REST answer: `{"feature", "value", "contribution", "text"}` (the gRPC
+/// `Reason`); a text that does not read as `feature=value +0.31` comes back as text alone.
+fn reason_json(text: &str) -> Value {
+    let r = crate::grpc::reason_message(text);
+    if r.feature.is_empty() {
+        return json!({ "text": r.text });
+    }
+    json!({
+        "feature": r.feature,
+        "value": r.value,
+        "contribution": r.contribution,
+        "text": r.text,
+    })
 }
 
 async fn lead_score(State(l): State<Arc<Lookup>>, Path(id): Path<String>) -> Response {
@@ -209,6 +225,7 @@ async fn lead_score(State(l): State<Arc<Lookup>>, Path(id): Path<String>) -> Res
                 "model_version": f.score.model_version,
                 "model_role": f.score.model_role,
                 "scored_at_ms": f.score.scored_at_ms,
+                "reasons": f.score.reasons.iter().map(|r| reason_json(r)).collect::<Vec<_>>(),
                 "source": f.origin.as_str(),
             }))
             .into_response(),

@@ -13,10 +13,10 @@ use tokio_postgres::{Client, Statement};
 use crate::Error;
 use crate::memory::{Known, Memory};
 
-const ONE: &str = "SELECT lead_id, score, band, model_name, model_version, model_role, scored_at \
-                   FROM public.lead_scores WHERE lead_id = $1";
-const MANY: &str = "SELECT lead_id, score, band, model_name, model_version, model_role, scored_at \
-                    FROM public.lead_scores WHERE lead_id = ANY($1)";
+const ONE: &str = "SELECT lead_id, score, band, model_name, model_version, model_role, scored_at, \
+                   reasons FROM public.lead_scores WHERE lead_id = $1";
+const MANY: &str = "SELECT lead_id, score, band, model_name, model_version, model_role, scored_at, \
+                    reasons FROM public.lead_scores WHERE lead_id = ANY($1)";
 
 /// Where a stored score was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +136,10 @@ impl Pool {
                     model_version: r.try_get(4).map_err(|e| e.to_string())?,
                     model_role: r.try_get(5).map_err(|e| e.to_string())?,
                     scored_at_ms: scored_at.timestamp_millis(),
+                    reasons: r
+                        .try_get::<_, Option<Vec<String>>>(7)
+                        .map_err(|e| e.to_string())?
+                        .unwrap_or_default(),
                 })
             })
             .collect()

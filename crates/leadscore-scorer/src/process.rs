@@ -278,6 +278,7 @@ pub fn process(
             model_version: live.model_version.clone(),
             model_role: role.as_str().to_string(),
             scored_at_ms: scored_at,
+            reasons: live.reasons.clone().unwrap_or_default(),
         };
         let record = LeadScore {
             lead_id: lead.lead_id.clone(),

@@ -40,6 +40,7 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
             high: config.scorer.band_high,
             medium: config.scorer.band_medium,
         },
+        reasons: config.scorer.reasons,
     });
     let metrics = Arc::new(leadscore_lookup::metrics::Metrics::default());
     let shutdown = CancellationToken::new();

@@ -213,6 +213,31 @@ async fn crm_rows_come_back_as_score_rows_rescored_on_update_removed_on_delete()
         assert_eq!(band, bands().band(want).as_str());
         assert_eq!(version, "bundled-1");
     }
+    // Each row says why, in the model's words: its three reasons for that lead.
+    let reasons: HashMap<String, Vec<String>> = pg
+        .query(
+            "SELECT lead_id, reasons FROM public.lead_scores WHERE lead_id LIKE $1",
+            &[&format!("{prefix}%")],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get::<_, Option<Vec<String>>>(1).unwrap_or_default(),
+            )
+        })
+        .collect();
+    for g in &leads {
+        let want: Vec<String> = model
+            .reasons(&g.lead, 3)
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(reasons[&g.lead.lead_id], want, "{}", g.lead.lead_id);
+    }
 
     // Update a feature: the row follows the new score.
     let target = &leads[0].lead;

@@ -130,15 +130,19 @@ fn score(id: &str, s: f64, version: &str) -> CachedScore {
         model_version: version.into(),
         model_role: "champion".into(),
         scored_at_ms: 1_700_000_000_000,
+        reasons: vec![
+            format!("page_views={} +0.31", (s * 100.0) as i64),
+            "industry=Real Estate -0.12".into(),
+        ],
     }
 }
 
 async fn insert_row(pg: &tokio_postgres::Client, s: &CachedScore) {
     pg.execute(
-        "INSERT INTO public.lead_scores (lead_id, score, band, model_name, model_version, model_role, scored_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::double precision / 1000)) \
-         ON CONFLICT (lead_id) DO UPDATE SET score = EXCLUDED.score, model_version = EXCLUDED.model_version",
-        &[&s.lead_id, &s.score, &s.band, &s.model_name, &s.model_version, &s.model_role, &(s.scored_at_ms as f64)],
+        "INSERT INTO public.lead_scores (lead_id, score, band, model_name, model_version, model_role, scored_at, reasons) \
+         VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::double precision / 1000), $8) \
+         ON CONFLICT (lead_id) DO UPDATE SET score = EXCLUDED.score, model_version = EXCLUDED.model_version, reasons = EXCLUDED.reasons",
+        &[&s.lead_id, &s.score, &s.band, &s.model_name, &s.model_version, &s.model_role, &(s.scored_at_ms as f64), &s.reasons],
     )
     .await
     .unwrap();
@@ -219,6 +223,31 @@ async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailab
         .unwrap();
     assert_eq!((hit.score, hit.model_version.as_str()), (0.81, "7"));
     assert_eq!(hit.source, v1::ScoreSource::Cache as i32);
+    // The reasons come back from the cache, in parts and as the CRM shows them.
+    let parts: Vec<(&str, Option<&str>, f64, &str)> = hit
+        .reasons
+        .iter()
+        .map(|r| {
+            (
+                r.feature.as_str(),
+                r.value.as_deref(),
+                r.contribution,
+                r.text.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            ("page_views", Some("81"), 0.31, "page_views=81 +0.31"),
+            (
+                "industry",
+                Some("Real Estate"),
+                -0.12,
+                "industry=Real Estate -0.12"
+            ),
+        ]
+    );
     assert_eq!(hit.band, v1::Band::High as i32);
     let miss = c
         .get_score(get(&stored))
@@ -231,6 +260,8 @@ async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailab
         (miss.score, miss.source),
         (0.12, v1::ScoreSource::Database as i32)
     );
+    let texts: Vec<&str> = miss.reasons.iter().map(|r| r.text.as_str()).collect();
+    assert_eq!(texts, ["page_views=12 +0.31", "industry=Real Estate -0.12"]);
     let e = c.get_score(get(&unknown)).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let e = c.get_score(get("")).await.unwrap_err();
@@ -294,6 +325,10 @@ async fn reads_go_to_redis_then_postgres_survive_a_redis_kill_and_fail_unavailab
     .unwrap();
     assert_eq!(rest["source"], "database");
     assert_eq!(rest["lead_score"], 0.81);
+    assert_eq!(rest["reasons"][0]["feature"], "page_views");
+    assert_eq!(rest["reasons"][0]["value"], "81");
+    assert_eq!(rest["reasons"][0]["contribution"], 0.31);
+    assert_eq!(rest["reasons"][1]["text"], "industry=Real Estate -0.12");
 
     // Postgres stalls: a caller's deadline shorter than the database timeout is honoured,
     // and without one the answer is UNAVAILABLE once the database timeout passes.
@@ -493,6 +528,15 @@ async fn score_lead_equals_the_stream_bit_for_bit_and_watch_scores_follows_it() 
         );
         assert_eq!(on_demand.band, watched[&l.lead_id].band);
         assert_eq!(on_demand.source, v1::ScoreSource::OnDemand as i32);
+        // The same reasons on demand as on the stream: three, in the CRM's words.
+        let texts = |s: &v1::Score| s.reasons.iter().map(|r| r.text.clone()).collect::<Vec<_>>();
+        assert_eq!(on_demand.reasons.len(), 3, "{}", l.lead_id);
+        assert_eq!(
+            texts(&on_demand),
+            texts(&watched[&l.lead_id]),
+            "{}",
+            l.lead_id
+        );
     }
     // The High-only watcher saw exactly the High scores.
     let want_high = watched
@@ -725,9 +769,19 @@ async fn the_seed_rest_contract_bearer_tokens_health_and_open_inference_protocol
             "lead_score",
             "model_version",
             "prediction_timestamp",
+            "reasons",
             "score_category"
         ]
     );
+    // The seed's fields, and the reasons besides: the three features that moved the score.
+    let reasons = s["reasons"].as_array().unwrap();
+    assert_eq!(reasons.len(), 3, "{s}");
+    for r in reasons {
+        let text = r["text"].as_str().unwrap();
+        let feature = r["feature"].as_str().unwrap();
+        assert!(text.starts_with(&format!("{feature}=")), "{r}");
+        assert!(r["contribution"].is_f64(), "{r}");
+    }
     assert_eq!(s["lead_id"], "lead_123");
     assert_eq!(s["model_version"], "bundled-1");
     let score = s["lead_score"].as_f64().unwrap();
@@ -888,6 +942,12 @@ async fn the_seed_rest_contract_bearer_tokens_health_and_open_inference_protocol
         .score
         .unwrap();
     assert_eq!(on_demand.score.to_bits(), score.to_bits());
+    let grpc_texts: Vec<&str> = on_demand.reasons.iter().map(|r| r.text.as_str()).collect();
+    let rest_texts: Vec<&str> = reasons
+        .iter()
+        .map(|r| r["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(grpc_texts, rest_texts);
     let e = c
         .score_lead(v1::ScoreLeadRequest {
             lead: Some(v1::Lead {

@@ -38,6 +38,11 @@ CREATE TABLE IF NOT EXISTS public.lead_scores (
     latency_ms    double precision
 );
 
+-- Why each score: the features that moved it most, largest first, as `feature=value +0.31`
+-- (the lead's value; the signed contribution to the log-odds). NULL for a model without
+-- reasons (not a tree ensemble, or scorer.reasons = 0).
+ALTER TABLE public.lead_scores ADD COLUMN IF NOT EXISTS reasons text[];
+
 -- When the row was last written (set by the database, not by the sink): how long a score
 -- takes to reach the CRM (`leadscore demo` reports insert -> row from it).
 ALTER TABLE public.lead_scores ADD COLUMN IF NOT EXISTS written_at timestamptz;
