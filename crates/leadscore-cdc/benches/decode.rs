@@ -35,6 +35,7 @@ fn record(i: usize) -> Value {
         ("updated_at".into(), s("2024-03-01T10:00:00.123456Z")),
         ("status".into(), s("new")),
         ("converted_at".into(), opt(None)),
+        ("deal_value".into(), opt(None)),
     ]);
     let null = || Value::Union(0, Box::new(Value::Null));
     Value::Record(vec![

@@ -548,6 +548,8 @@ pub fn envelope(lead: &leadscore_crm::Lead, op: &str, ts_ms: i64) -> Value {
                 Value::Union(1, Box::new(Value::String(t.to_rfc3339())))
             }),
         ),
+        // An outcome column, not on `Lead`: the scorer never reads it.
+        ("deal_value".into(), null()),
     ]);
     let source = Value::Record(vec![
         ("version".into(), Value::String("3.6.1.Final".into())),

@@ -38,6 +38,7 @@ struct RowSpec {
     created_at: String,
     status: String,
     converted_at: Option<String>,
+    deal_value: Option<f64>,
 }
 
 fn row_value(r: &RowSpec) -> Value {
@@ -66,6 +67,7 @@ fn row_value(r: &RowSpec) -> Value {
             "converted_at".into(),
             opt(r.converted_at.clone(), Value::String),
         ),
+        ("deal_value".into(), opt(r.deal_value, Value::Double)),
     ])
 }
 
@@ -168,6 +170,7 @@ fn row() -> impl Strategy<Value = RowSpec> {
             Just("weird".to_string()),
         ],
         proptest::option::of(Just("2024-04-01T00:00:00Z".to_string())),
+        proptest::option::of(0.0f64..1e7),
     )
         .prop_map(
             |(
@@ -182,6 +185,7 @@ fn row() -> impl Strategy<Value = RowSpec> {
                 created_at,
                 status,
                 converted_at,
+                deal_value,
             )| RowSpec {
                 lead_id,
                 company_size,
@@ -194,6 +198,7 @@ fn row() -> impl Strategy<Value = RowSpec> {
                 created_at,
                 status,
                 converted_at,
+                deal_value,
             },
         )
 }
@@ -262,6 +267,7 @@ fn an_evolved_writer_schema_decodes_like_the_generic_path() {
             created_at: "2024-03-01T10:00:00Z".into(),
             status: "new".into(),
             converted_at: None,
+            deal_value: None,
         }) else {
             unreachable!()
         };

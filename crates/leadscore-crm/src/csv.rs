@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use crate::Generated;
 
 /// Column order of the file.
-pub const HEADER: &str = "lead_id,company_size,industry,page_views,time_on_site,form_completion_time,referral_source,country,created_at,updated_at,status,converted_at,true_probability";
+pub const HEADER: &str = "lead_id,company_size,industry,page_views,time_on_site,form_completion_time,referral_source,country,created_at,updated_at,status,converted_at,true_probability,deal_value";
 
 /// Timestamps as ISO-8601 UTC with seconds, e.g. `2026-01-31T09:15:00Z`.
 pub fn timestamp(t: &DateTime<Utc>) -> String {
@@ -29,7 +29,7 @@ pub fn write_row(out: &mut impl Write, g: &Generated) -> io::Result<()> {
     let l = &g.lead;
     writeln!(
         out,
-        "{},{},{},{},{},{},{},{},{},{},{},{},{:.6}",
+        "{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{}",
         l.lead_id,
         opt(&l.company_size),
         opt(&l.industry),
@@ -43,6 +43,7 @@ pub fn write_row(out: &mut impl Write, g: &Generated) -> io::Result<()> {
         l.status,
         l.converted_at.as_ref().map(timestamp).unwrap_or_default(),
         g.true_probability,
+        g.deal_value.map(|v| format!("{v:.2}")).unwrap_or_default(),
     )
 }
 

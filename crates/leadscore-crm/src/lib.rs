@@ -146,6 +146,45 @@ pub struct Generated {
     pub true_probability: f64,
     /// Whether the lead converts (known even before the outcome is visible).
     pub converts: bool,
+    /// The won deal's value (the CRM's `deal_value`, in the CRM's currency, to the cent):
+    /// set once the lead shows as converted, `None` otherwise.
+    pub deal_value: Option<f64>,
+}
+
+/// Median first-year deal value by company size (the unknown size as Medium's below).
+pub const DEAL_BASE: &[(&str, f64)] = &[
+    ("Small", 4_000.0),
+    ("Medium", 15_000.0),
+    ("Large", 60_000.0),
+    ("Enterprise", 250_000.0),
+];
+/// Deal value multiplier by industry (1 for any other).
+pub const DEAL_INDUSTRY: &[(&str, f64)] = &[
+    ("Technology", 1.2),
+    ("Finance", 1.5),
+    ("Healthcare", 1.1),
+    ("Retail", 0.7),
+    ("Manufacturing", 1.0),
+    ("Education", 0.6),
+    ("Real Estate", 0.9),
+    ("Logistics", 0.8),
+];
+
+/// A won deal's value: the size's median times the industry's multiplier times a
+/// log-normal spread (sigma 0.6), to the cent. Drawn from its own stream keyed by the
+/// seed and the lead's index, so the other columns stay what they were without it.
+fn deal_value(seed: u64, index: u64, company_size: Option<&str>, industry: Option<&str>) -> f64 {
+    let base = company_size
+        .and_then(|s| DEAL_BASE.iter().find(|(k, _)| *k == s))
+        .map_or(10_000.0, |(_, v)| *v);
+    let factor = industry
+        .and_then(|s| DEAL_INDUSTRY.iter().find(|(k, _)| *k == s))
+        .map_or(1.0, |(_, v)| *v);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    // Box-Muller: one standard normal.
+    let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
+    let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+    (base * factor * (0.6 * z).exp() * 100.0).round() / 100.0
 }
 
 /// Company sizes and their base mix.
@@ -684,6 +723,14 @@ impl Generator {
             phone: format!("+9715{:08}", self.rng.random_range(0..100_000_000u32)),
             full_name,
         };
+        let deal_value = (status == Status::Converted).then(|| {
+            deal_value(
+                self.config.seed,
+                index,
+                company_size.as_deref(),
+                industry.as_deref(),
+            )
+        });
         Generated {
             lead: Lead {
                 lead_id,
@@ -699,6 +746,7 @@ impl Generator {
                 status,
                 converted_at,
             },
+            deal_value,
             pii,
             true_probability,
             converts,
@@ -789,8 +837,61 @@ mod tests {
                 g.lead.converted_at.is_some(),
                 g.lead.status == Status::Converted
             );
+            assert_eq!(g.deal_value.is_some(), g.lead.status == Status::Converted);
             assert!(g.lead.updated_at >= g.lead.created_at);
         }
+    }
+
+    #[test]
+    fn deal_values_grow_with_company_size_and_are_skewed() {
+        let leads = sample(GeneratorConfig::default(), 40_000);
+        let median = |size: &str| {
+            let mut v: Vec<f64> = leads
+                .iter()
+                .filter(|g| g.lead.company_size.as_deref() == Some(size))
+                .filter_map(|g| g.deal_value)
+                .collect();
+            assert!(v.len() > 100, "{size}: {} deals", v.len());
+            v.sort_by(f64::total_cmp);
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            (v[v.len() / 2], mean)
+        };
+        let sizes: Vec<(f64, f64)> = ["Small", "Medium", "Large", "Enterprise"]
+            .into_iter()
+            .map(median)
+            .collect();
+        for w in sizes.windows(2) {
+            assert!(w[1].0 > 2.0 * w[0].0, "medians rise with size: {sizes:?}");
+        }
+        for (median, mean) in &sizes {
+            assert!(
+                mean > median,
+                "right-skewed: mean {mean} vs median {median}"
+            );
+        }
+        // An industry's multiplier shows in its median, within one size.
+        let of = |industry: &str| {
+            let mut v: Vec<f64> = leads
+                .iter()
+                .filter(|g| g.lead.company_size.as_deref() == Some("Medium"))
+                .filter(|g| g.lead.industry.as_deref() == Some(industry))
+                .filter_map(|g| g.deal_value)
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        assert!(of("Finance") > 1.5 * of("Education"));
+        // Cents, never negative; the same seed gives the same values.
+        for g in leads.iter().filter_map(|g| g.deal_value) {
+            assert!(g > 0.0 && (g * 100.0 - (g * 100.0).round()).abs() < 1e-6);
+        }
+        let again = sample(GeneratorConfig::default(), 1_000);
+        assert!(
+            again
+                .iter()
+                .zip(&leads)
+                .all(|(a, b)| a.deal_value == b.deal_value)
+        );
     }
 
     #[test]

@@ -78,7 +78,7 @@ fn timestamp(t: &chrono::DateTime<chrono::Utc>) -> String {
 
 fn push_row(out: &mut String, g: &Generated) {
     let l = &g.lead;
-    let fields: [Option<String>; 15] = [
+    let fields: [Option<String>; 16] = [
         Some(l.lead_id.clone()),
         l.company_size.clone(),
         l.industry.clone(),
@@ -94,6 +94,7 @@ fn push_row(out: &mut String, g: &Generated) {
         Some(g.pii.email.clone()),
         Some(g.pii.phone.clone()),
         Some(g.pii.full_name.clone()),
+        g.deal_value.map(|v| format!("{v:.2}")),
     ];
     for (i, f) in fields.iter().enumerate() {
         if i > 0 {
@@ -104,7 +105,7 @@ fn push_row(out: &mut String, g: &Generated) {
     out.push('\n');
 }
 
-const COLUMNS: &str = "lead_id, company_size, industry, page_views, time_on_site, form_completion_time, referral_source, country, created_at, updated_at, status, converted_at, email, phone, full_name";
+const COLUMNS: &str = "lead_id, company_size, industry, page_views, time_on_site, form_completion_time, referral_source, country, created_at, updated_at, status, converted_at, email, phone, full_name, deal_value";
 
 /// Upserts `leads` into `public.leads` in one transaction; returns the row count.
 pub async fn upsert_leads(client: &mut Client, leads: &[Generated]) -> Result<u64> {

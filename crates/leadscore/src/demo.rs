@@ -302,8 +302,8 @@ pub(crate) async fn run(args: DemoArgs, config: &Config) -> anyhow::Result<ExitC
     println!("4. A few rows of public.lead_scores:");
     for r in pg
         .query(
-            "SELECT lead_id, score, band, model_name, model_version, model_role, latency_ms \
-             FROM public.lead_scores WHERE lead_id LIKE $1 ORDER BY score DESC LIMIT 5",
+            "SELECT lead_id, score, band, model_name, model_version, model_role, latency_ms, \
+             reasons FROM public.lead_scores WHERE lead_id LIKE $1 ORDER BY score DESC LIMIT 5",
             &[&pattern],
         )
         .await?
@@ -329,6 +329,13 @@ pub(crate) async fn run(args: DemoArgs, config: &Config) -> anyhow::Result<ExitC
             "   {id}  score {score:.4}  {band:<6}  {name} v{version} ({role}), event-to-score {:.0} ms",
             lat.unwrap_or(f64::NAN)
         );
+        let reasons: Option<Vec<String>> = r.get(7);
+        match reasons {
+            Some(reasons) if !reasons.is_empty() => {
+                println!("      why: {}", reasons.join(", "));
+            }
+            _ => println!("      why: (no reasons: the model is not an explained tree ensemble)"),
+        }
     }
     let dead = metric(scorer.1, "leadscore_scorer_dead_letters_total")
         .await

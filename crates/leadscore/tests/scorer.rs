@@ -877,6 +877,7 @@ fn avro_row(l: &Lead, id: &str, extra: Vec<(String, Value)>) -> Value {
         ),
         ("status".into(), Value::String("new".into())),
         ("converted_at".into(), null()),
+        ("deal_value".into(), null()),
     ]);
     Value::Record(fields)
 }

@@ -38,6 +38,11 @@ CREATE TABLE IF NOT EXISTS public.lead_scores (
     latency_ms    double precision
 );
 
+-- The won deal's value, in the CRM's currency: set when a lead converts. The outcome
+-- reports give revenue per lead by score band from it.
+ALTER TABLE public.leads ADD COLUMN IF NOT EXISTS deal_value numeric(14, 2)
+    CHECK (deal_value IS NULL OR deal_value >= 0);
+
 -- Why each score: the features that moved it most, largest first, as `feature=value +0.31`
 -- (the lead's value; the signed contribution to the log-odds). NULL for a model without
 -- reasons (not a tree ensemble, or scorer.reasons = 0).
