@@ -391,7 +391,8 @@ struct Outcomes {
 }
 
 /// The labelled leads of a window, by their latest score: converted or lost in `leads`, scored in `lead_scores`.
-const OUTCOMES_SQL: &str = "SELECT s.score, s.band, l.status = 'converted' \
+const OUTCOMES_SQL: &str = "SELECT s.score, s.band, l.status = 'converted', \
+     l.deal_value::double precision \
      FROM public.lead_scores s JOIN public.leads l ON l.lead_id = s.lead_id \
      WHERE s.model_name = $1 AND s.model_version = $2 \
        AND s.event_time >= $3 AND s.event_time < $4 \
@@ -1118,6 +1119,7 @@ impl Outcomes {
                     score: r.try_get(0).map_err(|e| e.to_string())?,
                     band: r.try_get(1).map_err(|e| e.to_string())?,
                     converted: r.try_get(2).map_err(|e| e.to_string())?,
+                    deal_value: r.try_get(3).map_err(|e| e.to_string())?,
                 })
             })
             .collect()

@@ -191,6 +191,9 @@ pub struct LifecycleConfig {
     pub max_latency_regression: f64,
     /// Automatic rollback when High-band conversion is more than this share below the champion's.
     pub max_kpi_drop: f64,
+    /// Automatic rollback when High-band revenue per lead (won deals' values over labelled
+    /// leads) is more than this share below the champion's; 1 or more turns the rule off.
+    pub max_revenue_drop: f64,
     /// How often steps are decided, ms.
     pub tick_ms: u64,
     /// After a promotion, open leads are re-scored through this input topic (the scorer's).
@@ -220,6 +223,7 @@ impl Default for LifecycleConfig {
             max_error_rate: 0.02,
             max_latency_regression: 0.5,
             max_kpi_drop: 0.1,
+            max_revenue_drop: 0.2,
             tick_ms: 5_000,
             rescore_topic: "crm.public.leads".into(),
             rescore_rate: 200,
@@ -311,6 +315,8 @@ pub struct RetrainConfig {
     pub cooldown_ms: i64,
     /// Fewest labelled rows in the data window.
     pub min_labelled_rows: u64,
+    /// Fewest won deals with a value (`leads.deal_value`) in the data window; 0 needs none.
+    pub min_valued_wins: u64,
     /// The data window, months back from the newest lead (as the training job counts).
     pub data_window_months: i32,
     /// How often the schedule is checked, ms.
@@ -337,6 +343,7 @@ impl Default for RetrainConfig {
             young_for_ms: 90 * 86_400_000,
             cooldown_ms: 7 * 86_400_000,
             min_labelled_rows: 10_000,
+            min_valued_wins: 0,
             data_window_months: 6,
             tick_ms: 60_000,
             http_listen: "127.0.0.1:9466".into(),

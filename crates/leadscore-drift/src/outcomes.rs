@@ -1,4 +1,4 @@
-//! Outcomes of a window's scored leads: conversion rate by band and AUC.
+//! Outcomes of a window's scored leads: conversion rate, revenue per lead by band, and AUC.
 
 use std::collections::HashMap;
 
@@ -13,6 +13,8 @@ pub struct Labelled {
     pub band: String,
     /// Converted (else lost).
     pub converted: bool,
+    /// The won deal's value, when converted and entered in the CRM.
+    pub deal_value: Option<f64>,
 }
 
 /// Area under the ROC curve: the probability that a converted lead scored
@@ -41,19 +43,34 @@ pub fn auc(rows: &[Labelled]) -> Option<f64> {
     Some((rank_sum - p * (p + 1.0) / 2.0) / (p * n))
 }
 
-/// Labelled count, conversion rate per band present, and AUC.
+/// Labelled count, conversion rate and revenue (total and per labelled lead) per band
+/// present, and AUC. A won lead without a deal value adds no revenue.
 pub fn summarize(rows: &[Labelled]) -> OutcomeSummary {
-    let mut by_band: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut by_band: HashMap<String, (u64, u64, f64)> = HashMap::new();
     for r in rows {
         let e = by_band.entry(r.band.clone()).or_default();
         e.0 += 1;
         e.1 += u64::from(r.converted);
+        if r.converted {
+            e.2 += r
+                .deal_value
+                .filter(|v| v.is_finite() && *v > 0.0)
+                .unwrap_or(0.0);
+        }
     }
     OutcomeSummary {
         labelled: rows.len() as u64,
         conversion_rate_by_band: by_band
-            .into_iter()
-            .map(|(band, (n, c))| (band, c as f64 / n as f64))
+            .iter()
+            .map(|(band, (n, c, _))| (band.clone(), *c as f64 / *n as f64))
+            .collect(),
+        revenue_by_band: by_band
+            .iter()
+            .map(|(band, (_, _, revenue))| (band.clone(), *revenue))
+            .collect(),
+        revenue_per_lead_by_band: by_band
+            .iter()
+            .map(|(band, (n, _, revenue))| (band.clone(), revenue / *n as f64))
             .collect(),
         auc: auc(rows),
     }
@@ -71,7 +88,37 @@ mod tests {
             score,
             band: if score >= 0.5 { "High" } else { "Low" }.into(),
             converted,
+            deal_value: converted.then_some(1_000.0),
         }
+    }
+
+    #[test]
+    fn revenue_per_lead_counts_every_labelled_lead_of_the_band() {
+        let mut rows = vec![
+            Labelled {
+                deal_value: Some(30_000.0),
+                ..row(0.9, true)
+            },
+            Labelled {
+                deal_value: None, // won, value not entered yet
+                ..row(0.8, true)
+            },
+            row(0.7, false),
+            row(0.6, false),
+            Labelled {
+                deal_value: Some(5_000.0),
+                ..row(0.2, true)
+            },
+            row(0.1, false),
+        ];
+        // A lost lead's stray value never counts.
+        rows[2].deal_value = Some(99.0);
+        let s = summarize(&rows);
+        assert_eq!(s.revenue_by_band["High"], 30_000.0);
+        assert_eq!(s.revenue_per_lead_by_band["High"], 7_500.0);
+        assert_eq!(s.revenue_by_band["Low"], 5_000.0);
+        assert_eq!(s.revenue_per_lead_by_band["Low"], 2_500.0);
+        assert_eq!(s.conversion_rate_by_band["High"], 0.5);
     }
 
     #[test]

@@ -82,6 +82,18 @@ pub struct OutcomeSummary {
     pub conversion_rate_by_band: HashMap<String, f64>,
     /// AUC of the scores against the outcomes.
     pub auc: Option<f64>,
+    /// Sum of the won deals' values per band.
+    pub revenue_by_band: HashMap<String, f64>,
+    /// Revenue per labelled lead, per band.
+    pub revenue_per_lead_by_band: HashMap<String, f64>,
+}
+
+fn double_map(m: &HashMap<String, f64>) -> apache_avro::types::Value {
+    apache_avro::types::Value::Map(
+        m.iter()
+            .map(|(k, v)| (k.clone(), apache_avro::types::Value::Double(*v)))
+            .collect(),
+    )
 }
 
 /// One report per model version per window.
@@ -225,14 +237,14 @@ impl WindowReport {
                         ("labelled".into(), Value::Long(o.labelled as i64)),
                         (
                             "conversion_rate_by_band".into(),
-                            Value::Map(
-                                o.conversion_rate_by_band
-                                    .iter()
-                                    .map(|(k, v)| (k.clone(), Value::Double(*v)))
-                                    .collect(),
-                            ),
+                            double_map(&o.conversion_rate_by_band),
                         ),
                         ("auc".into(), opt_double(o.auc)),
+                        ("revenue_by_band".into(), double_map(&o.revenue_by_band)),
+                        (
+                            "revenue_per_lead_by_band".into(),
+                            double_map(&o.revenue_per_lead_by_band),
+                        ),
                     ]
                 })),
             ),
@@ -387,6 +399,8 @@ mod tests {
             labelled: 120,
             conversion_rate_by_band: HashMap::from([("High".into(), 0.4), ("Low".into(), 0.05)]),
             auc: Some(0.71),
+            revenue_by_band: HashMap::from([("High".into(), 480_000.0)]),
+            revenue_per_lead_by_band: HashMap::from([("High".into(), 8_000.0)]),
         });
         assert!(report.to_value().validate(&schema));
         assert_eq!(WindowKind::of(86_400_000), WindowKind::Daily);

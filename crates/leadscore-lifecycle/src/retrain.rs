@@ -27,6 +27,18 @@ pub struct Policy {
     pub cooldown_ms: i64,
     /// Fewest labelled rows in the data window.
     pub min_labelled_rows: u64,
+    /// Fewest won deals with a value in the data window (0: no revenue needed), so the
+    /// candidate's revenue per lead can be judged.
+    pub min_valued_wins: u64,
+}
+
+/// What the CRM holds in the data window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DataWindow {
+    /// Leads with an outcome (converted or lost).
+    pub labelled: u64,
+    /// Converted leads whose deal value is entered.
+    pub valued_wins: u64,
 }
 
 impl Default for Policy {
@@ -40,6 +52,7 @@ impl Default for Policy {
             young_for_ms: 90 * DAY_MS,
             cooldown_ms: 7 * DAY_MS,
             min_labelled_rows: 10_000,
+            min_valued_wins: 0,
         }
     }
 }
@@ -122,6 +135,13 @@ pub enum Refusal {
         /// Rows needed.
         need: u64,
     },
+    /// Too few won deals with a value to judge revenue per lead.
+    NotEnoughRevenue {
+        /// Won deals with a value.
+        have: u64,
+        /// Needed.
+        need: u64,
+    },
 }
 
 impl std::fmt::Display for Refusal {
@@ -139,6 +159,12 @@ impl std::fmt::Display for Refusal {
                     "not enough data: {have} labelled rows in the data window, {need} needed"
                 )
             }
+            Refusal::NotEnoughRevenue { have, need } => {
+                write!(
+                    f,
+                    "not enough revenue data: {have} won deals with a value (leads.deal_value) in the data window, {need} needed"
+                )
+            }
         }
     }
 }
@@ -149,6 +175,7 @@ impl Refusal {
         match self {
             Refusal::Cooldown { .. } => "cooldown",
             Refusal::NotEnoughData { .. } => "not_enough_data",
+            Refusal::NotEnoughRevenue { .. } => "not_enough_revenue",
         }
     }
 }
@@ -364,8 +391,9 @@ impl ModelState {
         })
     }
 
-    /// The gates: cooldown (not for manual requests), then minimum labelled rows.
-    pub fn gate(&self, c: Candidate, now_ms: i64, labelled_rows: u64, p: &Policy) -> Decision {
+    /// The gates: cooldown (not for manual requests), then minimum labelled rows, then
+    /// minimum won deals with a value.
+    pub fn gate(&self, c: Candidate, now_ms: i64, data: DataWindow, p: &Policy) -> Decision {
         if c.trigger != Trigger::Manual
             && let Some(last) = self.last_request_ms
             && now_ms - last < p.cooldown_ms
@@ -378,12 +406,21 @@ impl ModelState {
                 },
             );
         }
-        if labelled_rows < p.min_labelled_rows {
+        if data.labelled < p.min_labelled_rows {
             return Decision::NotNow(
                 c,
                 Refusal::NotEnoughData {
-                    have: labelled_rows,
+                    have: data.labelled,
                     need: p.min_labelled_rows,
+                },
+            );
+        }
+        if data.valued_wins < p.min_valued_wins {
+            return Decision::NotNow(
+                c,
+                Refusal::NotEnoughRevenue {
+                    have: data.valued_wins,
+                    need: p.min_valued_wins,
                 },
             );
         }
@@ -620,19 +657,68 @@ mod tests {
         assert!(s.on_tick("m", 121 * DAY_MS, &p).is_some());
     }
 
+    fn labelled(n: u64) -> DataWindow {
+        DataWindow {
+            labelled: n,
+            valued_wins: 0,
+        }
+    }
+
+    #[test]
+    fn the_revenue_gate_counts_valued_wins_only_when_asked() {
+        let c = Candidate {
+            model_name: "m".into(),
+            trigger: Trigger::Manual,
+            reason: "operator".into(),
+            evidence: Vec::new(),
+            requested_by: None,
+        };
+        let data = DataWindow {
+            labelled: 20_000,
+            valued_wins: 499,
+        };
+        let s = ModelState::default();
+        assert!(matches!(
+            s.gate(c.clone(), 0, data, &Policy::default()),
+            Decision::Request(_)
+        ));
+        let p = Policy {
+            min_valued_wins: 500,
+            ..Policy::default()
+        };
+        match s.gate(c.clone(), 0, data, &p) {
+            Decision::NotNow(
+                _,
+                r @ Refusal::NotEnoughRevenue {
+                    have: 499,
+                    need: 500,
+                },
+            ) => {
+                assert_eq!(r.as_str(), "not_enough_revenue");
+                assert!(r.to_string().contains("499 won deals with a value"), "{r}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let enough = DataWindow {
+            valued_wins: 500,
+            ..data
+        };
+        assert!(matches!(s.gate(c, 0, enough, &p), Decision::Request(_)));
+    }
+
     #[test]
     fn gates_refuse_with_the_reason_and_manual_requests_skip_the_cooldown() {
         let p = Policy::default();
         let mut s = ModelState::default();
         s.requested(0);
         let c = s.on_report(&report(H, &[("x", 0.9)], 0.0), &p).unwrap();
-        match s.gate(c.clone(), DAY_MS, 50_000, &p) {
+        match s.gate(c.clone(), DAY_MS, labelled(50_000), &p) {
             Decision::NotNow(_, Refusal::Cooldown { until_ms, .. }) => {
                 assert_eq!(until_ms, 7 * DAY_MS)
             }
             other => panic!("{other:?}"),
         }
-        match s.gate(c.clone(), 8 * DAY_MS, 9_999, &p) {
+        match s.gate(c.clone(), 8 * DAY_MS, labelled(9_999), &p) {
             Decision::NotNow(
                 _,
                 r @ Refusal::NotEnoughData {
@@ -645,7 +731,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            s.gate(c.clone(), 8 * DAY_MS, 10_000, &p),
+            s.gate(c.clone(), 8 * DAY_MS, labelled(10_000), &p),
             Decision::Request(_)
         ));
         let manual = Candidate {
@@ -653,7 +739,7 @@ mod tests {
             ..c
         };
         assert!(matches!(
-            s.gate(manual, DAY_MS, 10_000, &p),
+            s.gate(manual, DAY_MS, labelled(10_000), &p),
             Decision::Request(_)
         ));
     }

@@ -33,6 +33,14 @@ pub struct RolloutPolicy {
     pub max_latency_regression: f64,
     /// Roll back when the candidate's High-band conversion is below the champion's by more than this share.
     pub max_kpi_drop: f64,
+    /// Roll back when the candidate's High-band revenue per lead is below the champion's by
+    /// more than this share (1 or more: never).
+    #[serde(default = "default_revenue_drop")]
+    pub max_revenue_drop: f64,
+}
+
+fn default_revenue_drop() -> f64 {
+    0.2
 }
 
 impl Default for RolloutPolicy {
@@ -46,6 +54,7 @@ impl Default for RolloutPolicy {
             max_error_rate: 0.02,
             max_latency_regression: 0.5,
             max_kpi_drop: 0.1,
+            max_revenue_drop: default_revenue_drop(),
         }
     }
 }
@@ -61,6 +70,9 @@ pub struct VersionWindow {
     pub p95_ms: Option<f64>,
     /// Conversion rate of High-band leads (outcome reports).
     pub high_conversion: Option<f64>,
+    /// Revenue per labelled High-band lead (outcome reports).
+    #[serde(default)]
+    pub high_revenue_per_lead: Option<f64>,
     /// Shadow pairs against each shadow version.
     pub shadow_pairs: BTreeMap<String, u64>,
 }
@@ -105,6 +117,7 @@ impl VersionWindow {
             errors: long(field(fields, "errors")).unwrap_or(0).max(0) as u64,
             p95_ms: record("latency").and_then(|l| double(field(&l, "p95_ms"))),
             high_conversion: None,
+            high_revenue_per_lead: None,
             shadow_pairs: BTreeMap::new(),
         };
         if let Some(o) = record("outcomes") {
@@ -112,6 +125,9 @@ impl VersionWindow {
             w.scored = 0;
             if let Some(Value::Map(m)) = field(&o, "conversion_rate_by_band") {
                 w.high_conversion = m.get("High").and_then(|v| double(Some(v)));
+            }
+            if let Some(Value::Map(m)) = field(&o, "revenue_per_lead_by_band") {
+                w.high_revenue_per_lead = m.get("High").and_then(|v| double(Some(v)));
             }
         }
         if let Some(sh) = record("shadow")
@@ -294,6 +310,7 @@ impl Rollout {
         slot.errors = slot.errors.max(w.errors);
         slot.p95_ms = w.p95_ms.or(slot.p95_ms);
         slot.high_conversion = w.high_conversion.or(slot.high_conversion);
+        slot.high_revenue_per_lead = w.high_revenue_per_lead.or(slot.high_revenue_per_lead);
         for (v, n) in w.shadow_pairs {
             let e = slot.shadow_pairs.entry(v).or_default();
             *e = (*e).max(n);
@@ -378,6 +395,27 @@ impl Rollout {
                 a * 100.0,
                 b * 100.0,
                 p.max_kpi_drop * 100.0
+            ));
+        }
+        let revenue = |pick: fn((f64, f64)) -> f64| {
+            mean(
+                both.iter()
+                    .filter_map(|(c, h)| {
+                        c.high_revenue_per_lead
+                            .zip(h.high_revenue_per_lead)
+                            .map(pick)
+                    })
+                    .collect(),
+            )
+        };
+        if let (Some(a), Some(b)) = (revenue(|x| x.0), revenue(|x| x.1))
+            && b > 0.0
+            && p.max_revenue_drop < 1.0
+            && a < b * (1.0 - p.max_revenue_drop)
+        {
+            return Some(format!(
+                "High-band revenue per lead {a:.2} vs champion {b:.2}: more than {:.0}% lower",
+                p.max_revenue_drop * 100.0
             ));
         }
         None
@@ -663,6 +701,7 @@ mod tests {
             errors: 0,
             p95_ms: Some(p95),
             high_conversion: None,
+            high_revenue_per_lead: None,
             shadow_pairs: shadow
                 .map(|(v, n)| BTreeMap::from([(v.to_string(), n)]))
                 .unwrap_or_default(),
@@ -769,6 +808,20 @@ mod tests {
                 "High-band conversion",
             ),
             (
+                // Converts as well, but its High band wins smaller deals: 30% less per lead.
+                VersionWindow {
+                    high_conversion: Some(0.4),
+                    high_revenue_per_lead: Some(7_000.0),
+                    ..window(60, 100.0, None)
+                },
+                VersionWindow {
+                    high_conversion: Some(0.4),
+                    high_revenue_per_lead: Some(10_000.0),
+                    ..window(500, 100.0, None)
+                },
+                "High-band revenue per lead",
+            ),
+            (
                 VersionWindow {
                     errors: 10,
                     ..window(60, 100.0, None)
@@ -795,6 +848,62 @@ mod tests {
             }));
             assert_eq!(r.champion.as_deref(), Some("1"));
         }
+    }
+
+    #[test]
+    fn revenue_within_the_allowed_drop_or_with_the_rule_off_keeps_the_canary() {
+        for (drop, cand_revenue) in [(0.2, 8_500.0), (1.0, 1_000.0)] {
+            let p = RolloutPolicy {
+                max_revenue_drop: drop,
+                ..policy()
+            };
+            let mut r = rollout();
+            r.on_event(&registered("2"), &p, 0);
+            r.on_window("1", 0, window(500, 100.0, Some(("2", 200))));
+            assert_eq!(stages(&r.on_tick(&p, 2 * H)), [(Stage::Canary, 10)]);
+            let with = |revenue: f64, scored: u64| VersionWindow {
+                high_revenue_per_lead: Some(revenue),
+                ..window(scored, 100.0, None)
+            };
+            r.on_window("2", 2 * H, with(cand_revenue, 60));
+            r.on_window("1", 2 * H, with(10_000.0, 500));
+            assert!(
+                r.on_tick(&p, 2 * H + 1)
+                    .iter()
+                    .all(|a| !matches!(a, Action::Event(e) if e.stage == Stage::RolledBack)),
+                "drop {drop}, revenue {cand_revenue}"
+            );
+        }
+    }
+
+    #[test]
+    fn outcome_reports_carry_high_band_revenue_per_lead() {
+        use apache_avro::types::Value;
+        let map = |v: f64| Value::Map([("High".to_string(), Value::Double(v))].into());
+        let report = Value::Record(vec![
+            ("model_name".into(), Value::String("m".into())),
+            ("model_version".into(), Value::String("2".into())),
+            ("window_kind".into(), Value::Enum(0, "hourly".into())),
+            ("window_start".into(), Value::TimestampMillis(3_600_000)),
+            ("scored".into(), Value::Long(900)),
+            (
+                "outcomes".into(),
+                Value::Union(
+                    1,
+                    Box::new(Value::Record(vec![
+                        ("labelled".into(), Value::Long(50)),
+                        ("conversion_rate_by_band".into(), map(0.4)),
+                        ("revenue_by_band".into(), map(120_000.0)),
+                        ("revenue_per_lead_by_band".into(), map(6_000.0)),
+                    ])),
+                ),
+            ),
+        ]);
+        let (_, version, start, w) = VersionWindow::from_report(&report).unwrap();
+        assert_eq!((version.as_str(), start), ("2", 3_600_000));
+        assert_eq!(w.high_conversion, Some(0.4));
+        assert_eq!(w.high_revenue_per_lead, Some(6_000.0));
+        assert_eq!(w.scored, 0, "an outcome report repeats its window");
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub fn policy(cfg: &LifecycleConfig) -> RolloutPolicy {
         max_error_rate: cfg.max_error_rate,
         max_latency_regression: cfg.max_latency_regression,
         max_kpi_drop: cfg.max_kpi_drop,
+        max_revenue_drop: cfg.max_revenue_drop,
     }
 }
 

@@ -21,7 +21,8 @@ use leadscore_config::{KafkaConfig, RetrainConfig};
 use leadscore_kafka::processor::{self, Cadence, CommitError, Hooks, Out, Positions, Processor};
 use leadscore_kafka::txn::TxnError;
 use leadscore_lifecycle::retrain::{
-    Candidate, Decision, Evidence, ModelState, Policy, ReportView, Request, Trigger, request_time,
+    Candidate, DataWindow, Decision, Evidence, ModelState, Policy, ReportView, Request, Trigger,
+    request_time,
 };
 use leadscore_registry::{Decoder, Encoder, Registry};
 use leadscore_runtime::prom::{Kind, Page};
@@ -114,17 +115,19 @@ pub fn policy(cfg: &RetrainConfig) -> Policy {
         young_for_ms: cfg.young_for_ms,
         cooldown_ms: cfg.cooldown_ms,
         min_labelled_rows: cfg.min_labelled_rows,
+        min_valued_wins: cfg.min_valued_wins,
     }
 }
 
-/// Labelled leads (converted or lost) created in the data window: the
-/// `months` before the newest lead, as the training job selects them.
-pub const LABELLED_SQL: &str = "SELECT count(*) FROM public.leads \
+/// Labelled leads (converted or lost) created in the data window (the `months` before the
+/// newest lead, as the training job selects them), and of those the won deals with a value.
+pub const LABELLED_SQL: &str = "SELECT count(*), \
+     count(*) FILTER (WHERE status = 'converted' AND deal_value IS NOT NULL) FROM public.leads \
      WHERE status IN ('converted', 'lost') \
        AND created_at >= (SELECT max(created_at) FROM public.leads) - make_interval(months => $1)";
 
-/// Counts the labelled rows of the data window in the CRM.
-pub async fn labelled_rows(client: &leadscore_postgres::Client, months: i32) -> Result<u64> {
+/// Counts the labelled rows and valued wins of the data window in the CRM.
+pub async fn labelled_rows(client: &leadscore_postgres::Client, months: i32) -> Result<DataWindow> {
     let row = tokio::time::timeout(
         Duration::from_secs(10),
         client.query_one(LABELLED_SQL, &[&months]),
@@ -132,8 +135,14 @@ pub async fn labelled_rows(client: &leadscore_postgres::Client, months: i32) -> 
     .await
     .map_err(|_| Error::Crm("the labelled-rows count timed out".into()))?
     .map_err(|e| Error::Crm(e.to_string()))?;
-    let n: i64 = row.try_get(0).map_err(|e| Error::Crm(e.to_string()))?;
-    Ok(n.max(0) as u64)
+    let count = |i: usize| -> Result<u64> {
+        let n: i64 = row.try_get(i).map_err(|e| Error::Crm(e.to_string()))?;
+        Ok(n.max(0) as u64)
+    };
+    Ok(DataWindow {
+        labelled: count(0)?,
+        valued_wins: count(1)?,
+    })
 }
 
 /// Counters of decisions and inputs.
@@ -438,7 +447,7 @@ impl Hooks for Logic {
 }
 
 impl Logic {
-    fn labelled(&mut self) -> Result<u64> {
+    fn labelled(&mut self) -> Result<DataWindow> {
         let months = self.cfg.data_window_months;
         let url = self.crm_url.clone();
         let client = &mut self.crm;
@@ -496,7 +505,7 @@ impl Logic {
                 };
                 p.commit(&self.state, &[out], || true)?;
                 self.metrics.liveness.progressed();
-                tracing::warn!(model = %request.candidate.model_name, trigger = request.candidate.trigger.as_str(), request_id = %request.request_id, labelled, reason = %request.candidate.reason, "retrain requested");
+                tracing::warn!(model = %request.candidate.model_name, trigger = request.candidate.trigger.as_str(), request_id = %request.request_id, labelled = labelled.labelled, valued_wins = labelled.valued_wins, reason = %request.candidate.reason, "retrain requested");
                 self.metrics
                     .decision(request.candidate.trigger, "requested");
                 Ok(())

@@ -288,7 +288,7 @@ struct Report {
     top_reason_agreement: Option<f64>,
     p50: Option<f64>,
     /// Labelled leads, AUC and conversion rate by band, for outcome reports.
-    outcomes: Option<(i64, Option<f64>, BTreeMap<String, f64>)>,
+    outcomes: Option<Outcomes>,
     /// Everything but emitted_at.
     value: Vec<(String, Value)>,
 }
@@ -313,6 +313,24 @@ fn double(v: &Value) -> Option<f64> {
     match v {
         Value::Double(d) => Some(*d),
         _ => None,
+    }
+}
+
+/// Labelled, AUC, conversion rate by band, revenue per lead by band.
+type Outcomes = (
+    i64,
+    Option<f64>,
+    BTreeMap<String, f64>,
+    BTreeMap<String, f64>,
+);
+
+fn doubles(v: &Value) -> BTreeMap<String, f64> {
+    match v {
+        Value::Map(m) => m
+            .iter()
+            .map(|(k, v)| (k.clone(), double(v).unwrap()))
+            .collect(),
+        other => panic!("not a map: {other:?}"),
     }
 }
 
@@ -357,13 +375,8 @@ fn report(v: Value) -> Report {
             Value::Record(o) => Some((
                 long(field(o, "labelled")),
                 double(field(o, "auc")),
-                match field(o, "conversion_rate_by_band") {
-                    Value::Map(m) => m
-                        .iter()
-                        .map(|(k, v)| (k.clone(), double(v).unwrap()))
-                        .collect(),
-                    other => panic!("not a map: {other:?}"),
-                },
+                doubles(field(o, "conversion_rate_by_band")),
+                doubles(field(o, "revenue_per_lead_by_band")),
             )),
             _ => None,
         },
@@ -1078,9 +1091,12 @@ async fn outcomes_of_a_windows_leads_give_conversion_by_band_and_auc() {
             (_, true) => "converted",
             (_, false) => "lost",
         };
+        // Won deals of 1,000 to 100,900; every tenth won deal has no value entered yet.
+        let deal_value =
+            (status == "converted" && i % 10 != 1).then_some(1_000.0 + (i % 1_000) as f64 * 100.0);
         pg.execute(
-            "INSERT INTO public.leads (lead_id, status) VALUES ($1, $2)",
-            &[&s.lead_id, &status],
+            "INSERT INTO public.leads (lead_id, status, deal_value) VALUES ($1, $2, $3::double precision)",
+            &[&s.lead_id, &status, &deal_value],
         )
         .await
         .unwrap();
@@ -1109,6 +1125,7 @@ async fn outcomes_of_a_windows_leads_give_conversion_by_band_and_auc() {
                     score: s.model.score,
                     band: s.model.band.as_str().into(),
                     converted: status == "converted",
+                    deal_value,
                 });
         }
     }
@@ -1124,7 +1141,7 @@ async fn outcomes_of_a_windows_leads_give_conversion_by_band_and_auc() {
     for r in outcome_reports {
         let w = (r.start - T0) / HOUR;
         let want = leadscore_drift::outcomes::summarize(&expected[&w]);
-        let (labelled, auc, by_band) = r.outcomes.clone().unwrap();
+        let (labelled, auc, by_band, revenue) = r.outcomes.clone().unwrap();
         assert_eq!(labelled as u64, want.labelled, "window {w}");
         assert_eq!(labelled, 200);
         let (got, want_auc) = (auc.unwrap(), want.auc.unwrap());
@@ -1141,6 +1158,19 @@ async fn outcomes_of_a_windows_leads_give_conversion_by_band_and_auc() {
                 "window {w} band {band}"
             );
         }
+        // Revenue per lead from the CRM's deal values, and High leads earn more than Low.
+        assert_eq!(revenue.len(), want.revenue_per_lead_by_band.len());
+        for (band, per_lead) in &want.revenue_per_lead_by_band {
+            assert!(
+                (revenue[band] - per_lead).abs() < 1e-6,
+                "window {w} band {band}: {} vs {per_lead}",
+                revenue[band]
+            );
+        }
+        assert!(
+            revenue.values().any(|v| *v > 0.0),
+            "window {w}: {revenue:?}"
+        );
     }
     let ids: Vec<&str> = scores.iter().map(|s| s.lead_id.as_str()).collect();
     pg.execute(

@@ -441,6 +441,23 @@ async fn the_schedule_asks_when_due_unless_the_data_is_too_thin() {
     assert!(requests(&t, Duration::from_secs(1)).await.is_empty());
     terminate(child);
 
+    // Enough labelled rows, but the revenue gate asks for more won deals with a value than
+    // the CRM holds.
+    let no_revenue = [
+        ("LEADSCORE__RETRAIN__MIN_LABELLED_ROWS", "0".to_string()),
+        (
+            "LEADSCORE__RETRAIN__MIN_VALUED_WINS",
+            "1000000000000".to_string(),
+        ),
+        ("LEADSCORE__RETRAIN__YOUNG_EVERY_MS", "1000".to_string()),
+        ("LEADSCORE__RETRAIN__COOLDOWN_MS", "0".to_string()),
+        ("LEADSCORE__RETRAIN__MODELS", format!("[\"{model}\"]")),
+    ];
+    let (child, port) = start(&t, &no_revenue);
+    wait_for(port, "trigger=\"schedule\",outcome=\"not_enough_revenue\"}").await;
+    assert!(requests(&t, Duration::from_secs(1)).await.is_empty());
+    terminate(child);
+
     let due = [
         ("LEADSCORE__RETRAIN__MIN_LABELLED_ROWS", "0".to_string()),
         ("LEADSCORE__RETRAIN__YOUNG_EVERY_MS", "1000".to_string()),
