@@ -3,7 +3,8 @@
 //! Pre-fills a fresh input topic with Debezium Avro create events, then
 //! measures (a) a passthrough that consumes and produces the same bytes in
 //! Kafka transactions with offsets, no decoding or scoring, and (b) the
-//! scorer process (champion + shadow challenger) on the same input. Then it
+//! scorer process (champion + shadow challenger) on the same input, first
+//! without reasons (`scorer.reasons` 0), then with the default three. Then it
 //! feeds the scorer at a fixed rate and reports event-to-score latency
 //! (produce time to the score being readable by a read_committed consumer).
 //! Prints a Markdown table for BENCHMARKS.md. Creates and deletes its own topics.
@@ -189,16 +190,28 @@ async fn passthrough(
     Ok(())
 }
 
+/// The topics one scorer run reads and writes.
+struct RunTopics<'a> {
+    input: &'a str,
+    scores: &'a str,
+    shadow: &'a str,
+    dlq: &'a str,
+}
+
 fn start_scorer(
-    input: &str,
-    scores: &str,
-    shadow: &str,
-    dlq: &str,
+    topics: RunTopics<'_>,
     group: &str,
     args: &BenchArgs,
     http_port: u16,
+    reasons: usize,
 ) -> anyhow::Result<std::process::Child> {
     let exe = std::env::current_exe()?;
+    let RunTopics {
+        input,
+        scores,
+        shadow,
+        dlq,
+    } = topics;
     let models = std::env::var("LEADSCORE_BENCH_MODEL").unwrap_or_else(|_| "models/default".into());
     Ok(std::process::Command::new(exe)
         .arg("scorer")
@@ -219,6 +232,7 @@ fn start_scorer(
         )
         .env("LEADSCORE__SCORER__LIFECYCLE_TOPIC", "")
         .env("LEADSCORE__SCORER__MAX_BATCH", args.max_batch.to_string())
+        .env("LEADSCORE__SCORER__REASONS", reasons.to_string())
         .env(
             "LEADSCORE__SCORER__BATCH_LINGER_MS",
             args.linger_ms.to_string(),
@@ -285,6 +299,7 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         t("live.in"),
         t("live.scores"),
     );
+    let (plain_scores, plain_shadow) = (t("plain.scores"), t("plain.shadow"));
     let all = [
         &input,
         &pass_out,
@@ -293,6 +308,8 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         &dlq,
         &live_in,
         &live_scores,
+        &plain_scores,
+        &plain_shadow,
     ];
     create_topics(
         config,
@@ -379,18 +396,46 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         args.leads
     );
 
-    eprintln!("(b) scorer, champion + shadow ...");
+    eprintln!("(b0) scorer, champion + shadow, no reasons ...");
+    let plain_reader = reader(config, &plain_scores)?;
+    let started = Instant::now();
+    let mut child = start_scorer(
+        RunTopics {
+            input: &input,
+            scores: &plain_scores,
+            shadow: &plain_shadow,
+            dlq: &dlq,
+        },
+        &format!("bench-plain-{id}"),
+        &args,
+        free_port()?,
+        0,
+    )?;
+    let (seen, plain_time) =
+        drain(&plain_reader, args.leads, Duration::from_secs(900), started).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    anyhow::ensure!(
+        seen == args.leads,
+        "scorer without reasons delivered {seen} of {}",
+        args.leads
+    );
+
+    eprintln!("(b) scorer, champion + shadow, three reasons each ...");
     let score_reader = reader(config, &scores)?;
     let started = Instant::now();
     let port = free_port()?;
     let mut child = start_scorer(
-        &input,
-        &scores,
-        &shadow,
-        &dlq,
+        RunTopics {
+            input: &input,
+            scores: &scores,
+            shadow: &shadow,
+            dlq: &dlq,
+        },
         &format!("bench-scorer-{id}"),
         &args,
         port,
+        3,
     )?;
     let (seen, score_time) =
         drain(&score_reader, args.leads, Duration::from_secs(900), started).await;
@@ -410,13 +455,16 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
     let live_reader = reader(config, &live_scores)?;
     let port = free_port()?;
     let mut child = start_scorer(
-        &live_in,
-        &live_scores,
-        &shadow,
-        &dlq,
+        RunTopics {
+            input: &live_in,
+            scores: &live_scores,
+            shadow: &shadow,
+            dlq: &dlq,
+        },
         &format!("bench-live-{id}"),
         &args,
         port,
+        3,
     )?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let total = (args.rate * args.seconds) as usize;
@@ -490,6 +538,7 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
 
     let pass_rate = args.leads as f64 / pass_time.as_secs_f64();
     let score_rate = args.leads as f64 / score_time.as_secs_f64();
+    let plain_rate = args.leads as f64 / plain_time.as_secs_f64();
     println!("| run | leads | time | leads/s |");
     println!("|---|---|---|---|");
     println!(
@@ -499,11 +548,19 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         pass_rate
     );
     println!(
-        "| (b) scorer, champion + shadow | {} | {:.1} s | {:.0} ({:.0}% of passthrough) |",
+        "| (b0) scorer, champion + shadow, no reasons | {} | {:.1} s | {:.0} ({:.0}% of passthrough) |",
+        args.leads,
+        plain_time.as_secs_f64(),
+        plain_rate,
+        100.0 * plain_rate / pass_rate
+    );
+    println!(
+        "| (b) scorer, champion + shadow, 3 reasons each | {} | {:.1} s | {:.0} ({:.0}% of passthrough, {:.0}% of b0) |",
         args.leads,
         score_time.as_secs_f64(),
         score_rate,
-        100.0 * score_rate / pass_rate
+        100.0 * score_rate / pass_rate,
+        100.0 * score_rate / plain_rate
     );
     println!();
     println!(
