@@ -144,40 +144,37 @@ const MAX_TREE_SPLITS: usize = 10;
 /// one row of adds.
 #[derive(Debug, Clone, PartialEq)]
 struct TreeTable {
-    /// The test at each split, in bit order.
-    tests: Vec<SplitTest>,
+    /// The test at each split, in bit order, as columns: the feature, the threshold, and
+    /// whether a missing value goes `yes`.
+    features: Vec<usize>,
+    thresholds: Vec<f32>,
+    missing_yes: Vec<bool>,
     /// `values[mask * width + f]`.
     values: Vec<f64>,
 }
 
-/// One split's test, copied out of the tree so a row's directions are read from one array.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct SplitTest {
-    feature: usize,
-    threshold: f32,
-    missing_yes: bool,
-}
-
-impl SplitTest {
-    fn goes_yes(&self, x: &[f32]) -> bool {
-        let v = x[self.feature];
-        if v.is_nan() {
-            self.missing_yes
-        } else {
-            v <= self.threshold
-        }
-    }
-}
-
 impl TreeTable {
+    /// The row's directions at this tree's splits, one bit each, without branches.
+    #[inline]
+    fn mask(&self, x: &[f32]) -> usize {
+        let mut mask = 0usize;
+        for (b, ((&f, &t), &m)) in self
+            .features
+            .iter()
+            .zip(&self.thresholds)
+            .zip(&self.missing_yes)
+            .enumerate()
+        {
+            let v = x[f];
+            let yes = (v <= t) | (v.is_nan() & m);
+            mask |= usize::from(yes) << b;
+        }
+        mask
+    }
+
     /// Adds this tree's contributions for row `x` to `phi`.
     fn add(&self, x: &[f32], phi: &mut [f64]) {
-        let mut mask = 0usize;
-        for (b, test) in self.tests.iter().enumerate() {
-            if test.goes_yes(x) {
-                mask |= 1 << b;
-            }
-        }
+        let mask = self.mask(x);
         let width = phi.len();
         let row = &self.values[mask * width..(mask + 1) * width];
         for (p, v) in phi.iter_mut().zip(row) {
@@ -222,7 +219,7 @@ fn tree_tables(trees: &[Tree], leaves: &[LeafTable], width: usize) -> Option<Vec
                 }
             }
         }
-        let tests = splits
+        let tests: Vec<(usize, f32, bool)> = splits
             .iter()
             .filter_map(|&node| match &tree.nodes[node] {
                 Node::Split {
@@ -230,15 +227,16 @@ fn tree_tables(trees: &[Tree], leaves: &[LeafTable], width: usize) -> Option<Vec
                     threshold,
                     missing_yes,
                     ..
-                } => Some(SplitTest {
-                    feature: *feature,
-                    threshold: *threshold,
-                    missing_yes: *missing_yes,
-                }),
+                } => Some((*feature, *threshold, *missing_yes)),
                 Node::Leaf { .. } => None,
             })
             .collect();
-        out.push(TreeTable { tests, values });
+        out.push(TreeTable {
+            features: tests.iter().map(|t| t.0).collect(),
+            thresholds: tests.iter().map(|t| t.1).collect(),
+            missing_yes: tests.iter().map(|t| t.2).collect(),
+            values,
+        });
     }
     Some(out)
 }
@@ -400,17 +398,15 @@ impl Explainer {
         let mut phi = vec![0.0; rows.len()];
         match &self.tree_tables {
             Some(tables) => {
-                const BLOCK: usize = 64;
-                for (block, out) in rows
-                    .chunks(BLOCK * width)
-                    .zip(phi.chunks_mut(BLOCK * width))
-                {
-                    for t in tables {
-                        for (x, p) in block.chunks(width).zip(out.chunks_mut(width)) {
-                            t.add(x, p);
+                macro_rules! fixed {
+                    ($($w:literal)*) => {
+                        match width {
+                            $($w => blocks::<$w>(tables, rows, &mut phi),)*
+                            _ => blocks_any(tables, rows, &mut phi, width),
                         }
-                    }
+                    };
                 }
+                fixed!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
             }
             None => {
                 for (x, p) in rows.chunks(width).zip(phi.chunks_mut(width)) {
@@ -435,6 +431,69 @@ impl Explainer {
         let mut buf: Vec<PathElement> = Vec::with_capacity(256);
         for tree in &self.trees {
             recurse(tree, x, tree.root, &mut buf, (0, 0), 1.0, 1.0, None, phi);
+        }
+    }
+}
+
+/// Rows per block of the batch path: a tree's table is read once per block.
+const BLOCK: usize = 128;
+
+/// The batch path for a width known at compile time. The block is transposed to columns so
+/// each split's direction is computed for all its rows in one vectorisable loop; then each
+/// row adds the table row its directions pick.
+fn blocks<const W: usize>(tables: &[TreeTable], rows: &[f32], phi: &mut [f64]) {
+    let mut columns = vec![0.0f32; W * BLOCK];
+    let mut masks = [0u16; BLOCK];
+    for (block, out) in rows.chunks(BLOCK * W).zip(phi.chunks_mut(BLOCK * W)) {
+        let n = block.len() / W;
+        for (r, x) in block.chunks_exact(W).enumerate() {
+            for (f, v) in x.iter().enumerate() {
+                columns[f * BLOCK + r] = *v;
+            }
+        }
+        for t in tables {
+            let masks = &mut masks[..n];
+            masks.fill(0);
+            for (b, ((&f, &threshold), &missing_yes)) in t
+                .features
+                .iter()
+                .zip(&t.thresholds)
+                .zip(&t.missing_yes)
+                .enumerate()
+            {
+                let column = &columns[f * BLOCK..f * BLOCK + n];
+                for (m, &v) in masks.iter_mut().zip(column) {
+                    let yes = (v <= threshold) | (v.is_nan() & missing_yes);
+                    *m |= u16::from(yes) << b;
+                }
+            }
+            for (&mask, p) in masks.iter().zip(out.chunks_exact_mut(W)) {
+                let mask = usize::from(mask);
+                if let (Some(row), Ok(p)) = (
+                    t.values
+                        .get(mask * W..(mask + 1) * W)
+                        .and_then(|r| <&[f64; W]>::try_from(r).ok()),
+                    <&mut [f64; W]>::try_from(p),
+                ) {
+                    for (p, v) in p.iter_mut().zip(row) {
+                        *p += v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The batch path for any width.
+fn blocks_any(tables: &[TreeTable], rows: &[f32], phi: &mut [f64], width: usize) {
+    for (block, out) in rows
+        .chunks(BLOCK * width)
+        .zip(phi.chunks_mut(BLOCK * width))
+    {
+        for t in tables {
+            for (x, p) in block.chunks(width).zip(out.chunks_mut(width)) {
+                t.add(x, p);
+            }
         }
     }
 }
@@ -823,10 +882,9 @@ mod tests {
     #[test]
     fn a_batch_gets_each_rows_contributions_across_block_edges() {
         let mut rng = Rng(0xb10c_5eed);
-        // Deep trees (no per-tree tables) and shallow ones (tables), 150 rows: more than
-        // two blocks, the last one partial.
-        for depth in [3, 7, 12] {
-            let width = 5;
+        // Deep trees (no per-tree tables) and shallow ones (tables; widths with and without
+        // a fixed-width path), 150 rows: more than one block, the last one partial.
+        for (depth, width) in [(3, 5), (3, 17), (7, 5), (12, 5)] {
             let trees: Vec<Tree> = (0..6)
                 .map(|_| random_tree(&mut rng, width, depth))
                 .collect();
