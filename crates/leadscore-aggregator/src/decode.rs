@@ -411,8 +411,8 @@ mod tests {
             let mut record = ShadowScore {
                 lead_id: "lead-2".into(),
                 reason: if error.is_some() { Reason::Canary } else { Reason::Challenger },
-                shadow: ModelScore { reasons: shadow_reasons.clone(), ..model(sb, shadow, "8".into()) },
-                live: ModelScore { reasons: live_reasons.clone(), ..model(lb, live, "7".into()) },
+                shadow: ModelScore { reasons: shadow_reasons.clone().map(Into::into), ..model(sb, shadow, "8".into()) },
+                live: ModelScore { reasons: live_reasons.clone().map(Into::into), ..model(lb, live, "7".into()) },
                 live_role: Role::Champion,
                 event_time_ms: event,
                 scored_at_ms: 1,

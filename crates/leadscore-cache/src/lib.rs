@@ -48,8 +48,12 @@ pub struct CachedScore {
     pub scored_at_ms: i64,
     /// Why: the features that moved the score most, as `feature=value +0.31`, largest
     /// first; empty for a model without reasons.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub reasons: Vec<String>,
+    #[serde(default, skip_serializing_if = "no_reasons")]
+    pub reasons: std::sync::Arc<[String]>,
+}
+
+fn no_reasons(reasons: &std::sync::Arc<[String]>) -> bool {
+    reasons.is_empty()
 }
 
 /// The marker a deletion leaves for the TTL, so a late older score cannot bring the lead back.

@@ -15,7 +15,7 @@ fn score(id: &str, score: f64, at: i64) -> CachedScore {
         model_version: "1".into(),
         model_role: "champion".into(),
         scored_at_ms: at,
-        reasons: Vec::new(),
+        reasons: Default::default(),
     }
 }
 

@@ -261,6 +261,37 @@ impl FeatureBuilder {
             .collect()
     }
 
+    /// Appends the raw value of feature `index` as reason texts show it: the number or the
+    /// category, `(missing)` when absent (or past the width). Allocates nothing else.
+    pub fn write_raw_value(&self, lead: &Lead, index: usize, out: &mut String) {
+        use std::fmt::Write;
+        let written = match self.extract.get(index) {
+            Some(Extract::Category(col, _)) => match cat(lead, *col) {
+                Some(s) => {
+                    out.push_str(s);
+                    Ok(())
+                }
+                None => Err(()),
+            },
+            Some(Extract::Number(NumCol::PageViews)) => match lead.page_views {
+                Some(v) => write!(out, "{v}").map_err(|_| ()),
+                None => Err(()),
+            },
+            Some(Extract::Number(col)) => match num(lead, *col) {
+                Some(v) => write!(out, "{v}").map_err(|_| ()),
+                None => Err(()),
+            },
+            Some(Extract::Hour) => write!(out, "{}", lead.created_at.hour()).map_err(|_| ()),
+            Some(Extract::Weekday) => {
+                write!(out, "{}", lead.created_at.weekday().num_days_from_monday()).map_err(|_| ())
+            }
+            None => Err(()),
+        };
+        if written.is_err() {
+            out.push_str("(missing)");
+        }
+    }
+
     /// The raw value feature `index` (spec order) was built from; `Null` past the width.
     pub fn raw_value(&self, lead: &Lead, index: usize) -> RawValue {
         self.extract

@@ -244,7 +244,7 @@ async fn follow_scores(
                 model_version: streamed.model_version.clone(),
                 model_role: streamed.model_role.clone(),
                 scored_at_ms,
-                reasons,
+                reasons: reasons.into(),
             });
         }
         if tx.receiver_count() > 0 {

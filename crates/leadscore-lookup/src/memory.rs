@@ -185,7 +185,7 @@ mod tests {
             model_version: "1".into(),
             model_role: "champion".into(),
             scored_at_ms: at,
-            reasons: Vec::new(),
+            reasons: Default::default(),
         }
     }
 

@@ -139,7 +139,8 @@ impl Pool {
                     reasons: r
                         .try_get::<_, Option<Vec<String>>>(7)
                         .map_err(|e| e.to_string())?
-                        .unwrap_or_default(),
+                        .unwrap_or_default()
+                        .into(),
                 })
             })
             .collect()

@@ -250,6 +250,13 @@ fn logistic(x: f64) -> f64 {
 /// A score and its reasons (`None`: none asked, or the model is not explained).
 pub type Explained = (Score, Option<Vec<Reason>>);
 
+/// One lead's outcome in a batch: its score and what explains it, or why it was refused.
+pub type ScoredWith<R> = std::result::Result<(Score, Option<R>), InvalidInput>;
+
+/// Reasons as records carry them (`page_views=42 +0.31`), shared by the records of one
+/// score without copying.
+pub type ReasonTexts = std::sync::Arc<[String]>;
+
 /// A scored lead.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Score {
@@ -634,9 +641,44 @@ impl Model {
         leads: &[Lead],
         top: usize,
     ) -> Result<Vec<Result<Explained, InvalidInput>>> {
+        self.score_batch_explaining(leads, top, |lead, phi| self.reasons_of(lead, phi, top))
+    }
+
+    /// [`Self::score_batch_with_reasons`] with each reason as records carry it
+    /// (`page_views=42 +0.31`, [`Reason`]'s text), written straight from the contributions:
+    /// one string per reason and one shared list per score, for the scorer's hot path.
+    pub fn score_batch_with_reason_texts(
+        &self,
+        leads: &[Lead],
+        top: usize,
+    ) -> Result<Vec<ScoredWith<ReasonTexts>>> {
+        self.score_batch_explaining(leads, top, |lead, phi| {
+            let names = &self.meta.feature_spec.features;
+            top_contributions(phi, top)
+                .into_iter()
+                .map(|(f, c)| {
+                    use std::fmt::Write;
+                    let name = names.get(f).map_or("", |s| s.name.as_str());
+                    let mut text = String::with_capacity(name.len() + 24);
+                    text.push_str(name);
+                    text.push('=');
+                    self.features.write_raw_value(lead, f, &mut text);
+                    let _ = write!(text, " {c:+.2}");
+                    text
+                })
+                .collect()
+        })
+    }
+
+    fn score_batch_explaining<R>(
+        &self,
+        leads: &[Lead],
+        top: usize,
+        explain: impl Fn(&Lead, &[f64]) -> R,
+    ) -> Result<Vec<ScoredWith<R>>> {
         let width = self.features.width();
         let mut rows = Vec::with_capacity(leads.len() * width);
-        let mut out: Vec<Result<Explained, InvalidInput>> = Vec::with_capacity(leads.len());
+        let mut out: Vec<ScoredWith<R>> = Vec::with_capacity(leads.len());
         let mut valid = Vec::with_capacity(leads.len());
         for (i, lead) in leads.iter().enumerate() {
             match self.features.build_into(lead, &mut rows) {
@@ -658,7 +700,7 @@ impl Model {
         for (k, (i, p)) in valid.into_iter().zip(scores).enumerate() {
             let reasons = phi
                 .get(k * width..(k + 1) * width)
-                .map(|row| self.reasons_of(&leads[i], row, top));
+                .map(|row| explain(&leads[i], row));
             out[i] = Ok((Score { probability: p }, reasons));
         }
         Ok(out)

@@ -217,6 +217,15 @@ fn a_batch_carries_each_leads_reasons_and_they_read_back_from_their_text() {
             assert!((back.contribution - r.contribution).abs() <= 0.005);
         }
     }
+    // The texts the scorer writes are the structured reasons' own words.
+    let texts = model.score_batch_with_reason_texts(&leads, 3).unwrap();
+    for (got, want) in texts.iter().zip(&batch) {
+        let (Ok((_, Some(got))), Ok((_, Some(want)))) = (got, want) else {
+            panic!("a lead without reasons");
+        };
+        let want: Vec<String> = want.iter().map(ToString::to_string).collect();
+        assert_eq!(got.to_vec(), want);
+    }
     // No reasons asked, none computed.
     let none = model.score_batch_with_reasons(&leads[..3], 0).unwrap();
     assert!(none.iter().all(|r| matches!(r, Ok((_, None)))));

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use leadscore_cdc::dead::DeadPayload;
 use leadscore_cdc::{Action, CdcError, ErrorKind};
 use leadscore_crm::Lead;
-use leadscore_model::{BandThresholds, Model};
+use leadscore_model::{BandThresholds, Model, ReasonTexts};
 
 use crate::records::{LeadScore, ModelScore, Reason, Role, ShadowScore, Source};
 
@@ -128,11 +128,6 @@ fn failure_log_due(now_ms: i64) -> bool {
             .is_ok()
 }
 
-/// Reasons as the records carry them (`page_views=42 +0.31`).
-fn texts(reasons: Option<Vec<leadscore_model::Reason>>) -> Option<Vec<String>> {
-    reasons.map(|r| r.iter().map(ToString::to_string).collect())
-}
-
 /// Scores one batch. Leads are scored with one ONNX call per model.
 ///
 /// `dead_cap` bounds the payload of a dead letter made here (a lead the model refuses).
@@ -176,11 +171,11 @@ pub fn process(
         return Ok(outputs);
     }
     let top = models.reasons;
-    let champion = models.champion.score_batch_with_reasons(&leads, top)?;
+    let champion = models.champion.score_batch_with_reason_texts(&leads, top)?;
     // A candidate that fails never stops scoring: the champion serves its leads
     // and each failure is published as an error of the candidate's version.
     let challenger = models.challenger.map(|m| {
-        m.score_batch_with_reasons(&leads, top).map_err(|e| {
+        m.score_batch_with_reason_texts(&leads, top).map_err(|e| {
             if failure_log_due(now_ms()) {
                 tracing::warn!(version = %m.metadata().version, error = %e, leads = leads.len(), "challenger failed on a batch; counted as errors of its version (logged at most every 30 s)");
             }
@@ -196,7 +191,7 @@ pub fn process(
         })
         .collect();
     let mut canary_failed: Option<String> = None;
-    let mut canary_scores: HashMap<usize, (f64, Option<Vec<String>>)> = match models.canary {
+    let mut canary_scores: HashMap<usize, (f64, Option<ReasonTexts>)> = match models.canary {
         Some((model, _)) if canary_members.iter().any(|m| *m) => {
             let subset: Vec<Lead> = leads
                 .iter()
@@ -204,14 +199,14 @@ pub fn process(
                 .filter(|(_, m)| **m)
                 .map(|(l, _)| l.clone())
                 .collect();
-            match model.score_batch_with_reasons(&subset, top) {
+            match model.score_batch_with_reason_texts(&subset, top) {
                 Ok(scored) => canary_members
                     .iter()
                     .enumerate()
                     .filter(|(_, m)| **m)
                     .map(|(j, _)| j)
                     .zip(scored)
-                    .filter_map(|(j, s)| s.ok().map(|(s, r)| (j, (s.probability, texts(r)))))
+                    .filter_map(|(j, s)| s.ok().map(|(s, r)| (j, (s.probability, r))))
                     .collect(),
                 Err(e) => {
                     if failure_log_due(now_ms()) {
@@ -234,7 +229,7 @@ pub fn process(
             ..
         } = &inputs[i];
         let (score, reasons) = match result {
-            Ok((s, r)) => (s.probability, texts(r)),
+            Ok((s, r)) => (s.probability, r),
             Err(invalid) => {
                 // The lead decoded: the dead letter carries it (a row without PII columns).
                 outputs[i] = Output::Dead {
@@ -262,7 +257,7 @@ pub fn process(
                     Role::Champion,
                 ),
             };
-        let model_score = |model: &Model, score: f64, reasons: Option<Vec<String>>| ModelScore {
+        let model_score = |model: &Model, score: f64, reasons: Option<ReasonTexts>| ModelScore {
             model_name: model.metadata().model_name.clone(),
             model_version: model.metadata().version.clone(),
             score,
@@ -304,7 +299,7 @@ pub fn process(
         let shadow = |reason: Reason,
                       shadow_model: &Model,
                       shadow_score: f64,
-                      shadow_reasons: Option<Vec<String>>,
+                      shadow_reasons: Option<ReasonTexts>,
                       error: Option<&String>| Output::Shadow {
             key: lead.lead_id.clone(),
             record: ShadowScore {
@@ -340,7 +335,7 @@ pub fn process(
                 if let Some(Ok((s, r))) = results.get(j) {
                     extra.push((
                         i,
-                        shadow(Reason::Challenger, m, s.probability, texts(r.clone()), None),
+                        shadow(Reason::Challenger, m, s.probability, r.clone(), None),
                     ));
                 }
             }

@@ -89,7 +89,7 @@ pub struct ModelScore {
     /// Band of the score.
     pub band: Band,
     /// The model's reasons (`feature=value +0.31`), largest first; `None`: not explained.
-    pub reasons: Option<Vec<String>>,
+    pub reasons: Option<leadscore_model::ReasonTexts>,
 }
 
 /// Where the input came from (`SourcePosition`).
@@ -124,14 +124,14 @@ pub struct LeadScore {
     pub source: Option<Source>,
 }
 
-fn encode_reasons(out: &mut Vec<u8>, reasons: &Option<Vec<String>>) {
+fn encode_reasons(out: &mut Vec<u8>, reasons: &Option<leadscore_model::ReasonTexts>) {
     match reasons {
         None => long(out, 0),
         Some(list) => {
             long(out, 1);
             if !list.is_empty() {
                 long(out, list.len() as i64);
-                for r in list {
+                for r in list.iter() {
                     string(out, r);
                 }
             }
@@ -140,7 +140,7 @@ fn encode_reasons(out: &mut Vec<u8>, reasons: &Option<Vec<String>>) {
     }
 }
 
-fn reasons_value(reasons: &Option<Vec<String>>) -> Value {
+fn reasons_value(reasons: &Option<leadscore_model::ReasonTexts>) -> Value {
     match reasons {
         None => Value::Union(0, Box::new(Value::Null)),
         Some(list) => Value::Union(
@@ -451,7 +451,7 @@ mod tests {
                 model_version: v,
                 score: s,
                 band: b,
-                reasons: r,
+                reasons: r.map(Into::into),
             })
     }
 

@@ -144,7 +144,7 @@ pub(crate) async fn run(args: LookupBenchArgs, config: &Config) -> anyhow::Resul
                 model_version: "bench".into(),
                 model_role: "champion".into(),
                 scored_at_ms: 0,
-                reasons: Vec::new(),
+                reasons: Default::default(),
             })
             .collect();
         cache.write(&scores, &[]).await.context("filling Redis")?;

@@ -186,11 +186,12 @@ fn shadow_of(s: &LeadScore, flip: bool) -> ShadowScore {
             model_version: "challenger-1".into(),
             score: shadow,
             band: bands().band(shadow),
-            reasons: s.model.reasons.clone().map(|mut r| {
+            reasons: s.model.reasons.as_ref().map(|r| {
+                let mut r = r.to_vec();
                 if flip {
                     r.reverse();
                 }
-                r
+                r.into()
             }),
         },
         live: s.model.clone(),

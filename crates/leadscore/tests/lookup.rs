@@ -133,7 +133,8 @@ fn score(id: &str, s: f64, version: &str) -> CachedScore {
         reasons: vec![
             format!("page_views={} +0.31", (s * 100.0) as i64),
             "industry=Real Estate -0.12".into(),
-        ],
+        ]
+        .into(),
     }
 }
 
@@ -142,7 +143,7 @@ async fn insert_row(pg: &tokio_postgres::Client, s: &CachedScore) {
         "INSERT INTO public.lead_scores (lead_id, score, band, model_name, model_version, model_role, scored_at, reasons) \
          VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7::double precision / 1000), $8) \
          ON CONFLICT (lead_id) DO UPDATE SET score = EXCLUDED.score, model_version = EXCLUDED.model_version, reasons = EXCLUDED.reasons",
-        &[&s.lead_id, &s.score, &s.band, &s.model_name, &s.model_version, &s.model_role, &(s.scored_at_ms as f64), &s.reasons],
+        &[&s.lead_id, &s.score, &s.band, &s.model_name, &s.model_version, &s.model_role, &(s.scored_at_ms as f64), &s.reasons.to_vec()],
     )
     .await
     .unwrap();
