@@ -280,3 +280,29 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_model_without_covers_scores_the_same_without_reasons() {
+    let dir = bundled_dir();
+    let text = std::fs::read_to_string(dir.join("metadata.json")).unwrap();
+    let mut meta = leadscore_model::Metadata::parse("bundled", &text).unwrap();
+    assert!(meta.explain.is_some(), "the bundled model has covers");
+    meta.explain = None;
+    let onnx = std::fs::read(dir.join("model.onnx")).unwrap();
+    let plain = Model::from_parts(&onnx, meta).unwrap();
+    let explained = Model::load_dir(&dir).unwrap();
+    assert!(!plain.explained() && explained.explained());
+    let leads: Vec<Lead> = fixture()["leads"].as_array().unwrap()[..20]
+        .iter()
+        .map(lead)
+        .collect();
+    let with = explained.score_batch_with_reason_texts(&leads, 3).unwrap();
+    let without = plain.score_batch_with_reason_texts(&leads, 3).unwrap();
+    for (a, b) in with.iter().zip(&without) {
+        let (Ok((a, Some(_))), Ok((b, None))) = (a, b) else {
+            panic!("{a:?} / {b:?}");
+        };
+        assert_eq!(a.probability, b.probability);
+    }
+    assert!(plain.reasons(&leads[0], 3).is_none());
+}

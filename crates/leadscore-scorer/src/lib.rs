@@ -442,7 +442,7 @@ pub async fn run(
         high: cfg.band_high,
         medium: cfg.band_medium,
     };
-    metrics.set_model(models.champion.get().metadata().label());
+    metrics.set_model(&models.champion.get());
     metrics.set_ready(true);
     tracing::info!(
         input = %cfg.input_topic,

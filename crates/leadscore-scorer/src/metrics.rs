@@ -130,7 +130,8 @@ pub struct Metrics {
     lag: Mutex<BTreeMap<(String, i32), i64>>,
     skipped: AtomicU64,
     liveness: Arc<Liveness>,
-    model: Mutex<String>,
+    /// The champion's label and whether its scores carry reasons.
+    model: Mutex<(String, bool)>,
     otel: Otel,
 }
 
@@ -316,14 +317,14 @@ impl Metrics {
         self.skipped.load(Ordering::Relaxed)
     }
 
-    /// Records the champion in service (`name vversion`).
-    pub fn set_model(&self, label: String) {
+    /// Records the champion in service (`name vversion`) and whether it is explained.
+    pub fn set_model(&self, model: &leadscore_model::Model) {
         if let Ok(mut m) = self.model.lock() {
-            *m = label;
+            *m = (model.metadata().label(), model.explained());
         }
     }
 
-    fn model(&self) -> String {
+    fn model(&self) -> (String, bool) {
         self.model.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
@@ -447,14 +448,15 @@ impl Metrics {
                 );
             }
         }
+        let (model, explained) = self.model();
         page.family(
             "leadscore_scorer_model_info",
             Kind::Gauge,
-            "Champion model in service.",
+            "Champion model in service; explained=false: its scores carry no reasons (not an explained tree ensemble).",
         )
         .sample(
             "leadscore_scorer_model_info",
-            &[("model", &self.model())],
+            &[("model", &model), ("explained", if explained { "true" } else { "false" })],
             1,
         );
         self.liveness.write(&mut page, "scorer");
@@ -527,7 +529,14 @@ fn register_gauges(meter: &Meter, weak: Weak<Metrics>) {
         .with_description("Champion model in service (value 1, the model as attribute)")
         .with_callback(move |obs| {
             if let Some(m) = model.upgrade() {
-                obs.observe(1, &[KeyValue::new("model", m.model())]);
+                let (label, explained) = m.model();
+                obs.observe(
+                    1,
+                    &[
+                        KeyValue::new("model", label),
+                        KeyValue::new("explained", explained),
+                    ],
+                );
             }
         })
         .build();

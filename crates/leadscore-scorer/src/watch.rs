@@ -26,12 +26,12 @@ pub struct Followed {
 }
 
 /// Re-resolves followed aliases whenever `wake` fires or `every` passes;
-/// `champion_changed` gets the new champion's label.
+/// `champion_changed` gets the new champion.
 pub async fn follow(
     slots: Vec<Followed>,
     every: Option<Duration>,
     wake: Arc<Notify>,
-    champion_changed: impl Fn(String) + Send + Sync + 'static,
+    champion_changed: impl Fn(&leadscore_model::Model) + Send + Sync + 'static,
     shutdown: CancellationToken,
 ) {
     let slots: Vec<Followed> = slots
@@ -88,7 +88,7 @@ pub async fn follow(
 
 async fn refresh(
     slot: &Followed,
-    champion_changed: &(impl Fn(String) + Send + Sync),
+    champion_changed: &(impl Fn(&leadscore_model::Model) + Send + Sync),
 ) -> Result<(), leadscore_model::Error> {
     let ModelSource::Mlflow {
         base,
@@ -126,7 +126,7 @@ async fn refresh(
         "model version changed; it scores from the next batch"
     );
     if slot.role == "champion" {
-        champion_changed(slot.handle.get().metadata().label());
+        champion_changed(&slot.handle.get());
     }
     Ok(())
 }

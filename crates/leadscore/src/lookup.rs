@@ -67,7 +67,7 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
         followed,
         every,
         wake.clone(),
-        |label| tracing::info!(model = %label, "champion changed"),
+        |model| tracing::info!(model = %model.metadata().label(), explained = model.explained(), "champion changed"),
         shutdown.clone(),
     ));
     if !cfg.lifecycle_topic.is_empty() {

@@ -173,7 +173,7 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
                 followed,
                 every,
                 wake.clone(),
-                move |label| m.set_model(label),
+                move |model| m.set_model(model),
                 shutdown.clone(),
             ));
             if let Some((lc, follow)) = lifecycle {

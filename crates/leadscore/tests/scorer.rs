@@ -810,6 +810,39 @@ async fn evolved_avro_writer_schema_scores_like_json_and_shadow_is_published() {
         ls.len() * 2,
         "one shadow score per lead with a challenger configured"
     );
+    // Both models' reasons ride on the shadow record; the challenger here is the champion's
+    // own directory, so they say the same three things.
+    for m in &shadow {
+        let Value::Record(fields) = decoder.decode(m.payload().unwrap()).await.unwrap() else {
+            panic!()
+        };
+        let reasons = |name: &str| -> Vec<String> {
+            let Some((_, Value::Record(model))) = fields.iter().find(|(n, _)| n == name) else {
+                panic!("no {name}")
+            };
+            match model.iter().find(|(n, _)| n == "reasons") {
+                Some((_, Value::Union(1, list))) => match list.as_ref() {
+                    Value::Array(items) => items
+                        .iter()
+                        .map(|v| match v {
+                            Value::String(s) => s.clone(),
+                            other => panic!("{other:?}"),
+                        })
+                        .collect(),
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("{name} has no reasons: {other:?}"),
+            }
+        };
+        let (live, challenger) = (reasons("live"), reasons("shadow"));
+        assert_eq!(live.len(), 3, "{live:?}");
+        assert_eq!(live, challenger);
+        assert!(
+            live.iter()
+                .all(|r| r.parse::<leadscore_model::Reason>().is_ok()),
+            "{live:?}"
+        );
+    }
     registry.delete_subject(&subject).await.unwrap();
     t.delete().await;
 }
