@@ -271,8 +271,12 @@ impl Sender {
 
     /// Delivers with retries; true when delivered.
     async fn deliver(&self, receiver: Receiver, a: &AlertMessage) -> bool {
-        let mut delay = Duration::from_millis(self.cfg.retry_initial_ms);
+        let backoff = leadscore_runtime::backoff::Backoff {
+            initial: Duration::from_millis(self.cfg.retry_initial_ms),
+            max: Duration::from_secs(60),
+        };
         for attempt in 1..=self.cfg.max_attempts {
+            let delay = backoff.wait(attempt, None, rand::random::<f64>());
             match self.once(receiver, a).await {
                 Ok(()) => {
                     tracing::info!(receiver = receiver.as_str(), fingerprint = %a.fingerprint, attempt, "alert delivered");
@@ -281,7 +285,6 @@ impl Sender {
                 Err(e) if attempt < self.cfg.max_attempts => {
                     tracing::warn!(receiver = receiver.as_str(), fingerprint = %a.fingerprint, attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "alert delivery failed; retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(60));
                 }
                 Err(e) => {
                     tracing::error!(receiver = receiver.as_str(), fingerprint = %a.fingerprint, attempts = attempt, error = %e, "alert not delivered; giving up (it stays on the alerts topic)");

@@ -61,8 +61,100 @@ pub struct Config {
     pub lifecycle: LifecycleConfig,
     /// The lookup service (gRPC, the seed's REST contract, Open Inference Protocol).
     pub lookup: LookupConfig,
+    /// The webhook service: every score POSTed to the CRM's endpoints.
+    pub webhook: WebhookConfig,
     /// The async runtime every command runs on.
     pub runtime: RuntimeConfig,
+}
+
+/// The webhook service: follows the live scores and POSTs each one (and each delete) to
+/// every configured endpoint, signed, retried, in order per lead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Live scores to deliver (read_committed).
+    pub scores_topic: String,
+    /// Deliveries given up: JSON with the endpoint, status and attempts, never a secret.
+    pub dlq_topic: String,
+    /// Consumer group whose committed offsets are this service's progress.
+    pub group_id: String,
+    /// Partitions this instance delivers (empty: all); instances on disjoint sets scale out.
+    pub partitions: Vec<i32>,
+    /// Where scores go.
+    pub endpoints: Vec<WebhookEndpoint>,
+    /// Records taken in but not yet delivered everywhere, at most (backpressure).
+    pub max_in_flight: usize,
+    /// Committed progress at least this often, ms.
+    pub commit_interval_ms: u64,
+    /// On SIGTERM: time to finish in-flight deliveries and commit, ms.
+    pub shutdown_grace_ms: u64,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub http_listen: String,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            scores_topic: "leads.scores.v1".into(),
+            dlq_topic: "leads.scores.webhook.dlq.v1".into(),
+            group_id: "leadscore-webhook".into(),
+            partitions: Vec::new(),
+            endpoints: Vec::new(),
+            max_in_flight: 20_000,
+            commit_interval_ms: 1_000,
+            shutdown_grace_ms: 20_000,
+            http_listen: "127.0.0.1:9470".into(),
+        }
+    }
+}
+
+/// One receiver of scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookEndpoint {
+    /// Name in metrics, logs and dead letters (`[a-z0-9_-]`).
+    pub name: String,
+    /// `https://...` (`http://` only with `allow_http`).
+    pub url: String,
+    /// Environment variable holding the signing secret (never the secret itself).
+    pub secret_env: String,
+    /// Bands delivered (empty: all).
+    pub bands: Vec<String>,
+    /// Model names delivered (empty: all).
+    pub models: Vec<String>,
+    /// Deliveries in flight at once; a lead always goes through the same one, in order.
+    pub concurrency: usize,
+    /// Requests per second at most (0: no limit).
+    pub rate_per_sec: f64,
+    /// Per-request timeout, ms.
+    pub timeout_ms: u64,
+    /// First retry wait's upper bound, ms (exponential with jitter).
+    pub retry_initial_ms: u64,
+    /// Longest wait between attempts, ms (also caps a `Retry-After`).
+    pub retry_max_ms: u64,
+    /// Give up on a delivery after retrying this long, ms: it goes to the dead-letter topic.
+    pub give_up_after_ms: u64,
+    /// Allow a plain-HTTP URL (a receiver on the same host or a test).
+    pub allow_http: bool,
+}
+
+impl Default for WebhookEndpoint {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            url: String::new(),
+            secret_env: String::new(),
+            bands: Vec::new(),
+            models: Vec::new(),
+            concurrency: 8,
+            rate_per_sec: 0.0,
+            timeout_ms: 5_000,
+            retry_initial_ms: 200,
+            retry_max_ms: 60_000,
+            give_up_after_ms: 6 * 3_600_000,
+            allow_http: false,
+        }
+    }
 }
 
 /// The async runtime.
@@ -918,6 +1010,7 @@ impl Config {
         }
         self.validate_drift()?;
         self.validate_lookup()?;
+        self.validate_webhook()?;
         if !(self.connect.url.starts_with("http://") || self.connect.url.starts_with("https://")) {
             return Err(Error::Invalid {
                 key: "connect.url",
@@ -965,6 +1058,70 @@ impl Config {
 }
 
 impl Config {
+    fn validate_webhook(&self) -> Result<()> {
+        let w = &self.webhook;
+        let invalid = |key: &'static str, reason: String| Err(Error::Invalid { key, reason });
+        if w.http_listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid(
+                "webhook.http_listen",
+                format!("`{}` is not an ip:port address", w.http_listen),
+            );
+        }
+        if w.max_in_flight == 0 {
+            return invalid("webhook.max_in_flight", "must be at least 1".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for e in &w.endpoints {
+            let bad = |reason: String| {
+                invalid(
+                    "webhook.endpoints",
+                    format!("endpoint `{}`: {reason}", e.name),
+                )
+            };
+            if e.name.is_empty()
+                || !e
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+            {
+                return bad("name must be non-empty [a-z0-9_-]".into());
+            }
+            if !names.insert(e.name.as_str()) {
+                return bad("two endpoints have this name".into());
+            }
+            let https = e.url.starts_with("https://");
+            let http = e.url.starts_with("http://");
+            if !(https || (http && e.allow_http)) {
+                return bad(format!(
+                    "url `{}` must be https:// (http:// only with allow_http = true)",
+                    e.url
+                ));
+            }
+            if e.secret_env.is_empty() {
+                return bad(
+                    "secret_env must name the environment variable of the signing secret".into(),
+                );
+            }
+            if e.concurrency == 0 || e.concurrency > 1024 {
+                return bad(format!("concurrency {} is not in 1..=1024", e.concurrency));
+            }
+            if !(e.rate_per_sec >= 0.0 && e.rate_per_sec.is_finite()) {
+                return bad(format!("rate_per_sec {} must be 0 or more", e.rate_per_sec));
+            }
+            if e.timeout_ms == 0 || e.retry_initial_ms == 0 || e.retry_max_ms < e.retry_initial_ms {
+                return bad("timeout_ms and retry_initial_ms must be positive, retry_max_ms at least retry_initial_ms".into());
+            }
+            if let Some(b) = e
+                .bands
+                .iter()
+                .find(|b| !["High", "Medium", "Low"].contains(&b.as_str()))
+            {
+                return bad(format!("band `{b}` is not High, Medium or Low"));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_lookup(&self) -> Result<()> {
         let l = &self.lookup;
         let invalid = |key: &'static str, reason: String| Err(Error::Invalid { key, reason });

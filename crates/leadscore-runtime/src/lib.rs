@@ -4,10 +4,12 @@
 //! batch aborted N times in a row, or no committed progress for a configured time while
 //! input waits), and [`serve`], the one `/healthz` `/readyz` `/metrics` server. Services
 //! report what happened (`progressed`, `aborted`, `set_backlog`); the rule lives here.
-//! [`prom`] is the one writer of the Prometheus text of every `/metrics` page.
+//! [`prom`] is the one writer of the Prometheus text of every `/metrics` page;
+//! [`backoff`] the one retry rule of HTTP deliveries (alerts, webhooks).
 //!
 //! Must not: know about Kafka, models or any one service's metrics.
 
+pub mod backoff;
 pub mod prom;
 
 use std::net::SocketAddr;

@@ -23,6 +23,7 @@ mod retrain;
 mod schemas;
 mod scorer;
 mod topics;
+mod webhook;
 
 /// Real-time lead scoring on Kafka.
 #[derive(Debug, Parser)]
@@ -68,6 +69,9 @@ enum Command {
     /// Avro schemas in schemas/ and the schema registry.
     #[command(subcommand)]
     Schemas(schemas::SchemasCommand),
+    /// Run the webhook service (every score POSTed to the CRM's endpoints, signed and
+    /// retried), or `webhook ping URL` a receiver.
+    Webhook(webhook::WebhookArgs),
 }
 
 impl Command {
@@ -79,6 +83,7 @@ impl Command {
             Command::Lookup => Some("leadscore-lookup"),
             Command::Retrain(a) => a.service(),
             Command::Model(m) => m.service(),
+            Command::Webhook(w) => w.service(),
             _ => None,
         }
     }
@@ -149,5 +154,6 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Retrain(args) => retrain::run(args, config).await,
         Command::Model(cmd) => model::run(cmd, config).await,
         Command::Bench(cmd) => bench::run(cmd, &config).await,
+        Command::Webhook(args) => webhook::run(args, config).await,
     }
 }
