@@ -45,6 +45,16 @@ containers:
       {{- else if eq $.name "controller" }}
       - name: LEADSCORE__LIFECYCLE__HTTP_LISTEN
         value: "0.0.0.0:{{ $.svc.httpPort }}"
+      {{- else if eq $.name "webhook" }}
+      - name: LEADSCORE__WEBHOOK__HTTP_LISTEN
+        value: "0.0.0.0:{{ $.svc.httpPort }}"
+      {{- range $.root.Values.secrets.webhookSecrets }}
+      - name: {{ .env }}
+        valueFrom:
+          secretKeyRef:
+            name: {{ .name }}
+            key: {{ .key }}
+      {{- end }}
       {{- else if eq $.name "lookup" }}
       - name: LEADSCORE__LOOKUP__REST_LISTEN
         value: "0.0.0.0:{{ $.svc.httpPort }}"
