@@ -26,6 +26,8 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 pub(crate) enum BenchCommand {
     /// Passthrough vs scorer throughput, and scorer latency at a fixed rate.
     Scorer(BenchArgs),
+    /// Webhook deliveries per second to a local receiver, and delivery latency at a fixed rate.
+    Webhook(crate::bench_webhook::WebhookBenchArgs),
     /// Drift aggregator throughput on a pre-filled score topic, against a plain read of it.
     Drift(crate::bench_drift::DriftBenchArgs),
     /// Drift alert soundness: false alarms without drift and detection of known drifts by
@@ -246,7 +248,7 @@ fn start_scorer(
         .spawn()?)
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
@@ -285,6 +287,7 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
             return tokio::task::block_in_place(|| crate::bench_drift_sound::run(args));
         }
         BenchCommand::Lookup(args) => return crate::bench_lookup::run(args, config).await,
+        BenchCommand::Webhook(args) => return crate::bench_webhook::run(args, config).await,
     };
     leadscore_model::init_runtime(None)
         .context("ONNX Runtime (eval \"$(deploy/local/stack env)\")")?;

@@ -13,6 +13,7 @@ mod bench;
 mod bench_drift;
 mod bench_drift_sound;
 mod bench_lookup;
+mod bench_webhook;
 mod connectors;
 mod crm;
 mod demo;
