@@ -442,11 +442,21 @@ impl oip::grpc_inference_service_server::GrpcInferenceService for Inference {
                 datatype: "FP32".into(),
                 shape: vec![-1, width],
             }],
-            outputs: vec![oip::model_metadata_response::TensorMetadata {
-                name: "probability".into(),
-                datatype: "FP64".into(),
-                shape: vec![-1],
-            }],
+            outputs: {
+                let mut outputs = vec![oip::model_metadata_response::TensorMetadata {
+                    name: "probability".into(),
+                    datatype: "FP64".into(),
+                    shape: vec![-1],
+                }];
+                if model.explained() {
+                    outputs.push(oip::model_metadata_response::TensorMetadata {
+                        name: "contributions".into(),
+                        datatype: "FP64".into(),
+                        shape: vec![-1, width],
+                    });
+                }
+                outputs
+            },
         }))
     }
 
@@ -505,15 +515,26 @@ impl oip::grpc_inference_service_server::GrpcInferenceService for Inference {
                     values.len()
                 )));
             }
-            let scores = model
-                .score_features(&values, n)
-                .map_err(|e| Status::internal(format!("inference failed: {e}")))?;
-            Ok(oip::ModelInferResponse {
-                model_name: model.metadata().model_name.clone(),
-                model_version: model.metadata().version.clone(),
-                id: r.id.clone(),
-                parameters: Default::default(),
-                outputs: vec![oip::model_infer_response::InferOutputTensor {
+            // Outputs as the protocol asks: the requested ones, or every one when none is
+            // named (`contributions` only for an explained tree ensemble).
+            let wants =
+                |name: &str| r.outputs.is_empty() || r.outputs.iter().any(|o| o.name == name);
+            if let Some(other) = r
+                .outputs
+                .iter()
+                .find(|o| o.name != "probability" && o.name != "contributions")
+            {
+                return Err(Status::invalid_argument(format!(
+                    "`outputs` is invalid: no output named `{}` (probability, contributions)",
+                    other.name
+                )));
+            }
+            let mut outputs = Vec::new();
+            if wants("probability") {
+                let scores = model
+                    .score_features(&values, n)
+                    .map_err(|e| Status::internal(format!("inference failed: {e}")))?;
+                outputs.push(oip::model_infer_response::InferOutputTensor {
                     name: "probability".into(),
                     datatype: "FP64".into(),
                     shape: vec![n as i64],
@@ -522,7 +543,45 @@ impl oip::grpc_inference_service_server::GrpcInferenceService for Inference {
                         fp64_contents: scores,
                         ..Default::default()
                     }),
-                }],
+                });
+            }
+            let explicit = r.outputs.iter().any(|o| o.name == "contributions");
+            match model.contributions_of_rows(&values) {
+                Some((phi, expected)) if wants("contributions") => {
+                    let mut parameters = std::collections::HashMap::new();
+                    parameters.insert(
+                        "expected_value".to_string(),
+                        oip::InferParameter {
+                            parameter_choice: Some(
+                                oip::infer_parameter::ParameterChoice::DoubleParam(expected),
+                            ),
+                        },
+                    );
+                    outputs.push(oip::model_infer_response::InferOutputTensor {
+                        name: "contributions".into(),
+                        datatype: "FP64".into(),
+                        shape: vec![n as i64, w as i64],
+                        parameters,
+                        contents: Some(oip::InferTensorContents {
+                            fp64_contents: phi,
+                            ..Default::default()
+                        }),
+                    });
+                }
+                None if explicit => {
+                    return Err(Status::failed_precondition(format!(
+                        "model {} has no contributions: it is not an explained tree ensemble",
+                        model.metadata().label()
+                    )));
+                }
+                _ => {}
+            }
+            Ok(oip::ModelInferResponse {
+                model_name: model.metadata().model_name.clone(),
+                model_version: model.metadata().version.clone(),
+                id: r.id.clone(),
+                parameters: Default::default(),
+                outputs,
                 raw_output_contents: Vec::new(),
             })
         })();

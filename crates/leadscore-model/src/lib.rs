@@ -463,6 +463,15 @@ impl Model {
         Some((names.zip(phi).collect(), explainer.expected_value()))
     }
 
+    /// Each feature's contribution (log-odds) for `n` rows of built features (row-major,
+    /// `n * width`), row by row, and the expected log-odds they add to; `None` when this
+    /// model is not explained or the rows are not whole.
+    pub fn contributions_of_rows(&self, rows: &[f32]) -> Option<(Vec<f64>, f64)> {
+        let explainer = self.explainer.as_ref()?;
+        let phi = explainer.contributions_batch(rows);
+        (phi.len() == rows.len()).then_some((phi, explainer.expected_value()))
+    }
+
     /// Whether scores of this model can carry reasons.
     pub fn explained(&self) -> bool {
         self.explainer.is_some()

@@ -1031,6 +1031,45 @@ async fn the_seed_rest_contract_bearer_tokens_health_and_open_inference_protocol
         .clone();
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].to_bits(), score.to_bits());
+    // The second output: each feature's contribution, adding up (with the expected value
+    // in its parameters) to the score's log-odds.
+    assert_eq!(
+        meta.outputs
+            .iter()
+            .map(|o| o.name.as_str())
+            .collect::<Vec<_>>(),
+        ["probability", "contributions"]
+    );
+    let contributions = &r.outputs[1];
+    assert_eq!(contributions.name, "contributions");
+    assert_eq!(contributions.shape, [1, row.len() as i64]);
+    let phi = &contributions.contents.as_ref().unwrap().fp64_contents;
+    let Some(oip::infer_parameter::ParameterChoice::DoubleParam(expected)) =
+        contributions.parameters["expected_value"].parameter_choice
+    else {
+        panic!("no expected_value")
+    };
+    let margin = expected + phi.iter().sum::<f64>();
+    assert!(
+        (1.0 / (1.0 + (-margin).exp()) - score).abs() < 1e-6,
+        "{margin} vs {score}"
+    );
+    let mut only = infer(row.clone(), 1);
+    only.outputs = vec![oip::model_infer_request::InferRequestedOutputTensor {
+        name: "contributions".into(),
+        ..Default::default()
+    }];
+    let r = oip_client
+        .model_infer(only.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.outputs.len(), 1);
+    assert_eq!(&r.outputs[0].contents.as_ref().unwrap().fp64_contents, phi);
+    only.outputs[0].name = "shap".into();
+    let e = oip_client.model_infer(only).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("shap"), "{}", e.message());
     let e = oip_client
         .model_infer(infer(row.clone(), 2))
         .await
