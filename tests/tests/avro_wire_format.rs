@@ -46,6 +46,15 @@ fn lead_score(lead_id: &str, score: f64) -> Value {
         ),
         ("latency_ms".into(), Value::Double(12.5)),
         ("source".into(), Value::Union(0, Box::new(Value::Null))),
+        (
+            "reasons".into(),
+            Value::Union(
+                1,
+                Box::new(Value::Array(vec![Value::String(
+                    "page_views=15 +0.42".into(),
+                )])),
+            ),
+        ),
     ])
 }
 

@@ -336,9 +336,10 @@ fn measure_lag(consumer: &StreamConsumer, topic: &str, tracker: &Tracker, metric
 
 /// `leadscore webhook ping URL`: one signed `ping` event; the status and how long it took.
 pub async fn ping(url: &str, secret: &[u8], timeout: Duration) -> Result<(u16, Duration), String> {
+    let id = format!("ls_ping_{}", chrono::Utc::now().timestamp_millis());
     let body = serde_json::json!({
         "type": "ping",
-        "id": format!("ls_ping_{}", chrono::Utc::now().timestamp_millis()),
+        "id": id,
         "sent_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     })
     .to_string();
@@ -349,6 +350,7 @@ pub async fn ping(url: &str, secret: &[u8], timeout: Duration) -> Result<(u16, D
         .timeout(timeout)
         .header("content-type", "application/json")
         .header("user-agent", "leadscore-webhook/1")
+        .header("leadscore-idempotency-key", &id)
         .header("leadscore-timestamp", timestamp.to_string())
         .header(
             "leadscore-signature",
