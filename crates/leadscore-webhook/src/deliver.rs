@@ -335,3 +335,27 @@ async fn dead_letter(
         wait = (wait * 2).min(Duration::from_secs(30));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_limiter_holds_an_endpoint_to_its_rate_after_a_burst() {
+        let limiter = Limiter::new(100.0);
+        let started = Instant::now();
+        for _ in 0..150 {
+            limiter.acquire().await;
+        }
+        // 100 at once (one second's burst), then 50 at 100/s: about half a second.
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(450), "{took:?}");
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        let unlimited = Limiter::new(0.0);
+        let started = Instant::now();
+        for _ in 0..10_000 {
+            unlimited.acquire().await;
+        }
+        assert!(started.elapsed() < Duration::from_millis(200));
+    }
+}

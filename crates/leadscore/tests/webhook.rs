@@ -467,12 +467,22 @@ async fn a_failing_endpoint_dead_letters_with_attempts_and_the_other_is_unaffect
             name: "gone",
             extra: "",
         },
+        Endpoint {
+            name: "high",
+            extra: "bands = [\"High\"]",
+        },
     ];
     let (svc, port) = start(&topic, &dlq, &unique("it-wh"), rport, &endpoints, &dir);
     let effects = receiver
         .wait_effects("crm", total, Duration::from_secs(60))
         .await;
     assert_eq!(effects.len(), total, "the healthy endpoint got everything");
+    // The filtered endpoint gets the High scores only (the bench data: score = 7l % 100 / 100).
+    let high = (0..40).filter(|l| (l * 7) % 100 >= 50).count();
+    let got_high = receiver
+        .wait_effects("high", high, Duration::from_secs(30))
+        .await;
+    assert_eq!(got_high.len(), high);
     let letters = leadscore_e2e::receive(
         &consumer(&dlq, "read_committed"),
         2 * total,
