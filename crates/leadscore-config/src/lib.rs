@@ -63,8 +63,41 @@ pub struct Config {
     pub lookup: LookupConfig,
     /// The webhook service: every score POSTed to the CRM's endpoints.
     pub webhook: WebhookConfig,
+    /// The monitoring dashboard.
+    pub dashboard: DashboardConfig,
     /// The async runtime every command runs on.
     pub runtime: RuntimeConfig,
+}
+
+/// The monitoring dashboard: a page fed from the project's own topics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DashboardConfig {
+    /// The page, `/api/state`, `/events`, `/healthz`, `/readyz`, `/metrics`.
+    pub http_listen: String,
+    /// Window and outcome reports.
+    pub metrics_topic: String,
+    /// Alerts.
+    pub alerts_topic: String,
+    /// Model lifecycle events.
+    pub lifecycle_topic: String,
+    /// Live scores (read from the end).
+    pub scores_topic: String,
+    /// How often the page gets a new snapshot, ms.
+    pub push_interval_ms: u64,
+}
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        Self {
+            http_listen: "127.0.0.1:9480".into(),
+            metrics_topic: "leadscore.metrics.v1".into(),
+            alerts_topic: "leadscore.alerts.v1".into(),
+            lifecycle_topic: "leadscore.model.lifecycle.v1".into(),
+            scores_topic: "leads.scores.v1".into(),
+            push_interval_ms: 2_000,
+        }
+    }
 }
 
 /// The webhook service: follows the live scores and POSTs each one (and each delete) to

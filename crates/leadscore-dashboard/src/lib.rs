@@ -27,12 +27,19 @@ pub fn to_json(v: &Value) -> Json {
         Value::Union(_, inner) => to_json(inner),
         Value::Array(items) => Json::Array(items.iter().map(to_json).collect()),
         Value::Map(m) => Json::Object(m.iter().map(|(k, v)| (k.clone(), to_json(v))).collect()),
-        Value::Record(fields) => {
-            Json::Object(fields.iter().map(|(k, v)| (k.clone(), to_json(v))).collect())
-        }
+        Value::Record(fields) => Json::Object(
+            fields
+                .iter()
+                .map(|(k, v)| (k.clone(), to_json(v)))
+                .collect(),
+        ),
         other => json!(format!("{other:?}")),
     }
 }
+
+/// The page: one HTML file with its script and styles inline (no build step, no CDN). It
+/// follows `events` (server-sent snapshots) and renders them.
+pub const PAGE: &str = include_str!("page.html");
 
 /// Points kept per time series.
 const POINTS: usize = 360;
@@ -87,7 +94,10 @@ pub struct Board {
 }
 
 fn text(j: &Json, key: &str) -> String {
-    j.get(key).and_then(Json::as_str).unwrap_or_default().to_string()
+    j.get(key)
+        .and_then(Json::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
 impl Board {
@@ -177,7 +187,8 @@ impl Board {
     pub fn tick(&mut self, now_ms: i64) {
         if let Some(last) = self.last_tick_ms {
             let secs = ((now_ms - last) as f64 / 1000.0).max(0.001);
-            self.scores_per_sec.push(now_ms, self.tick_scores as f64 / secs);
+            self.scores_per_sec
+                .push(now_ms, self.tick_scores as f64 / secs);
         }
         if self.tick_scores > 0 {
             self.bands = std::mem::take(&mut self.tick_bands);
@@ -268,7 +279,12 @@ mod tests {
     use super::*;
 
     fn record(fields: Vec<(&str, Value)>) -> Value {
-        Value::Record(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+        Value::Record(
+            fields
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        )
     }
 
     fn s(v: &str) -> Value {
@@ -351,7 +367,10 @@ mod tests {
         };
         b.lifecycle(&event("2", "shadow", 0));
         let m = &b.snapshot()["models"][0];
-        assert_eq!((m["champion"].clone(), m["challenger"].clone()), (json!("1"), json!("2")));
+        assert_eq!(
+            (m["champion"].clone(), m["challenger"].clone()),
+            (json!("1"), json!("2"))
+        );
         b.lifecycle(&event("2", "canary", 50));
         assert_eq!(b.snapshot()["models"][0]["canary"]["percent"], 50);
         b.lifecycle(&event("2", "rolled_back", 0));
@@ -376,6 +395,9 @@ mod tests {
         // A quiet tick keeps the last mix.
         b.tick(4_000);
         assert_eq!(b.snapshot()["bands"]["Low"], 2);
-        assert_eq!(b.snapshot()["pipeline"]["scores_per_sec"][1], json!([4_000, 0.0]));
+        assert_eq!(
+            b.snapshot()["pipeline"]["scores_per_sec"][1],
+            json!([4_000, 0.0])
+        );
     }
 }

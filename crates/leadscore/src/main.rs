@@ -16,6 +16,7 @@ mod bench_lookup;
 mod bench_webhook;
 mod connectors;
 mod crm;
+mod dashboard;
 mod demo;
 mod drift;
 mod lookup;
@@ -70,6 +71,8 @@ enum Command {
     /// Avro schemas in schemas/ and the schema registry.
     #[command(subcommand)]
     Schemas(schemas::SchemasCommand),
+    /// Run the monitoring dashboard (pipeline, models, drift and alerts, live in a browser).
+    Dashboard,
     /// Run the webhook service (every score POSTed to the CRM's endpoints, signed and
     /// retried), or `webhook ping URL` a receiver.
     Webhook(webhook::WebhookArgs),
@@ -82,6 +85,7 @@ impl Command {
             Command::Scorer => Some("leadscore-scorer"),
             Command::Drift => Some("leadscore-drift"),
             Command::Lookup => Some("leadscore-lookup"),
+            Command::Dashboard => Some("leadscore-dashboard"),
             Command::Retrain(a) => a.service(),
             Command::Model(m) => m.service(),
             Command::Webhook(w) => w.service(),
@@ -152,6 +156,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Scorer => scorer::run(config).await,
         Command::Drift => drift::run(config).await,
         Command::Lookup => lookup::run(config).await,
+        Command::Dashboard => dashboard::run(config).await,
         Command::Retrain(args) => retrain::run(args, config).await,
         Command::Model(cmd) => model::run(cmd, config).await,
         Command::Bench(cmd) => bench::run(cmd, &config).await,

@@ -1,0 +1,271 @@
+//! The dashboard on the real stack: what the topics hold reaches `/api/state` and the
+//! server-sent `/events` the page follows; the data needs the bearer token, the page not.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step is a failed test
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use apache_avro::types::Value;
+use leadscore_drift::FeatureDrift;
+use leadscore_drift::report::{WindowKind, WindowReport};
+use leadscore_e2e::{
+    Service, client, create_topic, delete_topics, free_port, publish_avro, unique,
+};
+use leadscore_lifecycle::events::{LifecycleEvent, Stage};
+use leadscore_model::Band;
+use leadscore_registry::Registry;
+use leadscore_scorer::records::{self, LeadScore, ModelScore, Role};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+const TOKEN: &str = "it-dashboard-token-0123456789";
+
+fn drift(feature: &str, psi: f64) -> FeatureDrift {
+    FeatureDrift {
+        feature: feature.into(),
+        numeric: true,
+        sample_size: 500,
+        psi,
+        kl: psi / 2.0,
+        js: psi / 3.0,
+        ks: Some((0.2, 0.001)),
+        chi2: None,
+        new_category_rate: None,
+        missing_rate: 0.01,
+        reference_missing_rate: 0.01,
+        missing_p: None,
+        judged: true,
+        psi_noise: 0.0,
+    }
+}
+
+async fn get(port: u16, path: &str, token: Option<&str>) -> reqwest::Response {
+    let mut r = reqwest::Client::new().get(format!("http://127.0.0.1:{port}{path}"));
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    r.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_topics_hold_reaches_the_page_state_and_its_event_stream() {
+    let base = unique("it-dash");
+    let (metrics, alerts, lifecycle, scores) = (
+        format!("{base}.metrics"),
+        format!("{base}.alerts"),
+        format!("{base}.lifecycle"),
+        format!("{base}.scores"),
+    );
+    for t in [&metrics, &alerts, &lifecycle, &scores] {
+        create_topic(t, 1).await;
+    }
+    let start = 1_800_000_000_000i64;
+    let report = WindowReport {
+        model_name: "lead-scoring".into(),
+        model_version: "7".into(),
+        kind: WindowKind::Hourly,
+        start_ms: start,
+        end_ms: start + 3_600_000,
+        scored: 500,
+        late_events: 0,
+        errors: 0,
+        features: vec![drift("page_views", 0.41), drift("industry", 0.01)],
+        score_psi: Some(0.02),
+        score_judged: true,
+        shadow: None,
+        latency: None,
+        outcomes: None,
+        emitted_at_ms: start,
+    };
+    publish_avro(
+        &metrics,
+        "lead-scoring",
+        "WindowReport.avsc",
+        report.to_value(),
+    )
+    .await;
+    let alert = Value::Record(vec![
+        (
+            "fingerprint".into(),
+            Value::String("lead-scoring/psi/page_views".into()),
+        ),
+        ("status".into(), Value::Enum(0, "firing".into())),
+        ("severity".into(), Value::Enum(2, "critical".into())),
+        ("kind".into(), Value::String("psi".into())),
+        (
+            "feature".into(),
+            Value::Union(1, Box::new(Value::String("page_views".into()))),
+        ),
+        ("value".into(), Value::Double(0.41)),
+        ("threshold".into(), Value::Double(0.25)),
+        ("window_start".into(), Value::TimestampMillis(start)),
+        (
+            "window_end".into(),
+            Value::TimestampMillis(start + 3_600_000),
+        ),
+        ("model_name".into(), Value::String("lead-scoring".into())),
+        ("model_version".into(), Value::String("7".into())),
+        ("message".into(), Value::String("psi of page_views".into())),
+        ("raised_at".into(), Value::TimestampMillis(start)),
+    ]);
+    publish_avro(&alerts, "lead-scoring/psi/page_views", "Alert.avsc", alert).await;
+    let event = LifecycleEvent {
+        event_id: unique("ev"),
+        model_name: "lead-scoring".into(),
+        version: "8".into(),
+        stage: Stage::Canary,
+        canary_percent: 10,
+        champion_version: Some("7".into()),
+        challenger_version: Some("8".into()),
+        reason: "shadow passed".into(),
+        at_ms: start,
+    };
+    publish_avro(
+        &lifecycle,
+        "lead-scoring",
+        "ModelLifecycleEvent.avsc",
+        event.to_value(),
+    )
+    .await;
+
+    let port = free_port();
+    let _svc: Service = Command::new(env!("CARGO_BIN_EXE_leadscore"))
+        .arg("dashboard")
+        .env("LEADSCORE__DASHBOARD__METRICS_TOPIC", &metrics)
+        .env("LEADSCORE__DASHBOARD__ALERTS_TOPIC", &alerts)
+        .env("LEADSCORE__DASHBOARD__LIFECYCLE_TOPIC", &lifecycle)
+        .env("LEADSCORE__DASHBOARD__SCORES_TOPIC", &scores)
+        .env("LEADSCORE__DASHBOARD__PUSH_INTERVAL_MS", "300")
+        .env(
+            "LEADSCORE__DASHBOARD__HTTP_LISTEN",
+            format!("127.0.0.1:{port}"),
+        )
+        .env("LEADSCORE__LOOKUP__AUTH_TOKENS", format!("[\"{TOKEN}\"]"))
+        .env("LEADSCORE_LOG", "warn")
+        .spawn()
+        .unwrap()
+        .into();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the dashboard never listened");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The page is open; its data needs the token.
+    let page = get(port, "/", None).await;
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.text().await.unwrap().contains("leadscore, live"));
+    assert_eq!(get(port, "/api/state", None).await.status().as_u16(), 401);
+    assert_eq!(
+        get(port, "/api/state", Some("wrong-token-0123456789"))
+            .await
+            .status()
+            .as_u16(),
+        401
+    );
+
+    // Scores produced after it started: read from the end of the topic.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let registry = Registry::new(&leadscore_e2e::config().registry).unwrap();
+    let id = registry
+        .register(
+            &leadscore_schemas::value_subject(&scores),
+            leadscore_schemas::find("LeadScore.avsc").unwrap().text,
+        )
+        .await
+        .unwrap();
+    let producer: FutureProducer = client(&[]).create().unwrap();
+    for i in 0..30 {
+        let band = [Band::High, Band::Medium, Band::Low][i % 3];
+        let r = LeadScore {
+            lead_id: format!("dash-{i}"),
+            model: ModelScore {
+                model_name: "lead-scoring".into(),
+                model_version: "7".into(),
+                score: 0.5,
+                band,
+                reasons: None,
+            },
+            role: Role::Champion,
+            features: Vec::new(),
+            event_time_ms: start,
+            scored_at_ms: start,
+            latency_ms: 1.0,
+            source: None,
+        };
+        let bytes = records::framed(id, |b| r.encode(b));
+        producer
+            .send(
+                FutureRecord::to(&scores).key(&r.lead_id).payload(&bytes),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let state: serde_json::Value = loop {
+        let s: serde_json::Value = get(port, "/api/state", Some(TOKEN))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let ready = s["drift"].as_array().is_some_and(|d| !d.is_empty())
+            && s["alerts"]["firing"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+            && s["models"].as_array().is_some_and(|m| !m.is_empty())
+            && s["pipeline"]["scores_total"] == 30;
+        if ready || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let d = &state["drift"][0];
+    assert_eq!(
+        (d["version"].as_str(), d["scored"].as_u64()),
+        (Some("7"), Some(500))
+    );
+    let flagged: Vec<&str> = d["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["flagged"] == true)
+        .map(|f| f["feature"].as_str().unwrap())
+        .collect();
+    assert_eq!(flagged, ["page_views"], "the drifted feature, and only it");
+    assert_eq!(state["alerts"]["firing_by_severity"]["critical"], 1);
+    let m = &state["models"][0];
+    assert_eq!(
+        (m["champion"].as_str(), m["canary"]["percent"].as_i64()),
+        (Some("7"), Some(10))
+    );
+    assert_eq!(state["pipeline"]["scores_total"], 30);
+
+    // The page's stream carries the same state.
+    let mut events = get(port, "/events", Some(TOKEN)).await;
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    let mut buf = String::new();
+    while !buf.contains("\n\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), events.chunk())
+            .await
+            .expect("an event within the push interval")
+            .unwrap()
+            .unwrap();
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let data = buf
+        .split("\n\n")
+        .next()
+        .unwrap()
+        .strip_prefix("data: ")
+        .unwrap();
+    let streamed: serde_json::Value = serde_json::from_str(data).unwrap();
+    assert_eq!(
+        streamed["drift"][0]["features"],
+        state["drift"][0]["features"]
+    );
+    delete_topics(&[&metrics, &alerts, &lifecycle, &scores]).await;
+}
