@@ -224,6 +224,25 @@ pub(crate) async fn run(args: DemoArgs, config: &Config) -> anyhow::Result<ExitC
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!("   ready, metrics on http://127.0.0.1:{}/metrics", scorer.1);
+    // The monitoring page, live while the demo runs.
+    let _dashboard = match std::process::Command::new(std::env::current_exe()?)
+        .arg("dashboard")
+        .env("LEADSCORE_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+    {
+        Ok(child) => {
+            println!(
+                "   dashboard: http://{}/ (live while the demo runs; `leadscore dashboard` keeps it)",
+                config.dashboard.http_listen
+            );
+            Some(Scorer(child, 0))
+        }
+        Err(e) => {
+            println!("   dashboard not started: {e}");
+            None
+        }
+    };
 
     let mut pg = leadscore_postgres::connect(&config.postgres.url).await?;
     let prefix = format!("demo-{}", chrono::Utc::now().format("%Y%m%d%H%M%S"));
