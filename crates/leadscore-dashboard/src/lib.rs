@@ -41,6 +41,9 @@ pub fn to_json(v: &Value) -> Json {
 /// follows `events` (server-sent snapshots) and renders them.
 pub const PAGE: &str = include_str!("page.html");
 
+/// The score distribution shown covers this much time.
+pub const BAND_WINDOW_MS: i64 = 5 * 60_000;
+
 /// Points kept per time series.
 const POINTS: usize = 360;
 
@@ -86,8 +89,8 @@ pub struct Board {
     tick_scores: u64,
     tick_bands: BTreeMap<String, u64>,
     tick_deletes: u64,
-    /// Band counts of the scores seen in the current minute and the one before.
-    bands: BTreeMap<String, u64>,
+    /// Band counts per closed tick within the last [`BAND_WINDOW_MS`].
+    band_ticks: VecDeque<(i64, BTreeMap<String, u64>)>,
     scores_per_sec: Series,
     last_tick_ms: Option<i64>,
     total_scores: u64,
@@ -191,12 +194,31 @@ impl Board {
                 .push(now_ms, self.tick_scores as f64 / secs);
         }
         if self.tick_scores > 0 {
-            self.bands = std::mem::take(&mut self.tick_bands);
+            self.band_ticks
+                .push_back((now_ms, std::mem::take(&mut self.tick_bands)));
+        }
+        while self
+            .band_ticks
+            .front()
+            .is_some_and(|(t, _)| *t <= now_ms - BAND_WINDOW_MS)
+        {
+            self.band_ticks.pop_front();
         }
         self.tick_bands.clear();
         self.tick_scores = 0;
         self.tick_deletes = 0;
         self.last_tick_ms = Some(now_ms);
+    }
+
+    /// Scores by band over the last [`BAND_WINDOW_MS`].
+    fn bands(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (_, ticks) in &self.band_ticks {
+            for (band, n) in ticks {
+                *out.entry(band.clone()).or_default() += n;
+            }
+        }
+        out
     }
 
     /// What the page shows, as JSON.
@@ -262,7 +284,7 @@ impl Board {
                 "scores_per_sec": self.scores_per_sec.json(),
                 "scores_total": self.total_scores,
             },
-            "bands": self.bands,
+            "bands": self.bands(),
             "models": models,
             "events": self.events.iter().rev().collect::<Vec<_>>(),
             "drift": drift,
@@ -380,7 +402,7 @@ mod tests {
     }
 
     #[test]
-    fn scores_make_a_rate_and_the_band_mix_of_the_last_tick() {
+    fn scores_make_a_rate_and_the_band_mix_of_the_last_five_minutes() {
         let mut b = Board::default();
         b.tick(0);
         for band in ["High", "Low", "Low", "Medium"] {
@@ -392,12 +414,23 @@ mod tests {
         assert_eq!(snap["pipeline"]["scores_per_sec"][0], json!([2_000, 2.0]));
         assert_eq!(snap["bands"]["Low"], 2);
         assert_eq!(snap["pipeline"]["scores_total"], 4);
-        // A quiet tick keeps the last mix.
+        // A quiet tick keeps the mix; a later score adds to it; five minutes on, it is gone.
         b.tick(4_000);
         assert_eq!(b.snapshot()["bands"]["Low"], 2);
         assert_eq!(
             b.snapshot()["pipeline"]["scores_per_sec"][1],
             json!([4_000, 0.0])
         );
+        b.score(Some(&record(vec![("band", Value::Enum(0, "Low".into()))])));
+        b.tick(6_000);
+        assert_eq!(b.snapshot()["bands"]["Low"], 3);
+        b.tick(2_000 + BAND_WINDOW_MS);
+        assert_eq!(
+            b.snapshot()["bands"]["Low"],
+            1,
+            "the first tick's scores left the window"
+        );
+        b.tick(6_000 + BAND_WINDOW_MS);
+        assert!(b.snapshot()["bands"].as_object().unwrap().is_empty());
     }
 }

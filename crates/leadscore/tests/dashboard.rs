@@ -267,5 +267,53 @@ async fn what_the_topics_hold_reaches_the_page_state_and_its_event_stream() {
         streamed["drift"][0]["features"],
         state["drift"][0]["features"]
     );
+
+    // In a browser: headless Chromium (Debian's) runs the page's script against the stream.
+    let url = format!("http://127.0.0.1:{port}/#token={TOKEN}");
+    let chromium = |extra: &[&str]| {
+        let out = Command::new("chromium")
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--window-size=1400,1100",
+                "--virtual-time-budget=6000",
+            ])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .expect("chromium (Debian package `chromium`, installed by deploy/local/stack)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let dom = chromium(&["--dump-dom"]);
+    assert!(
+        dom.contains("data-updated="),
+        "the page rendered a snapshot: {dom}"
+    );
+    assert!(
+        dom.contains(r#"<tr data-feature="page_views" class="flag">"#),
+        "the drifted feature is flagged in the page"
+    );
+    assert!(dom.contains(r#"<tr data-feature="industry" class="">"#));
+    assert!(dom.contains(r#"<b id="firing">1</b>"#), "one alert firing");
+    assert!(
+        dom.contains(r#"<span data-band="High">High: <b>10</b></span>"#),
+        "{dom}"
+    );
+    assert!(dom.contains("8 (10%)"), "the canary and its share");
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    chromium(&[&format!("--screenshot={}", shot.display())]);
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "a screenshot at {}",
+        shot.display()
+    );
+    eprintln!("screenshot: {}", shot.display());
     delete_topics(&[&metrics, &alerts, &lifecycle, &scores]).await;
 }
