@@ -85,6 +85,9 @@ pub struct DashboardConfig {
     pub scores_topic: String,
     /// How often the page gets a new snapshot, ms.
     pub push_interval_ms: u64,
+    /// The scorers' `/metrics` pages (leads in, dead letters, lag, event-to-score latency),
+    /// scraped every push; empty: none.
+    pub scrape_urls: Vec<String>,
 }
 
 impl Default for DashboardConfig {
@@ -96,6 +99,7 @@ impl Default for DashboardConfig {
             lifecycle_topic: "leadscore.model.lifecycle.v1".into(),
             scores_topic: "leads.scores.v1".into(),
             push_interval_ms: 2_000,
+            scrape_urls: vec!["http://127.0.0.1:9464/metrics".into()],
         }
     }
 }

@@ -64,6 +64,124 @@ impl Series {
     }
 }
 
+/// One sample of a Prometheus text page: name, labels, value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Metric name (with `_bucket`, `_sum`, `_count` suffixes as written).
+    pub name: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Value.
+    pub value: f64,
+}
+
+/// The samples of a Prometheus text page (comments and malformed lines skipped).
+pub fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = match line.rsplit_once(' ') {
+            Some((s, v)) => (s.trim(), v),
+            None => continue,
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), BTreeMap::new()),
+            Some((name, rest)) => {
+                let mut labels = BTreeMap::new();
+                for pair in rest.trim_end_matches('}').split("\",") {
+                    if let Some((k, v)) = pair.split_once("=\"") {
+                        labels.insert(
+                            k.trim_start_matches(',').to_string(),
+                            v.trim_end_matches('"').to_string(),
+                        );
+                    }
+                }
+                (name.to_string(), labels)
+            }
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// The totals the pipeline charts are made from, summed over every scraped scorer.
+#[derive(Debug, Default, Clone)]
+struct Totals {
+    inputs: f64,
+    scored: f64,
+    dead_by_kind: BTreeMap<String, f64>,
+    lag: f64,
+    /// Event-to-score histogram: cumulative count per upper bound.
+    latency: BTreeMap<u64, f64>,
+}
+
+impl Totals {
+    fn of(samples: &[Sample]) -> Self {
+        let mut t = Totals::default();
+        for s in samples {
+            match s.name.as_str() {
+                "leadscore_scorer_inputs_total" => t.inputs += s.value,
+                "leadscore_scorer_scored_total" => t.scored += s.value,
+                "leadscore_scorer_dead_letters_total" => {
+                    let kind = s.labels.get("kind").cloned().unwrap_or_default();
+                    *t.dead_by_kind.entry(kind).or_default() += s.value;
+                }
+                "leadscore_scorer_consumer_lag" => t.lag += s.value,
+                "leadscore_scorer_event_to_score_ms_bucket" => {
+                    let le = s.labels.get("le").map(String::as_str).unwrap_or("+Inf");
+                    let bound = if le == "+Inf" {
+                        u64::MAX
+                    } else {
+                        // Bounds in ms, kept to the microsecond as map keys.
+                        (le.parse::<f64>().unwrap_or(f64::MAX) * 1000.0) as u64
+                    };
+                    *t.latency.entry(bound).or_default() += s.value;
+                }
+                _ => {}
+            }
+        }
+        t
+    }
+}
+
+/// The `q` quantile (0..1) of a histogram given as cumulative counts per upper bound (in
+/// microseconds), by linear interpolation within the bucket; `None` without samples.
+fn quantile(cumulative: &BTreeMap<u64, f64>, q: f64) -> Option<f64> {
+    let total = cumulative.values().copied().fold(0.0, f64::max);
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (&bound, &count) in cumulative {
+        let upper = if bound == u64::MAX {
+            lower
+        } else {
+            bound as f64 / 1000.0
+        };
+        if count >= rank {
+            let share = if count > below {
+                (rank - below) / (count - below)
+            } else {
+                0.0
+            };
+            return Some(lower + (upper - lower) * share);
+        }
+        lower = upper;
+        below = count;
+    }
+    Some(lower)
+}
+
 /// Where each model's versions stand, from lifecycle events.
 #[derive(Debug, Default, Clone)]
 struct ModelRoles {
@@ -94,6 +212,16 @@ pub struct Board {
     scores_per_sec: Series,
     last_tick_ms: Option<i64>,
     total_scores: u64,
+    /// The last scrape of the scorers' metrics and when it was taken.
+    last_scrape: Option<(i64, Totals)>,
+    leads_in_per_sec: Series,
+    scored_per_sec: Series,
+    dead_per_sec: BTreeMap<String, Series>,
+    lag: Series,
+    latency_p50: Series,
+    latency_p95: Series,
+    latency_p99: Series,
+    error_rate: Series,
 }
 
 fn text(j: &Json, key: &str) -> String {
@@ -221,6 +349,53 @@ impl Board {
         out
     }
 
+    /// The scorers' metrics pages scraped at `now_ms` (their samples together): rates since
+    /// the last scrape, the lag, and event-to-score percentiles of the scores in between.
+    pub fn scrape(&mut self, now_ms: i64, samples: &[Sample]) {
+        let now = Totals::of(samples);
+        if let Some((then_ms, then)) = &self.last_scrape {
+            let secs = ((now_ms - then_ms) as f64 / 1000.0).max(0.001);
+            // A restarted scorer starts its counters again: no negative rates.
+            let rate = |a: f64, b: f64| (a - b).max(0.0) / secs;
+            let inputs = rate(now.inputs, then.inputs);
+            self.leads_in_per_sec.push(now_ms, inputs);
+            self.scored_per_sec
+                .push(now_ms, rate(now.scored, then.scored));
+            let mut dead = 0.0;
+            for (kind, n) in &now.dead_by_kind {
+                let r = rate(*n, then.dead_by_kind.get(kind).copied().unwrap_or(0.0));
+                dead += r;
+                self.dead_per_sec
+                    .entry(kind.clone())
+                    .or_default()
+                    .push(now_ms, r);
+            }
+            self.error_rate
+                .push(now_ms, if inputs > 0.0 { dead / inputs } else { 0.0 });
+            let delta: BTreeMap<u64, f64> = now
+                .latency
+                .iter()
+                .map(|(b, c)| {
+                    (
+                        *b,
+                        (c - then.latency.get(b).copied().unwrap_or(0.0)).max(0.0),
+                    )
+                })
+                .collect();
+            for (series, q) in [
+                (&mut self.latency_p50, 0.5),
+                (&mut self.latency_p95, 0.95),
+                (&mut self.latency_p99, 0.99),
+            ] {
+                if let Some(v) = quantile(&delta, q) {
+                    series.push(now_ms, v);
+                }
+            }
+        }
+        self.lag.push(now_ms, now.lag);
+        self.last_scrape = Some((now_ms, now));
+    }
+
     /// What the page shows, as JSON.
     pub fn snapshot(&self) -> Json {
         let mut drift: Vec<Json> = Vec::new();
@@ -283,6 +458,12 @@ impl Board {
             "pipeline": {
                 "scores_per_sec": self.scores_per_sec.json(),
                 "scores_total": self.total_scores,
+                "leads_in_per_sec": self.leads_in_per_sec.json(),
+                "scored_per_sec": self.scored_per_sec.json(),
+                "dead_letters_per_sec": self.dead_per_sec.iter().map(|(k, s)| (k.clone(), s.json())).collect::<Map<String, Json>>(),
+                "lag": self.lag.json(),
+                "latency_ms": {"p50": self.latency_p50.json(), "p95": self.latency_p95.json(), "p99": self.latency_p99.json()},
+                "error_rate": self.error_rate.json(),
             },
             "bands": self.bands(),
             "models": models,
@@ -373,6 +554,47 @@ mod tests {
         assert_eq!(snap["alerts"]["resolved"][0]["fingerprint"], "m/psi/a");
         assert_eq!(snap["alerts"]["firing_by_severity"]["warning"], 1);
         assert_eq!(snap["alerts"]["firing_by_severity"]["critical"], 1);
+    }
+
+    #[test]
+    fn scrapes_make_rates_lag_and_latency_percentiles() {
+        let page = |inputs: u64, dead: u64, lag: u64, b10: u64, b100: u64, inf: u64| {
+            format!(
+                "# HELP x\nleadscore_scorer_inputs_total {inputs}\n\
+                 leadscore_scorer_dead_letters_total{{kind=\"invalid_value\"}} {dead}\n\
+                 leadscore_scorer_consumer_lag{{topic=\"t\",partition=\"0\"}} {lag}\n\
+                 leadscore_scorer_consumer_lag{{topic=\"t\",partition=\"1\"}} 1\n\
+                 leadscore_scorer_event_to_score_ms_bucket{{le=\"10\"}} {b10}\n\
+                 leadscore_scorer_event_to_score_ms_bucket{{le=\"100\"}} {b100}\n\
+                 leadscore_scorer_event_to_score_ms_bucket{{le=\"+Inf\"}} {inf}\n"
+            )
+        };
+        let samples = parse_prometheus(&page(100, 0, 5, 10, 20, 20));
+        assert_eq!(samples.len(), 7);
+        assert_eq!(samples[1].labels["kind"], "invalid_value");
+        let mut b = Board::default();
+        b.scrape(0, &samples);
+        // 2 s later: 400 more inputs, 8 dead letters, 100 more scores all between 10 and 100 ms.
+        b.scrape(2_000, &parse_prometheus(&page(500, 8, 7, 10, 120, 120)));
+        let p = &b.snapshot()["pipeline"];
+        assert_eq!(p["leads_in_per_sec"][0], json!([2_000, 200.0]));
+        assert_eq!(
+            p["dead_letters_per_sec"]["invalid_value"][0],
+            json!([2_000, 4.0])
+        );
+        assert_eq!(p["error_rate"][0], json!([2_000, 0.02]));
+        assert_eq!(p["lag"][1], json!([2_000, 8.0]));
+        assert_eq!(p["latency_ms"]["p50"][0], json!([2_000, 55.0]));
+        assert_eq!(p["latency_ms"]["p99"][0], json!([2_000, 99.1]));
+        // A restarted scorer (counters back near zero) gives no negative rate.
+        b.scrape(4_000, &parse_prometheus(&page(3, 0, 0, 0, 0, 0)));
+        let p = &b.snapshot()["pipeline"];
+        assert_eq!(p["leads_in_per_sec"][1], json!([4_000, 0.0]));
+        assert_eq!(
+            p["latency_ms"]["p50"].as_array().unwrap().len(),
+            1,
+            "no scores, no point"
+        );
     }
 
     #[test]

@@ -174,6 +174,11 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     {
         let (board, shutdown) = (board.clone(), shutdown.clone());
         let every = Duration::from_millis(d.push_interval_ms.max(100));
+        let urls = d.scrape_urls.clone();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .build()
+            .context("HTTP client")?;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
@@ -181,9 +186,25 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
                     () = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
+                // Every scorer's page, together; one that does not answer is left out.
+                let mut samples = Vec::new();
+                for url in &urls {
+                    match http.get(url).send().await {
+                        Ok(r) => {
+                            if let Ok(text) = r.text().await {
+                                samples.extend(leadscore_dashboard::parse_prometheus(&text));
+                            }
+                        }
+                        Err(e) => tracing::debug!(%url, error = %e, "metrics page not scraped"),
+                    }
+                }
+                let now = chrono::Utc::now().timestamp_millis();
                 let snap = match board.lock() {
                     Ok(mut b) => {
-                        b.tick(chrono::Utc::now().timestamp_millis());
+                        if !urls.is_empty() {
+                            b.scrape(now, &samples);
+                        }
+                        b.tick(now);
                         b.snapshot().to_string()
                     }
                     Err(_) => return,

@@ -317,3 +317,103 @@ async fn what_the_topics_hold_reaches_the_page_state_and_its_event_stream() {
     eprintln!("screenshot: {}", shot.display());
     delete_topics(&[&metrics, &alerts, &lifecycle, &scores]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_panel_follows_a_real_scorer() {
+    use leadscore_e2e::scorer::{Topics, leads, start_scorer_with, stream};
+    let t = Topics::create(3).await;
+    let base = unique("it-dash-pipe");
+    let empty: Vec<String> = ["metrics", "alerts", "lifecycle"]
+        .iter()
+        .map(|s| format!("{base}.{s}"))
+        .collect();
+    for e in &empty {
+        create_topic(e, 1).await;
+    }
+    let (_scorer, sport) = start_scorer_with(
+        env!("CARGO_BIN_EXE_leadscore"),
+        &t,
+        &unique("it-dash"),
+        "a",
+        false,
+        &[],
+    );
+    let port = free_port();
+    let _svc: Service = Command::new(env!("CARGO_BIN_EXE_leadscore"))
+        .arg("dashboard")
+        .env("LEADSCORE__DASHBOARD__METRICS_TOPIC", &empty[0])
+        .env("LEADSCORE__DASHBOARD__ALERTS_TOPIC", &empty[1])
+        .env("LEADSCORE__DASHBOARD__LIFECYCLE_TOPIC", &empty[2])
+        .env("LEADSCORE__DASHBOARD__SCORES_TOPIC", &t.scores)
+        .env("LEADSCORE__DASHBOARD__PUSH_INTERVAL_MS", "500")
+        .env(
+            "LEADSCORE__DASHBOARD__SCRAPE_URLS",
+            format!("[\"http://127.0.0.1:{sport}/metrics\"]"),
+        )
+        .env(
+            "LEADSCORE__DASHBOARD__HTTP_LISTEN",
+            format!("127.0.0.1:{port}"),
+        )
+        .env("LEADSCORE_LOG", "warn")
+        .spawn()
+        .unwrap()
+        .into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get_ok(port).await.is_none() {
+        assert!(Instant::now() < deadline, "the dashboard never listened");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ls = leads("dash-pipe", 300, 31);
+    stream(t.input.clone(), ls, 100).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let state: serde_json::Value = loop {
+        let s: serde_json::Value = get(port, "/api/state", None).await.json().await.unwrap();
+        let p = &s["pipeline"];
+        let done = p["scores_total"] == 300
+            && p["leads_in_per_sec"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x[1].as_f64() > Some(0.0)))
+            && p["latency_ms"]["p50"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty());
+        if done || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let p = &state["pipeline"];
+    assert_eq!(p["scores_total"], 300, "{p}");
+    let peak_in = p["leads_in_per_sec"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x[1].as_f64())
+        .fold(0.0, f64::max);
+    assert!(
+        peak_in > 20.0 && peak_in < 1_000.0,
+        "leads in at about 100/s: {peak_in}"
+    );
+    let p50 = p["latency_ms"]["p50"][0][1].as_f64().unwrap();
+    assert!(p50 > 0.0 && p50 < 10_000.0, "event-to-score p50 {p50} ms");
+    assert!(p["lag"].as_array().is_some_and(|a| !a.is_empty()));
+    assert!(
+        p["error_rate"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x[1] == 0.0),
+        "no dead letters: {}",
+        p["error_rate"]
+    );
+    let names: Vec<&str> = empty.iter().map(String::as_str).collect();
+    delete_topics(&names).await;
+    t.delete().await;
+}
+
+async fn get_ok(port: u16) -> Option<()> {
+    reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .ok()
+        .map(|_| ())
+}
