@@ -227,6 +227,10 @@ pub(crate) async fn run(args: DemoArgs, config: &Config) -> anyhow::Result<ExitC
     // The monitoring page, live while the demo runs.
     let _dashboard = match std::process::Command::new(std::env::current_exe()?)
         .arg("dashboard")
+        .env(
+            "LEADSCORE__DASHBOARD__SCRAPE_URLS",
+            format!("[\"http://127.0.0.1:{}/metrics\"]", scorer.1),
+        )
         .env("LEADSCORE_LOG", "error")
         .stdout(Stdio::null())
         .spawn()
