@@ -12,7 +12,7 @@ import yaml
 CHART = Path(__file__).resolve().parents[1] / "leadscore"
 REPO = CHART.parents[2]
 PROD = CHART / "ci" / "production-values.yaml"
-SERVICES = ["scorer", "drift", "retrain", "training-worker", "controller", "lookup"]
+SERVICES = ["scorer", "drift", "retrain", "training-worker", "controller", "lookup", "dashboard"]
 SECRET_VARS = {"LEADSCORE__KAFKA__SASL_PASSWORD", "LEADSCORE__REGISTRY__PASSWORD", "LEADSCORE__POSTGRES__URL",
                "LEADSCORE__ALERTING__SLACK_WEBHOOK_URL", "LEADSCORE__ALERTING__PAGERDUTY_ROUTING_KEY",
                "LEADSCORE__ALERTING__SMTP_PASSWORD"}

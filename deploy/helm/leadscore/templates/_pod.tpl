@@ -45,6 +45,13 @@ containers:
       {{- else if eq $.name "controller" }}
       - name: LEADSCORE__LIFECYCLE__HTTP_LISTEN
         value: "0.0.0.0:{{ $.svc.httpPort }}"
+      {{- else if eq $.name "dashboard" }}
+      - name: LEADSCORE__DASHBOARD__HTTP_LISTEN
+        value: "0.0.0.0:{{ $.svc.httpPort }}"
+      {{- if $.root.Values.secrets.lookupTokens.name }}
+      - name: LEADSCORE__LOOKUP__AUTH_TOKENS_FILE
+        value: /etc/leadscore/tokens/{{ $.root.Values.secrets.lookupTokens.key }}
+      {{- end }}
       {{- else if eq $.name "webhook" }}
       - name: LEADSCORE__WEBHOOK__HTTP_LISTEN
         value: "0.0.0.0:{{ $.svc.httpPort }}"
@@ -96,7 +103,7 @@ containers:
         readOnly: true
       - name: tmp
         mountPath: /tmp
-      {{- if and (eq $.name "lookup") $.root.Values.secrets.lookupTokens.name }}
+      {{- if and (or (eq $.name "lookup") (eq $.name "dashboard")) $.root.Values.secrets.lookupTokens.name }}
       - name: tokens
         mountPath: /etc/leadscore/tokens
         readOnly: true
@@ -107,7 +114,7 @@ volumes:
       name: {{ $.root.Release.Name }}-config
   - name: tmp
     emptyDir: {}
-  {{- if and (eq $.name "lookup") $.root.Values.secrets.lookupTokens.name }}
+  {{- if and (or (eq $.name "lookup") (eq $.name "dashboard")) $.root.Values.secrets.lookupTokens.name }}
   - name: tokens
     secret:
       secretName: {{ $.root.Values.secrets.lookupTokens.name }}
