@@ -435,6 +435,7 @@ mod tests {
 
     fn alert(psi: f64, resolve: bool) -> AlertMessage {
         let d = FeatureDrift {
+            bins: Vec::new(),
             feature: "industry".into(),
             numeric: false,
             sample_size: 1000,

@@ -413,6 +413,7 @@ impl Board {
                                 "new_category_rate": f["new_category_rate"],
                                 "missing_rate": f["missing_rate"],
                                 "judged": f["judged"],
+                                "bins": f["bins"],
                                 "flagged": psi >= 0.25 && f["judged"].as_bool().unwrap_or(true),
                             })
                         })

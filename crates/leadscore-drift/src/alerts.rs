@@ -332,6 +332,7 @@ mod tests {
 
     fn drift(feature: &str, psi: f64, p: Option<f64>, n: u64) -> FeatureDrift {
         FeatureDrift {
+            bins: Vec::new(),
             feature: feature.into(),
             numeric: true,
             sample_size: n,

@@ -274,9 +274,22 @@ impl Profile {
     }
 }
 
+/// One bin of a feature's distribution: the reference's share and the window's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bin {
+    /// What the bin holds (`[10, 25)`, `Retail`, `(missing)`).
+    pub label: String,
+    /// The reference's share, as measured.
+    pub reference: f64,
+    /// The window's share.
+    pub current: f64,
+}
+
 /// Drift of one feature in one window (the `FeatureDrift` record of `WindowReport`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FeatureDrift {
+    /// The reference's and the window's distributions, bin by bin.
+    pub bins: Vec<Bin>,
     /// Feature name.
     pub feature: String,
     /// Numeric or categorical.
@@ -618,7 +631,23 @@ impl Window {
                     h.total() as f64,
                 )
                 .map(|(_, p)| p);
+                let labels = match &f.bins {
+                    FeatureBins::Numeric(b) => b.labels(),
+                    FeatureBins::Categorical(b) => b.labels(),
+                };
+                let total = h.total().max(1) as f64;
+                let bins = labels
+                    .into_iter()
+                    .zip(&f.reference)
+                    .zip(&h.counts)
+                    .map(|((label, r), c)| Bin {
+                        label,
+                        reference: *r,
+                        current: *c as f64 / total,
+                    })
+                    .collect();
                 FeatureDrift {
+                    bins,
                     feature: f.name.clone(),
                     numeric,
                     sample_size: h.total(),

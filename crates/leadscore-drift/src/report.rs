@@ -172,6 +172,21 @@ fn feature_value(d: &FeatureDrift) -> Value {
         ),
         ("missing_p_value".into(), opt_double(d.missing_p)),
         ("judged".into(), Value::Boolean(d.judged)),
+        (
+            "bins".into(),
+            Value::Array(
+                d.bins
+                    .iter()
+                    .map(|b| {
+                        Value::Record(vec![
+                            ("label".into(), Value::String(b.label.clone())),
+                            ("reference".into(), Value::Double(b.reference)),
+                            ("current".into(), Value::Double(b.current)),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
     ])
 }
 
@@ -333,6 +348,7 @@ mod tests {
 
     fn drift(feature: &str, numeric: bool, psi: f64) -> FeatureDrift {
         FeatureDrift {
+            bins: Vec::new(),
             feature: feature.into(),
             numeric,
             sample_size: 1000,

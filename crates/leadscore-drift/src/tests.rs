@@ -106,10 +106,32 @@ fn a_window_drawn_from_the_reference_shows_no_drift_and_shifts_are_flagged_on_th
         assert!(d.psi < 0.1, "{}: psi {} without drift", d.feature, d.psi);
         assert!(d.psi.is_finite() && d.kl.is_finite() && d.js.is_finite());
     }
+    // Each feature's distributions come with the report, bin by bin, and add up to one.
+    for d in calm.report() {
+        let profile = p.features.iter().find(|f| f.name == d.feature).unwrap();
+        assert_eq!(d.bins.len(), profile.reference.len(), "{}", d.feature);
+        let (r, c): (f64, f64) = d
+            .bins
+            .iter()
+            .fold((0.0, 0.0), |a, b| (a.0 + b.reference, a.1 + b.current));
+        assert!(
+            (r - 1.0).abs() < 1e-6 && (c - 1.0).abs() < 1e-6,
+            "{}: {r} {c}",
+            d.feature
+        );
+        assert_eq!(d.bins.last().unwrap().label, "(missing)");
+    }
     let shifted = window_of(&p, 5000, true, false);
     let report = shifted.report();
     let pv = report.iter().find(|d| d.feature == "page_views").unwrap();
     assert!(pv.psi > 0.5, "page_views psi {}", pv.psi);
+    // The shift shows in the bins: the window's mass has moved off the reference's.
+    let moved: f64 = pv
+        .bins
+        .iter()
+        .map(|b| (b.current - b.reference).abs())
+        .sum();
+    assert!(moved > 0.5, "{:?}", pv.bins);
     assert!(pv.ks.unwrap().1 < 1e-6, "KS p-value {:?}", pv.ks);
     for d in report.iter().filter(|d| d.feature != "page_views") {
         assert!(d.psi < 0.1, "{} should not move: {}", d.feature, d.psi);

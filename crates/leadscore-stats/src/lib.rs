@@ -120,6 +120,34 @@ impl NumericBins {
         1 + self.cuts.partition_point(|c| *c <= x)
     }
 
+    /// Each bin's label, in bin order: `< min`, `[min, c0)`, ..., `[ck, max]`, `> max`,
+    /// `(missing)` (without a known range, the guards read `(below)` and `(above)`).
+    pub fn labels(&self) -> Vec<String> {
+        let (lo, hi) = match self.range {
+            Some((lo, hi)) => (format!("{lo}"), format!("{hi}")),
+            None => ("-inf".to_string(), "+inf".to_string()),
+        };
+        let mut edges: Vec<String> = vec![lo.clone()];
+        edges.extend(self.cuts.iter().map(|c| format!("{c}")));
+        edges.push(hi.clone());
+        let mut out = Vec::with_capacity(self.len());
+        out.push(if self.range.is_some() {
+            format!("< {lo}")
+        } else {
+            "(below)".into()
+        });
+        for w in edges.windows(2) {
+            out.push(format!("[{}, {})", w[0], w[1]));
+        }
+        out.push(if self.range.is_some() {
+            format!("> {hi}")
+        } else {
+            "(above)".into()
+        });
+        out.push("(missing)".into());
+        out
+    }
+
     /// A histogram of `values` over these bins.
     pub fn histogram(&self, values: impl IntoIterator<Item = f64>) -> Histogram {
         let mut h = Histogram::new(self.len());
@@ -143,6 +171,14 @@ impl CategoryBins {
         vocabulary.sort();
         vocabulary.dedup();
         Self { vocabulary }
+    }
+
+    /// Each bin's label: the categories, `(unseen)`, `(missing)`.
+    pub fn labels(&self) -> Vec<String> {
+        let mut out = self.vocabulary.clone();
+        out.push("(unseen)".into());
+        out.push("(missing)".into());
+        out
     }
 
     /// Vocabulary plus the unseen and missing bins.

@@ -22,6 +22,18 @@ const TOKEN: &str = "it-dashboard-token-0123456789";
 
 fn drift(feature: &str, psi: f64) -> FeatureDrift {
     FeatureDrift {
+        bins: vec![
+            leadscore_drift::Bin {
+                label: "[0, 10)".into(),
+                reference: 0.6,
+                current: 0.6 - psi,
+            },
+            leadscore_drift::Bin {
+                label: "[10, 50]".into(),
+                reference: 0.4,
+                current: 0.4 + psi,
+            },
+        ],
         feature: feature.into(),
         numeric: true,
         sample_size: 500,
@@ -302,6 +314,16 @@ async fn what_the_topics_hold_reaches_the_page_state_and_its_event_stream() {
     );
     assert!(dom.contains(r#"<tr data-feature="industry" class="">"#));
     assert!(dom.contains(r#"<b id="firing">1</b>"#), "one alert firing");
+    // Each feature opens on a click to its reference vs current bars.
+    assert!(
+        dom.contains(r#"<details data-histogram="page_views">"#),
+        "{dom}"
+    );
+    assert!(dom.contains("<title>reference 60.0%</title>"));
+    assert!(
+        dom.contains("<title>current 19.0%</title>"),
+        "page_views: 0.6 - 0.41"
+    );
     assert!(
         dom.contains(r#"<span data-band="High">High: <b>10</b></span>"#),
         "{dom}"

@@ -109,6 +109,7 @@ async fn wait_for(port: u16, needle: &str) -> String {
 
 fn report(model: &str, start: i64, industry_psi: f64) -> WindowReport {
     let f = |name: &str, psi: f64| FeatureDrift {
+        bins: Vec::new(),
         feature: name.into(),
         numeric: false,
         sample_size: 1000,
