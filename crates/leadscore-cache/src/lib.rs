@@ -56,6 +56,59 @@ fn no_reasons(reasons: &std::sync::Arc<[String]>) -> bool {
     reasons.is_empty()
 }
 
+impl CachedScore {
+    /// Reads a decoded `LeadScore` record (any version of `schemas/LeadScore.avsc`): the one
+    /// reader of a live score for everything that follows the score topic. The error names
+    /// the first field missing.
+    pub fn from_lead_score(value: &apache_avro::types::Value) -> std::result::Result<Self, String> {
+        use apache_avro::types::Value;
+        let Value::Record(fields) = value else {
+            return Err("not a record".into());
+        };
+        let get = |name: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| match v {
+                    Value::Union(_, inner) => inner.as_ref(),
+                    other => other,
+                })
+        };
+        let text = |name: &str| match get(name) {
+            Some(Value::String(s) | Value::Enum(_, s)) => Ok(s.clone()),
+            _ => Err(format!("no `{name}`")),
+        };
+        let score = match get("score") {
+            Some(Value::Double(d)) => *d,
+            _ => return Err("no `score`".into()),
+        };
+        let scored_at_ms = match get("scored_at") {
+            Some(Value::TimestampMillis(t) | Value::Long(t)) => *t,
+            _ => return Err("no `scored_at`".into()),
+        };
+        let reasons: Vec<String> = match get("reasons") {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(CachedScore {
+            lead_id: text("lead_id")?,
+            score,
+            band: text("band")?,
+            model_name: text("model_name")?,
+            model_version: text("model_version")?,
+            model_role: text("model_role")?,
+            scored_at_ms,
+            reasons: reasons.into(),
+        })
+    }
+}
+
 /// The marker a deletion leaves for the TTL, so a late older score cannot bring the lead back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Deleted {

@@ -154,7 +154,6 @@ async fn follow_scores(
     memory: Option<Arc<memory::Memory>>,
     shutdown: CancellationToken,
 ) {
-    use apache_avro::types::Value;
     if let Err(e) = consumer.subscribe(&[&topic]) {
         tracing::error!(%topic, error = %e, "cannot follow the scores topic; WatchScores streams stay empty");
         return;
@@ -194,58 +193,16 @@ async fn follow_scores(
                 continue;
             }
         };
-        let Value::Record(fields) = value else {
-            continue;
+        let score = match leadscore_cache::CachedScore::from_lead_score(&value) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable score skipped");
+                continue;
+            }
         };
-        let get = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| v);
-        let text = |name: &str| match get(name) {
-            Some(Value::String(s) | Value::Enum(_, s)) => s.clone(),
-            _ => String::new(),
-        };
-        let score = match get("score") {
-            Some(Value::Double(d)) => *d,
-            _ => continue,
-        };
-        let scored_at_ms = match get("scored_at") {
-            Some(Value::TimestampMillis(t) | Value::Long(t)) => *t,
-            _ => 0,
-        };
-        let band = text("band");
-        let reasons: Vec<String> = match get("reasons") {
-            Some(Value::Union(_, inner)) => match inner.as_ref() {
-                Value::Array(items) => items
-                    .iter()
-                    .filter_map(|v| match v {
-                        Value::String(s) => Some(s.clone()),
-                        _ => None,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            },
-            _ => Vec::new(),
-        };
-        let streamed = proto::v1::Score {
-            lead_id: text("lead_id"),
-            score,
-            band: grpc::band_of(&band) as i32,
-            model_name: text("model_name"),
-            model_version: text("model_version"),
-            model_role: text("model_role"),
-            scored_at_ms,
-            source: proto::v1::ScoreSource::Stream as i32,
-            reasons: reasons.iter().map(|r| grpc::reason_message(r)).collect(),
-        };
+        let streamed = grpc::score_message(&score, proto::v1::ScoreSource::Stream);
         if let Some(memory) = &memory {
-            memory.streamed(leadscore_cache::CachedScore {
-                lead_id: streamed.lead_id.clone(),
-                score,
-                band,
-                model_name: streamed.model_name.clone(),
-                model_version: streamed.model_version.clone(),
-                model_role: streamed.model_role.clone(),
-                scored_at_ms,
-                reasons: reasons.into(),
-            });
+            memory.streamed(score);
         }
         if tx.receiver_count() > 0 {
             let _ = tx.send(streamed);

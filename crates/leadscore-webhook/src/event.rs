@@ -17,13 +17,14 @@
 //! than five minutes from your clock (a replay). [`verify`] does exactly that.
 
 use hmac::{Hmac, Mac};
+use leadscore_cache::CachedScore;
 use sha2::{Digest, Sha256};
 
 /// A live score or a delete, as read from `leads.scores.v1`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// A lead was scored.
-    Scored(Scored),
+    Scored(CachedScore),
     /// A lead was deleted from the CRM (a tombstone).
     Deleted {
         /// Lead id.
@@ -31,27 +32,6 @@ pub enum Event {
         /// When the tombstone was written, ms since the epoch.
         at_ms: i64,
     },
-}
-
-/// The fields of a `LeadScore` a receiver gets.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Scored {
-    /// Lead id.
-    pub lead_id: String,
-    /// Probability in [0, 1].
-    pub score: f64,
-    /// High, Medium or Low.
-    pub band: String,
-    /// Model name.
-    pub model_name: String,
-    /// Model version.
-    pub model_version: String,
-    /// champion or canary.
-    pub model_role: String,
-    /// When it was scored, ms since the epoch.
-    pub scored_at_ms: i64,
-    /// Why, as `feature=value +0.31` (empty for a model without reasons).
-    pub reasons: Vec<String>,
 }
 
 /// Why a record cannot become an event.
@@ -73,7 +53,6 @@ impl Event {
         value: Option<&apache_avro::types::Value>,
         timestamp_ms: i64,
     ) -> Result<Self, Unreadable> {
-        use apache_avro::types::Value;
         let Some(value) = value else {
             let key = key.ok_or(Unreadable::KeylessTombstone)?;
             return Ok(Event::Deleted {
@@ -81,50 +60,9 @@ impl Event {
                 at_ms: timestamp_ms,
             });
         };
-        let Value::Record(fields) = value else {
-            return Err(Unreadable::NotALeadScore("not a record".into()));
-        };
-        let get = |name: &str| {
-            fields
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| match v {
-                    Value::Union(_, inner) => inner.as_ref(),
-                    other => other,
-                })
-        };
-        let text = |name: &str| match get(name) {
-            Some(Value::String(s) | Value::Enum(_, s)) => Ok(s.clone()),
-            _ => Err(Unreadable::NotALeadScore(format!("no `{name}`"))),
-        };
-        let score = match get("score") {
-            Some(Value::Double(d)) => *d,
-            _ => return Err(Unreadable::NotALeadScore("no `score`".into())),
-        };
-        let scored_at_ms = match get("scored_at") {
-            Some(Value::TimestampMillis(t) | Value::Long(t)) => *t,
-            _ => return Err(Unreadable::NotALeadScore("no `scored_at`".into())),
-        };
-        let reasons = match get("reasons") {
-            Some(Value::Array(items)) => items
-                .iter()
-                .filter_map(|v| match v {
-                    Value::String(s) => Some(s.clone()),
-                    _ => None,
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        Ok(Event::Scored(Scored {
-            lead_id: text("lead_id")?,
-            score,
-            band: text("band")?,
-            model_name: text("model_name")?,
-            model_version: text("model_version")?,
-            model_role: text("model_role")?,
-            scored_at_ms,
-            reasons,
-        }))
+        CachedScore::from_lead_score(value)
+            .map(Event::Scored)
+            .map_err(Unreadable::NotALeadScore)
     }
 
     /// The lead.
