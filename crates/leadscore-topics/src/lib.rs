@@ -29,7 +29,7 @@ pub enum Error {
         /// File that failed.
         path: String,
         /// Underlying error, with line and column.
-        source: serde_yaml::Error,
+        source: yaml_serde::Error,
     },
     /// A declaration parsed but cannot be applied.
     #[error("topic `{topic}` is declared wrongly: {reason}")]
@@ -156,7 +156,7 @@ impl Declarations {
 
     /// Parses and validates declarations from YAML text.
     pub fn parse(text: &str) -> Result<Self> {
-        let file: File = serde_yaml::from_str(text).map_err(|source| Error::Parse {
+        let file: File = yaml_serde::from_str(text).map_err(|source| Error::Parse {
             path: "<text>".into(),
             source,
         })?;
