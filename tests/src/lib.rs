@@ -8,6 +8,7 @@
 // Test support only: a failed set-up step is a failed test, so panicking is right.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod drift;
 pub mod scorer;
 
 use std::time::Duration;

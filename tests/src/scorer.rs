@@ -89,7 +89,12 @@ pub fn start_scorer_with(
             "LEADSCORE__SCORER__HTTP_LISTEN",
             format!("127.0.0.1:{port}"),
         )
-        .env("LEADSCORE_LOG", "warn")
+        // A failing run can be repeated with e.g. `LEADSCORE_E2E_SCORER_LOG=warn,librdkafka=debug`
+        // and `LEADSCORE__KAFKA__DEBUG=eos,cgrp` (inherited) for the scorer's trace.
+        .env(
+            "LEADSCORE_LOG",
+            std::env::var("LEADSCORE_E2E_SCORER_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     if challenger {
@@ -139,10 +144,15 @@ pub fn lead_json(l: &Lead) -> serde_json::Value {
     })
 }
 
-/// A Debezium JSON create event of `l`.
+/// A Debezium JSON create event of `l`, committed now.
 pub fn create_event(l: &Lead) -> Vec<u8> {
+    create_event_at(l, chrono::Utc::now().timestamp_millis())
+}
+
+/// A Debezium JSON create event of `l` committed at `ts_ms` (the score's event time).
+pub fn create_event_at(l: &Lead, ts_ms: i64) -> Vec<u8> {
     serde_json::to_vec(&json!({"op": "c", "before": null, "after": lead_json(l),
-                               "source": {"ts_ms": chrono::Utc::now().timestamp_millis()}}))
+                               "source": {"ts_ms": ts_ms}}))
     .unwrap()
 }
 
@@ -208,14 +218,49 @@ pub fn leads(prefix: &str, n: usize, seed: u64) -> Vec<Lead> {
     .collect()
 }
 
+/// Where one committed score record sits, and the input record it names as its source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// The score record's partition and offset.
+    pub at: (i32, i64),
+    /// The input record it was scored from (partition, offset), when the score names one.
+    pub source: Option<(i32, i64)>,
+}
+
+/// The `source` (partition, offset) of a framed `LeadScore`, read with the current schema.
+fn source_of(payload: &[u8]) -> Option<(i32, i64)> {
+    use apache_avro::types::Value;
+    let schema =
+        apache_avro::Schema::parse_str(leadscore_schemas::find("LeadScore.avsc").ok()?.text)
+            .ok()?;
+    let reader = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+        .build()
+        .ok()?;
+    let Value::Record(fields) = reader.read_value(&mut payload.get(5..)?).ok()? else {
+        return None;
+    };
+    let (_, source) = fields.iter().find(|(n, _)| n == "source")?;
+    let Value::Union(_, inner) = source else {
+        return None;
+    };
+    let Value::Record(src) = inner.as_ref() else {
+        return None;
+    };
+    let get = |name: &str| src.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    match (get("partition")?, get("offset")?) {
+        (Value::Int(p), Value::Long(o)) => Some((p, o)),
+        _ => None,
+    }
+}
+
 /// Reads the scores topic (read_committed) until `want` distinct keys are seen or time runs out,
-/// then keeps reading briefly to catch duplicates. Returns records per key.
-pub async fn read_scores(
+/// then keeps reading briefly to catch duplicates. Returns the records of each key.
+pub async fn read_score_records(
     c: &StreamConsumer,
     want: usize,
     within: Duration,
-) -> HashMap<String, usize> {
-    let mut seen: HashMap<String, usize> = HashMap::new();
+) -> HashMap<String, Vec<Seen>> {
+    let mut seen: HashMap<String, Vec<Seen>> = HashMap::new();
     let deadline = tokio::time::Instant::now() + within;
     let mut settle: Option<tokio::time::Instant> = None;
     loop {
@@ -223,7 +268,10 @@ pub async fn read_scores(
         match tokio::time::timeout_at(until, c.recv()).await {
             Ok(Ok(m)) => {
                 let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
-                *seen.entry(key).or_default() += 1;
+                seen.entry(key).or_default().push(Seen {
+                    at: (m.partition(), m.offset()),
+                    source: m.payload().and_then(source_of),
+                });
                 if seen.len() >= want && settle.is_none() {
                     settle = Some(tokio::time::Instant::now() + Duration::from_secs(3));
                 }
@@ -233,6 +281,19 @@ pub async fn read_scores(
         }
     }
     seen
+}
+
+/// Reads the scores topic like [`read_score_records`]; returns records per key.
+pub async fn read_scores(
+    c: &StreamConsumer,
+    want: usize,
+    within: Duration,
+) -> HashMap<String, usize> {
+    read_score_records(c, want, within)
+        .await
+        .into_iter()
+        .map(|(k, v)| (k, v.len()))
+        .collect()
 }
 
 /// Fails unless `scores` (records per key, from [`read_scores`]) holds every id of `leads`
@@ -257,6 +318,25 @@ pub fn assert_exactly_once<'a>(
         "leads scored more than once: {duplicated:?}"
     );
     assert_eq!(scores.len(), expected.len());
+}
+
+/// [`assert_exactly_once`] on the records of [`read_score_records`]; a duplicate is reported
+/// with where each of its scores sits and which input record each was scored from (one input
+/// offset twice: the scorer committed it twice; two input offsets: the input holds it twice).
+pub fn assert_records_exactly_once<'a>(
+    records: &HashMap<String, Vec<Seen>>,
+    leads: impl IntoIterator<Item = &'a str>,
+) {
+    let mut duplicated: Vec<_> = records.iter().filter(|(_, v)| v.len() > 1).collect();
+    duplicated.sort_by_key(|(_, v)| v[0].source);
+    assert!(
+        duplicated.is_empty(),
+        "{} leads scored more than once: {:?}",
+        duplicated.len(),
+        duplicated.iter().take(20).collect::<Vec<_>>()
+    );
+    let counts = records.iter().map(|(k, v)| (k.clone(), v.len())).collect();
+    assert_exactly_once(&counts, leads);
 }
 
 /// A dead letter as the DLQ holds it.

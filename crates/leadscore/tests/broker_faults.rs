@@ -10,7 +10,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use leadscore_crm::Lead;
-use leadscore_e2e::scorer::{Topics, counter, leads, read_scores, stream, wait_readyz};
+use leadscore_e2e::scorer::{
+    Topics, counter, leads, read_score_records, read_scores, stream, wait_readyz,
+};
 use leadscore_e2e::{consumer, unique};
 
 fn repo() -> std::path::PathBuf {
@@ -110,13 +112,16 @@ async fn a_paused_then_a_restarted_broker_loses_and_duplicates_nothing() {
     feed.await.unwrap();
 
     let all: Vec<&Lead> = warm_up.iter().chain(&first).chain(&second).collect();
-    let scores = read_scores(
+    let scores = read_score_records(
         &consumer(&t.scores, "read_committed"),
         all.len(),
         Duration::from_secs(180),
     )
     .await;
-    leadscore_e2e::scorer::assert_exactly_once(&scores, all.iter().map(|l| l.lead_id.as_str()));
+    leadscore_e2e::scorer::assert_records_exactly_once(
+        &scores,
+        all.iter().map(|l| l.lead_id.as_str()),
+    );
     wait_readyz(port, "HTTP/1.1 200", Duration::from_secs(60))
         .await
         .expect("ready again after the broker came back");

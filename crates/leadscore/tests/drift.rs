@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use leadscore_e2e::Service;
+use leadscore_e2e::drift::Run;
 use std::time::Duration;
 
 use apache_avro::types::Value;
@@ -42,15 +43,6 @@ struct Input {
     shadow: String,
 }
 
-/// One aggregator deployment's own topics and group.
-struct Run {
-    group: String,
-    metrics: String,
-    alerts: String,
-    partials: String,
-    state: String,
-}
-
 impl Input {
     async fn create(partitions: i32) -> Self {
         let base = unique("it.drift");
@@ -64,55 +56,15 @@ impl Input {
     }
 }
 
-impl Run {
-    async fn create() -> Self {
-        let base = unique("it.drift.run");
-        let r = Run {
-            group: base.clone(),
-            metrics: format!("{base}.metrics"),
-            alerts: format!("{base}.alerts"),
-            partials: format!("{base}.partials"),
-            state: format!("{base}.state"),
-        };
-        for t in [&r.metrics, &r.alerts, &r.partials, &r.state] {
-            create_topic(t, 1).await;
-        }
-        r
-    }
-
-    fn topics(&self) -> [&str; 4] {
-        [&self.metrics, &self.alerts, &self.partials, &self.state]
-    }
-}
-
 fn start(input: &Input, run: &Run, instance: &str, extra: &[(&str, String)]) -> (Service, u16) {
-    let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
-    cmd.arg("drift")
-        .env("LEADSCORE__DRIFT__SCORES_TOPIC", &input.scores)
-        .env("LEADSCORE__DRIFT__SHADOW_TOPIC", &input.shadow)
-        .env("LEADSCORE__DRIFT__METRICS_TOPIC", &run.metrics)
-        .env("LEADSCORE__DRIFT__ALERTS_TOPIC", &run.alerts)
-        .env("LEADSCORE__DRIFT__PARTIALS_TOPIC", &run.partials)
-        .env("LEADSCORE__DRIFT__STATE_TOPIC", &run.state)
-        .env("LEADSCORE__DRIFT__GROUP_ID", &run.group)
-        .env("LEADSCORE__DRIFT__INSTANCE_ID", instance)
-        .env(
-            "LEADSCORE__DRIFT__MODELS",
-            format!("[\"{}\"]", repo().join("models/default").display()),
-        )
-        .env("LEADSCORE__DRIFT__CHECKPOINT_MS", "300")
-        .env("LEADSCORE__DRIFT__IDLE_MS", "2000")
-        .env("LEADSCORE__DRIFT__LATENESS_MS", "60000")
-        .env("LEADSCORE__DRIFT__HTTP_LISTEN", format!("127.0.0.1:{port}"))
-        .env("LEADSCORE__ALERTING__ENABLED", "false")
-        .env("LEADSCORE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    (cmd.spawn().unwrap().into(), port)
+    leadscore_e2e::drift::start(
+        env!("CARGO_BIN_EXE_leadscore"),
+        &input.scores,
+        &input.shadow,
+        run,
+        instance,
+        extra,
+    )
 }
 
 async fn http_get(port: u16, path: &str) -> String {
