@@ -239,10 +239,14 @@ pub struct LookupConfig {
     pub max_batch: usize,
     /// Largest request body or message, bytes.
     pub max_request_bytes: usize,
-    /// Bearer tokens accepted (give them through the environment); with `auth_tokens_file`, empty means no auth.
+    /// Bearer tokens accepted (give them through the environment), with those of
+    /// `auth_tokens_file`. With none, the lookup service and the dashboard refuse to start
+    /// unless `allow_unauthenticated` is set.
     pub auth_tokens: Vec<String>,
     /// A file of bearer tokens, one per line (`#` comments).
     pub auth_tokens_file: Option<String>,
+    /// Serve every caller when no token is configured (local use only); off by default.
+    pub allow_unauthenticated: bool,
     /// PEM certificate chain for gRPC TLS; with `tls_key`.
     pub tls_cert: Option<String>,
     /// PEM private key for gRPC TLS.
@@ -275,6 +279,7 @@ impl Default for LookupConfig {
             max_request_bytes: 64 * 1024,
             auth_tokens: Vec::new(),
             auth_tokens_file: None,
+            allow_unauthenticated: false,
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,

@@ -41,6 +41,31 @@ impl Tokens {
         Ok(Self(Arc::new(tokens)))
     }
 
+    /// The tokens of `cfg` (see [`Tokens::load`]); with none, an error unless
+    /// `allow_unauthenticated` is set: a reachable service refuses unauthenticated callers
+    /// unless told otherwise. `service` names who asks, for the message.
+    pub fn required(
+        cfg: &leadscore_config::LookupConfig,
+        service: &str,
+    ) -> Result<Self, crate::Error> {
+        let tokens = Self::load(&cfg.auth_tokens, cfg.auth_tokens_file.as_deref())?;
+        if tokens.enabled() {
+            return Ok(tokens);
+        }
+        if !cfg.allow_unauthenticated {
+            return Err(crate::Error::Startup(format!(
+                "{service}: no bearer token configured; set lookup.auth_tokens \
+                 (LEADSCORE__LOOKUP__AUTH_TOKENS) or lookup.auth_tokens_file, or set \
+                 lookup.allow_unauthenticated = true to serve every caller"
+            )));
+        }
+        tracing::warn!(
+            service,
+            "lookup.allow_unauthenticated is set and no token is configured: every caller is served"
+        );
+        Ok(tokens)
+    }
+
     /// Whether any token is configured.
     pub fn enabled(&self) -> bool {
         !self.0.is_empty()

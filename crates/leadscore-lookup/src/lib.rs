@@ -222,10 +222,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let cfg = &config.lookup;
-    let tokens = auth::Tokens::load(&cfg.auth_tokens, cfg.auth_tokens_file.as_deref())?;
-    if !tokens.enabled() {
-        tracing::warn!("no lookup.auth_tokens configured: calls are not authenticated");
-    }
+    let tokens = auth::Tokens::required(cfg, "lookup")?;
     let cache = match &cfg.redis_url {
         Some(url) => Some(
             leadscore_cache::Cache::new(

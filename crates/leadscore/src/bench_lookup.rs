@@ -151,6 +151,8 @@ pub(crate) async fn run(args: LookupBenchArgs, config: &Config) -> anyhow::Resul
     }
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .arg("lookup")
+        // Local ports only; the bench measures the service, not the token check.
+        .env("LEADSCORE__LOOKUP__ALLOW_UNAUTHENTICATED", "true")
         .env("LEADSCORE__LOOKUP__GRPC_LISTEN", &grpc)
         .env("LEADSCORE__LOOKUP__REST_LISTEN", &rest)
         .env("LEADSCORE__LOOKUP__LIFECYCLE_TOPIC", "")

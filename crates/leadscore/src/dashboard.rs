@@ -141,15 +141,7 @@ async fn follow(
 
 pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let d = config.dashboard.clone();
-    let tokens = Tokens::load(
-        &config.lookup.auth_tokens,
-        config.lookup.auth_tokens_file.as_deref(),
-    )?;
-    if !tokens.enabled() {
-        tracing::warn!(
-            "no lookup.auth_tokens configured: the dashboard's data is not authenticated"
-        );
-    }
+    let tokens = Tokens::required(&config.lookup, "dashboard")?;
     let board = Arc::new(Mutex::new(Board::default()));
     let registry = leadscore_registry::Registry::new(&config.registry)?;
     let control = consumer(

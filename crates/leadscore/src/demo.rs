@@ -225,19 +225,28 @@ pub(crate) async fn run(args: DemoArgs, config: &Config) -> anyhow::Result<ExitC
     }
     println!("   ready, metrics on http://127.0.0.1:{}/metrics", scorer.1);
     // The monitoring page, live while the demo runs.
+    // Its data needs a bearer token: one for this demo, handed to the page in the URL's
+    // fragment (never sent to a server) unless the configuration names its own.
+    let token = config
+        .lookup
+        .auth_tokens
+        .first()
+        .cloned()
+        .unwrap_or_else(|| format!("demo-{}", uuid::Uuid::new_v4().simple()));
     let _dashboard = match std::process::Command::new(std::env::current_exe()?)
         .arg("dashboard")
         .env(
             "LEADSCORE__DASHBOARD__SCRAPE_URLS",
             format!("[\"http://127.0.0.1:{}/metrics\"]", scorer.1),
         )
+        .env("LEADSCORE__LOOKUP__AUTH_TOKENS", format!("[\"{token}\"]"))
         .env("LEADSCORE_LOG", "error")
         .stdout(Stdio::null())
         .spawn()
     {
         Ok(child) => {
             println!(
-                "   dashboard: http://{}/ (live while the demo runs; `leadscore dashboard` keeps it)",
+                "   dashboard: http://{}/#token={token} (live while the demo runs; `leadscore dashboard` keeps it)",
                 config.dashboard.http_listen
             );
             Some(Scorer(child, 0))

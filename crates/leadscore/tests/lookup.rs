@@ -44,6 +44,8 @@ fn start_lookup(env: &[(&str, String)]) -> Lookup {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leadscore"));
     cmd.arg("lookup")
         .env("LEADSCORE_LOG", "warn")
+        // Tests of other things run open; the ones about tokens set them.
+        .env("LEADSCORE__LOOKUP__ALLOW_UNAUTHENTICATED", "true")
         .env(
             "LEADSCORE__LOOKUP__GRPC_LISTEN",
             format!("127.0.0.1:{grpc}"),
@@ -1175,4 +1177,41 @@ async fn grpc_over_mutual_tls_refuses_clients_without_a_certificate() {
     };
     assert!(!plain_served);
     terminate(lookup.child.take().unwrap());
+}
+
+/// Secure by default: without a token and without `lookup.allow_unauthenticated`, the lookup
+/// service and the dashboard (which shares its tokens) refuse to start, and say what to set.
+#[test]
+fn without_a_token_the_lookup_and_the_dashboard_refuse_to_start() {
+    for service in ["lookup", "dashboard"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_leadscore"))
+            .arg(service)
+            .env("LEADSCORE_LOG", "warn")
+            .env_remove("LEADSCORE__LOOKUP__AUTH_TOKENS")
+            .env_remove("LEADSCORE__LOOKUP__AUTH_TOKENS_FILE")
+            .env_remove("LEADSCORE__LOOKUP__ALLOW_UNAUTHENTICATED")
+            .env(
+                "LEADSCORE__LOOKUP__GRPC_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env(
+                "LEADSCORE__LOOKUP__REST_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env(
+                "LEADSCORE__DASHBOARD__HTTP_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env("LEADSCORE__SCORER__CHAMPION_MODEL", models())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{service} started without a token");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("no bearer token configured")
+                && err.contains("lookup.auth_tokens")
+                && err.contains("lookup.allow_unauthenticated"),
+            "{service}: {err}"
+        );
+    }
 }

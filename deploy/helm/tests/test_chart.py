@@ -226,3 +226,15 @@ def test_the_training_worker_runs_as_one_job_per_pending_request(helm: str) -> N
     assert trigger["metadata"]["lagThreshold"] == "1"
     assert trigger["metadata"]["offsetResetPolicy"] == "earliest"
     assert trigger["authenticationRef"]["name"] == "kafka-sasl"
+
+
+def test_lookup_and_dashboard_refuse_to_render_without_tokens_unless_told(helm: str) -> None:
+    out = subprocess.run([helm, "template", "t", str(CHART), "--set", "secrets.lookupTokens=null"],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "secrets.lookupTokens" in out.stderr and "allow_unauthenticated" in out.stderr, out.stderr
+    docs = render(helm, "--set", "secrets.lookupTokens=null", "--set", "config.lookup.allow_unauthenticated=true")
+    assert "lookup" in deployments(docs)
+    docs = render(helm)
+    for name in ("lookup", "dashboard"):
+        env = {e["name"]: e.get("value") for e in deployments(docs)[name]["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["LEADSCORE__LOOKUP__AUTH_TOKENS_FILE"] == "/etc/leadscore/tokens/tokens", name

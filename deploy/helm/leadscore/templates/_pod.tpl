@@ -48,7 +48,7 @@ containers:
       {{- else if eq $.name "dashboard" }}
       - name: LEADSCORE__DASHBOARD__HTTP_LISTEN
         value: "0.0.0.0:{{ $.svc.httpPort }}"
-      {{- if $.root.Values.secrets.lookupTokens.name }}
+      {{- if (dig "lookupTokens" "name" "" $.root.Values.secrets) }}
       - name: LEADSCORE__LOOKUP__AUTH_TOKENS_FILE
         value: /etc/leadscore/tokens/{{ $.root.Values.secrets.lookupTokens.key }}
       {{- end }}
@@ -67,7 +67,7 @@ containers:
         value: "0.0.0.0:{{ $.svc.httpPort }}"
       - name: LEADSCORE__LOOKUP__GRPC_LISTEN
         value: "0.0.0.0:{{ $.svc.grpcPort }}"
-      {{- if $.root.Values.secrets.lookupTokens.name }}
+      {{- if (dig "lookupTokens" "name" "" $.root.Values.secrets) }}
       - name: LEADSCORE__LOOKUP__AUTH_TOKENS_FILE
         value: /etc/leadscore/tokens/{{ $.root.Values.secrets.lookupTokens.key }}
       {{- end }}
@@ -103,7 +103,7 @@ containers:
         readOnly: true
       - name: tmp
         mountPath: /tmp
-      {{- if and (or (eq $.name "lookup") (eq $.name "dashboard")) $.root.Values.secrets.lookupTokens.name }}
+      {{- if and (or (eq $.name "lookup") (eq $.name "dashboard")) (dig "lookupTokens" "name" "" $.root.Values.secrets) }}
       - name: tokens
         mountPath: /etc/leadscore/tokens
         readOnly: true
@@ -114,10 +114,10 @@ volumes:
       name: {{ $.root.Release.Name }}-config
   - name: tmp
     emptyDir: {}
-  {{- if and (or (eq $.name "lookup") (eq $.name "dashboard")) $.root.Values.secrets.lookupTokens.name }}
+  {{- if and (or (eq $.name "lookup") (eq $.name "dashboard")) (dig "lookupTokens" "name" "" $.root.Values.secrets) }}
   - name: tokens
     secret:
-      secretName: {{ $.root.Values.secrets.lookupTokens.name }}
+      secretName: {{ (dig "lookupTokens" "name" "" $.root.Values.secrets) }}
   {{- end }}
 {{- if $.job }}
 restartPolicy: Never
