@@ -2,7 +2,7 @@
 # Runs every test of the project against the real local stack:
 #   1. brings the stack up (deploy/local/stack up: installs what is missing),
 #   2. applies topics and registers schemas,
-#   3. cargo fmt --check, cargo clippy -D warnings,
+#   3. cargo fmt --check, cargo clippy -D warnings, ruff check (Python),
 #   4. cargo test --workspace (unit, property and integration tests),
 #   5. pytest for the training job (training/tests, against the real MLflow) and
 #      the Helm chart (deploy/helm/tests: helm lint and template, from scripts/helm.sh),
@@ -22,6 +22,9 @@ cargo fmt --all -- --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "ruff check (Python)"
+"$(dirname "$LEADSCORE_PYTHON")/ruff" check training deploy scripts
 
 step "cargo build"
 cargo build --workspace --all-targets --locked

@@ -36,8 +36,8 @@ def _client(uri: str):
 
 def champion_auc(client, name: str, hold_df: pd.DataFrame, y_hold: np.ndarray):
     """(version, AUC) of the current champion on this holdout, or None without a champion."""
-    from mlflow.exceptions import MlflowException
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from .features import FeatureSpec
     from .train import onnx_scores

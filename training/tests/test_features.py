@@ -30,7 +30,7 @@ def test_vocabulary_is_sorted_and_unseen_or_missing_is_nan():
         {"company_size": "Small", "industry": "Mining", "referral_source": None, "country": "US",
          "page_views": None, "time_on_site": 1.5, "form_completion_time": 2.0, "created_at": "2026-01-04T23:30:00Z"},
     ]))
-    row = dict(zip(FEATURES, X[0]))
+    row = dict(zip(FEATURES, X[0], strict=True))
     assert row["company_size"] == 1.0
     assert math.isnan(row["industry"]) and math.isnan(row["referral_source"]) and math.isnan(row["page_views"])
     assert row["time_on_site"] == np.float32(1.5)
@@ -40,7 +40,7 @@ def test_vocabulary_is_sorted_and_unseen_or_missing_is_nan():
 def test_time_features_are_utc():
     spec = FeatureSpec({c: [] for c in ["company_size", "industry", "referral_source", "country"]})
     X = spec.transform(frame([{"created_at": "2026-03-08T02:30:00+04:00"}]))
-    row = dict(zip(FEATURES, X[0]))
+    row = dict(zip(FEATURES, X[0], strict=True))
     assert row["hour_of_day"] == 22.0 and row["day_of_week"] == 5.0  # Saturday 22:30 UTC
 
 

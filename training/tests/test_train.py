@@ -3,6 +3,7 @@ import os
 import uuid
 
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from leadscore_training import train
@@ -43,7 +44,7 @@ def test_training_exports_onnx_and_metadata(leads_csv, tmp_path):
     modes = [m.decode() for m in a["nodes_modes"].strings]
     assert len(covers) == len(set(a["nodes_treeids"].ints))
     for t, n, y, f, m in zip(a["nodes_treeids"].ints, a["nodes_nodeids"].ints,
-                             a["nodes_truenodeids"].ints, a["nodes_falsenodeids"].ints, modes):
+                             a["nodes_truenodeids"].ints, a["nodes_falsenodeids"].ints, modes, strict=True):
         assert covers[t][n] > 0
         if m != "LEAF":
             assert covers[t][n] == covers[t][y] + covers[t][f], (t, n)
@@ -65,7 +66,7 @@ def test_gate_registers_champion_then_rejects_or_promotes_by_margin(leads_csv, t
     v2 = client.get_model_version(name, "2")
     assert v2.tags["gate"] == "rejected"
     assert "does not beat champion v1" in v2.tags["gate_reason"]
-    with pytest.raises(Exception):
+    with pytest.raises(MlflowException):
         client.get_model_version_by_alias(name, "challenger")
 
     # A margin it can meet: the new version becomes challenger, the champion stays.

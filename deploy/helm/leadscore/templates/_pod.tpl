@@ -13,7 +13,11 @@ securityContext:
     type: RuntimeDefault
 containers:
   - name: {{ $.name | kebabcase }}
+    {{- if $.root.Values.image.digest }}
+    image: "{{ $.root.Values.image.repository }}@{{ $.root.Values.image.digest }}"
+    {{- else }}
     image: "{{ $.root.Values.image.repository }}:{{ $.root.Values.image.tag }}"
+    {{- end }}
     imagePullPolicy: {{ $.root.Values.image.pullPolicy }}
     args:
       {{- toYaml $.svc.args | nindent 6 }}
