@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by scripts/*.sh. Finds cargo, picks the target dir, prints steps.
 
 if ! command -v cargo >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then

@@ -5,7 +5,8 @@
 #   3. cargo fmt --check, cargo clippy -D warnings, ruff check (Python),
 #   4. cargo test --workspace (unit, property and integration tests),
 #   5. pytest for the training job (training/tests, against the real MLflow) and
-#      the Helm chart (deploy/helm/tests: helm lint and template, from scripts/helm.sh),
+#      the Helm chart (deploy/helm/tests: helm lint and template, from scripts/helm.sh, and the
+#      strict Kubernetes-types check) and the CI workflow (scripts/tests: actionlint, shellcheck),
 # and ends with one "N passed, N failed" line counting both.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -49,7 +50,7 @@ LEADSCORE_BIN="$(leadscore_bin)"
 set +e
 export LEADSCORE_HELM
 LEADSCORE_HELM="$(scripts/helm.sh)"
-(cd training && "$LEADSCORE_PYTHON" -m pytest -q -p no:cacheprovider tests ../deploy/helm/tests) 2>&1 | tee "$log"
+(cd training && "$LEADSCORE_PYTHON" -m pytest -q -p no:cacheprovider tests ../deploy/helm/tests ../scripts/tests) 2>&1 | tee "$log"
 py_status=${PIPESTATUS[0]}
 set -e
 read -r py_passed py_failed < <(tail -n 3 "$log" | awk '{
