@@ -291,6 +291,9 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::Startup(format!("reflection: {e}")))?;
+    // The API's shape is not for everyone either: reflection takes the same token.
+    let reflection =
+        tonic::service::interceptor::InterceptedService::new(reflection, tokens.clone());
     let scores = tonic::service::interceptor::InterceptedService::new(
         proto::v1::lead_scores_server::LeadScoresServer::new(lookup.clone())
             .max_decoding_message_size(cfg.max_request_bytes),

@@ -868,21 +868,32 @@ async fn the_seed_rest_contract_bearer_tokens_health_and_open_inference_protocol
         status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    // Server reflection (open) lists every service.
+    // Server reflection lists every service, to a caller with the token only.
     let mut reflection =
         tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
             channel.clone(),
         );
-    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(
-            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
-                String::new(),
+    let list_services = || {
+        tokio_stream::iter(vec![tonic_reflection::pb::v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(
+                tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                    String::new(),
+                ),
             ),
-        ),
+        }])
     };
+    let refused = reflection
+        .server_reflection_info(list_services())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let mut request = tonic::Request::new(list_services());
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
     let mut answers = reflection
-        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .server_reflection_info(request)
         .await
         .unwrap()
         .into_inner();

@@ -66,6 +66,7 @@ def test_every_service_runs_non_root_read_only_with_probes_and_a_long_enough_gra
         assert sc["readOnlyRootFilesystem"] and sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"], name
         assert sc["capabilities"]["drop"] == ["ALL"], name
         assert pod["securityContext"]["runAsNonRoot"], name
+        assert pod["automountServiceAccountToken"] is False, name
         key = {"training-worker": "trainingWorker"}.get(name, name)
         assert pod["terminationGracePeriodSeconds"] > grace[key]["shutdownGraceSeconds"], name
         env = {e["name"]: e for e in c["env"]}
@@ -303,3 +304,18 @@ def test_production_values_pin_the_image_by_digest(helm: str) -> None:
     out = subprocess.run([helm, "template", "t", str(CHART), "--set", "image.digest=latest"],
                          capture_output=True, text=True, check=False)
     assert out.returncode != 0 and "digest" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(PROD)]], ids=["default", "production"])
+def test_network_policies_name_who_may_call_and_where_pods_may_connect(helm: str, values: list[str]) -> None:
+    policies = {d["metadata"]["name"].removeprefix("t-"): d["spec"] for d in render(helm, *values)
+                if d["kind"] == "NetworkPolicy"}
+    assert sorted(policies) == ["dashboard", "default", "lookup"]
+    for name, spec in policies.items():
+        for rule in spec["ingress"]:
+            assert rule.get("from"), f"{name}: an ingress rule without `from` admits everyone"
+    default = policies["default"]
+    assert default["policyTypes"] == ["Ingress", "Egress"]
+    ports = {p["port"] for rule in default["egress"] for p in rule["ports"]}
+    assert {53, 9092, 8081, 5432, 6379, 5000, 4318} <= ports and 22 not in ports
+    assert {p["port"] for p in policies["lookup"]["ingress"][0]["ports"]} == {"grpc", "http"}

@@ -4,6 +4,8 @@ container serves one request and exits (`--once`), and has no probes.
 */ -}}
 {{- define "leadscore.podSpec" -}}
 terminationGracePeriodSeconds: {{ add $.svc.shutdownGraceSeconds $.root.Values.terminationGraceMarginSeconds }}
+# No service talks to the Kubernetes API: no token in the pod.
+automountServiceAccountToken: false
 securityContext:
   runAsNonRoot: true
   runAsUser: 10001
