@@ -59,6 +59,29 @@ async fn get(port: u16, path: &str, token: Option<&str>) -> reqwest::Response {
     r.send().await.unwrap()
 }
 
+/// Runs headless Chromium (Debian's) on `url` with `extra` flags; its standard output.
+fn chromium(url: &str, extra: &[&str]) -> String {
+    let out = Command::new("chromium")
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1400,1100",
+            "--virtual-time-budget=6000",
+        ])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("chromium (Debian package `chromium`, installed by deploy/local/stack)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_topics_hold_reaches_the_page_state_and_its_event_stream() {
     let base = unique("it-dash");
@@ -282,28 +305,7 @@ async fn what_the_topics_hold_reaches_the_page_state_and_its_event_stream() {
 
     // In a browser: headless Chromium (Debian's) runs the page's script against the stream.
     let url = format!("http://127.0.0.1:{port}/#token={TOKEN}");
-    let chromium = |extra: &[&str]| {
-        let out = Command::new("chromium")
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--hide-scrollbars",
-                "--window-size=1400,1100",
-                "--virtual-time-budget=6000",
-            ])
-            .args(extra)
-            .arg(&url)
-            .output()
-            .expect("chromium (Debian package `chromium`, installed by deploy/local/stack)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let dom = chromium(&["--dump-dom"]);
+    let dom = chromium(&url, &["--dump-dom"]);
     assert!(
         dom.contains("data-updated="),
         "the page rendered a snapshot: {dom}"
@@ -330,7 +332,7 @@ async fn what_the_topics_hold_reaches_the_page_state_and_its_event_stream() {
     );
     assert!(dom.contains("8 (10%)"), "the canary and its share");
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
-    chromium(&[&format!("--screenshot={}", shot.display())]);
+    chromium(&url, &[&format!("--screenshot={}", shot.display())]);
     assert!(
         std::fs::metadata(&shot).unwrap().len() > 10_000,
         "a screenshot at {}",
@@ -372,6 +374,7 @@ async fn the_pipeline_panel_follows_a_real_scorer() {
             "LEADSCORE__DASHBOARD__SCRAPE_URLS",
             format!("[\"http://127.0.0.1:{sport}/metrics\"]"),
         )
+        .env("LEADSCORE__LOOKUP__AUTH_TOKENS", format!("[\"{TOKEN}\"]"))
         .env(
             "LEADSCORE__DASHBOARD__HTTP_LISTEN",
             format!("127.0.0.1:{port}"),
@@ -390,7 +393,11 @@ async fn the_pipeline_panel_follows_a_real_scorer() {
     stream(t.input.clone(), ls, 100).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let state: serde_json::Value = loop {
-        let s: serde_json::Value = get(port, "/api/state", None).await.json().await.unwrap();
+        let s: serde_json::Value = get(port, "/api/state", Some(TOKEN))
+            .await
+            .json()
+            .await
+            .unwrap();
         let p = &s["pipeline"];
         let done = p["scores_total"] == 300
             && p["leads_in_per_sec"]
@@ -438,4 +445,281 @@ async fn get_ok(port: u16) -> Option<()> {
         .await
         .ok()
         .map(|_| ())
+}
+
+/// Starts `leadscore dashboard` on the given topics with the test token; waits until it listens.
+async fn start_dashboard(
+    metrics: &str,
+    alerts: &str,
+    lifecycle: &str,
+    scores: &str,
+) -> (Service, u16) {
+    let port = free_port();
+    let svc: Service = Command::new(env!("CARGO_BIN_EXE_leadscore"))
+        .arg("dashboard")
+        .env("LEADSCORE__DASHBOARD__METRICS_TOPIC", metrics)
+        .env("LEADSCORE__DASHBOARD__ALERTS_TOPIC", alerts)
+        .env("LEADSCORE__DASHBOARD__LIFECYCLE_TOPIC", lifecycle)
+        .env("LEADSCORE__DASHBOARD__SCORES_TOPIC", scores)
+        .env("LEADSCORE__DASHBOARD__PUSH_INTERVAL_MS", "300")
+        .env(
+            "LEADSCORE__DASHBOARD__HTTP_LISTEN",
+            format!("127.0.0.1:{port}"),
+        )
+        .env("LEADSCORE__LOOKUP__AUTH_TOKENS", format!("[\"{TOKEN}\"]"))
+        .env("LEADSCORE_LOG", "warn")
+        .spawn()
+        .unwrap()
+        .into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get_ok(port).await.is_none() {
+        assert!(Instant::now() < deadline, "the dashboard never listened");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (svc, port)
+}
+
+/// The dashboard's state once `done` holds for it (or after `within`, for the assertions).
+async fn state_when(
+    port: u16,
+    within: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let s: serde_json::Value = get(port, "/api/state", Some(TOKEN))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if done(&s) || Instant::now() > deadline {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// The hourly window report starting at `start` on `topic`: (scored, PSI by feature).
+async fn report_on_topic(
+    topic: &str,
+    start: i64,
+) -> (i64, std::collections::BTreeMap<String, f64>) {
+    let decoder =
+        leadscore_registry::Decoder::new(Registry::new(&leadscore_e2e::config().registry).unwrap());
+    let c = leadscore_e2e::consumer(topic, "read_committed");
+    for m in leadscore_e2e::receive(&c, usize::MAX, Duration::from_secs(3)).await {
+        let Value::Record(fields) = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap()
+        else {
+            continue;
+        };
+        let get = |n: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        let (Value::TimestampMillis(s), Value::Enum(_, kind)) =
+            (get("window_start"), get("window_kind"))
+        else {
+            panic!("a window report without its window")
+        };
+        if s != start || kind != "hourly" {
+            continue;
+        }
+        let Value::Long(scored) = get("scored") else {
+            panic!("scored")
+        };
+        let Value::Array(features) = get("features") else {
+            panic!("features")
+        };
+        let psi = features
+            .iter()
+            .filter_map(|f| match f {
+                Value::Record(ff) => {
+                    let name = ff.iter().find(|(k, _)| k == "feature")?;
+                    let psi = ff.iter().find(|(k, _)| k == "psi")?;
+                    match (&name.1, &psi.1) {
+                        (Value::String(n), Value::Double(p)) => Some((n.clone(), *p)),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            })
+            .collect();
+        return (scored, psi);
+    }
+    panic!("no hourly report from {start} on {topic}")
+}
+
+/// The firing alerts on `topic`, the latest per fingerprint.
+async fn firing_on_topic(topic: &str) -> Vec<leadscore_aggregator::route::AlertMessage> {
+    let decoder =
+        leadscore_registry::Decoder::new(Registry::new(&leadscore_e2e::config().registry).unwrap());
+    let c = leadscore_e2e::consumer(topic, "read_committed");
+    let mut latest = std::collections::BTreeMap::new();
+    for m in leadscore_e2e::receive(&c, usize::MAX, Duration::from_secs(3)).await {
+        let v = decoder.decode(leadscore_e2e::payload(&m)).await.unwrap();
+        let a = leadscore_aggregator::route::AlertMessage::from_value(&v).unwrap();
+        latest.insert(a.fingerprint.clone(), a);
+    }
+    latest.into_values().filter(|a| a.firing).collect()
+}
+
+/// The `<tr>` of `feature` in the page's drift table.
+fn feature_row<'d>(dom: &'d str, feature: &str) -> &'d str {
+    let start = dom
+        .find(&format!("<tr data-feature=\"{feature}\""))
+        .unwrap_or_else(|| panic!("no row for {feature}: {dom}"));
+    let len = dom[start..].find("</tr>").unwrap();
+    &dom[start..start + len]
+}
+
+/// The whole path, in a browser: leads of a clean hour and of an hour drifted with the
+/// generator's knob (`page_views=+25`) go as CDC events through a real scorer and a real drift
+/// aggregator; the page first shows the clean window with nothing flagged and no alert, then the
+/// drifted one with `page_views` flagged, its PSI and the firing alerts as the topics hold them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drift_from_the_generators_knobs_through_the_pipeline_is_flagged_in_the_browser() {
+    use leadscore_crm::{DriftSpec, Generator, GeneratorConfig};
+    use leadscore_e2e::scorer::{Topics, create_event_at, produce, start_scorer_with};
+    /// 2026-01-05 10:00 UTC: the clean hour; the drifted one follows.
+    const W0: i64 = 1_767_607_200_000;
+    const HOUR: i64 = 3_600_000;
+    const PER_HOUR: usize = 1_000;
+
+    let exe = env!("CARGO_BIN_EXE_leadscore");
+    let t = Topics::create(3).await;
+    let run = leadscore_e2e::drift::Run::create().await;
+    let lifecycle = unique("it-dash-drift.lifecycle");
+    create_topic(&lifecycle, 1).await;
+    let (_scorer, _) = start_scorer_with(exe, &t, &unique("it-dash-drift"), "a", false, &[]);
+    let (_drift, _) = leadscore_e2e::drift::start(exe, &t.scores, &t.shadow, &run, "dash-0", &[]);
+    let (_dash, port) = start_dashboard(&run.metrics, &run.alerts, &lifecycle, &t.scores).await;
+    let url = format!("http://127.0.0.1:{port}/#token={TOKEN}");
+
+    // Create events spread over an hour, with the CRM commit time as their event time.
+    let hour = |prefix: &str, seed: u64, drift: DriftSpec, start: i64| {
+        let mut g = Generator::new(GeneratorConfig {
+            seed,
+            id_prefix: prefix.into(),
+            drift,
+            ..Default::default()
+        });
+        (0..PER_HOUR)
+            .map(|i| {
+                let l = g.next_lead().lead;
+                let at = start + 60_000 + i as i64 * (HOUR - 120_000) / PER_HOUR as i64;
+                (Some(l.lead_id.clone()), create_event_at(&l, at))
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut shifted = DriftSpec::default();
+    shifted.add_shift("page_views=+25").unwrap();
+    produce(&t.input, hour("clean", 41, DriftSpec::default(), W0)).await;
+    // The drifted hour's events move the event-time watermark past the clean hour: it closes.
+    produce(&t.input, hour("drifted", 42, shifted, W0 + HOUR)).await;
+
+    // 1. The clean hour: judged, nothing flagged, no alert.
+    let s = state_when(port, Duration::from_secs(120), |s| {
+        s["drift"][0]["window_start"] == W0
+    })
+    .await;
+    assert_eq!(
+        s["drift"][0]["window_start"], W0,
+        "the clean hour's report: {s}"
+    );
+    let (scored, _) = report_on_topic(&run.metrics, W0).await;
+    assert_eq!(
+        scored, PER_HOUR as i64,
+        "every clean lead scored and counted"
+    );
+    let dom = chromium(&url, &["--dump-dom"]);
+    assert!(
+        dom.contains(&format!("{scored} scores")),
+        "the clean hour's count as the topic holds it: {dom}"
+    );
+    assert!(feature_row(&dom, "page_views").contains(r#"class="""#));
+    assert!(
+        !dom.contains(r#"class="flag""#),
+        "nothing flagged in a clean hour"
+    );
+    assert!(
+        dom.contains(r#"<b id="firing">0</b>"#),
+        "no alert in a clean hour"
+    );
+
+    // 2. One record per input partition three hours on closes the drifted hour.
+    let producer: FutureProducer = client(&[]).create().unwrap();
+    let mut g = Generator::new(GeneratorConfig {
+        seed: 43,
+        id_prefix: "flush".into(),
+        ..Default::default()
+    });
+    for p in 0..3 {
+        let l = g.next_lead().lead;
+        let value = create_event_at(&l, W0 + 3 * HOUR + 60_000);
+        producer
+            .send(
+                FutureRecord::to(&t.input)
+                    .key(l.lead_id.as_str())
+                    .partition(p)
+                    .payload(&value),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let s = state_when(port, Duration::from_secs(120), |s| {
+        s["drift"][0]["window_start"] == W0 + HOUR
+            && s["alerts"]["firing"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    assert_eq!(
+        s["drift"][0]["window_start"],
+        W0 + HOUR,
+        "the drifted hour's report: {s}"
+    );
+    let (scored, psi) = report_on_topic(&run.metrics, W0 + HOUR).await;
+    let firing = firing_on_topic(&run.alerts).await;
+    assert!(
+        firing
+            .iter()
+            .any(|a| a.feature.as_deref() == Some("page_views") && a.kind == "psi"),
+        "the aggregator alerts on page_views: {firing:?}"
+    );
+    let dom = chromium(&url, &["--dump-dom"]);
+    assert!(dom.contains(&format!("{scored} scores")), "{dom}");
+    let row = feature_row(&dom, "page_views");
+    assert!(row.contains(r#"class="flag""#), "page_views flagged: {row}");
+    assert!(
+        row.contains(&format!(r#"<td class="num">{:.3}</td>"#, psi["page_views"])),
+        "page_views' PSI as the report holds it ({}): {row}",
+        psi["page_views"]
+    );
+    for (feature, p) in &psi {
+        if *p < 0.25 {
+            assert!(
+                !feature_row(&dom, feature).contains(r#"class="flag""#),
+                "{feature} (PSI {p}) is not flagged"
+            );
+        }
+    }
+    assert!(
+        dom.contains(&format!(r#"<b id="firing">{}</b>"#, firing.len())),
+        "the firing alerts as the topic holds them ({}): {dom}",
+        firing.len()
+    );
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-drift.png");
+    chromium(&url, &[&format!("--screenshot={}", shot.display())]);
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+    eprintln!("screenshot: {}", shot.display());
+
+    let mut names: Vec<&str> = run.topics().to_vec();
+    names.push(&lifecycle);
+    delete_topics(&names).await;
+    t.delete().await;
 }
