@@ -2,7 +2,7 @@
 # Runs every test of the project against the real local stack:
 #   1. brings the stack up (deploy/local/stack up: installs what is missing),
 #   2. applies topics and registers schemas,
-#   3. cargo fmt --check, cargo clippy -D warnings, ruff check (Python),
+#   3. cargo fmt --check, cargo clippy -D warnings, ruff check (Python), cargo deny,
 #   4. cargo test --workspace (unit, property and integration tests),
 #   5. pytest for the training job (training/tests, against the real MLflow) and
 #      the Helm chart (deploy/helm/tests: helm lint and template, from scripts/helm.sh, and the
@@ -26,6 +26,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "ruff check (Python)"
 "$(dirname "$LEADSCORE_PYTHON")/ruff" check training deploy scripts
+
+step "cargo deny (licenses, duplicate versions, sources)"
+deny="${LEADSCORE_CACHE:-$HOME/.cache/leadscore}/cargo-deny-0.20.2/bin/cargo-deny"
+if [[ ! -x "$deny" ]]; then
+  cargo install cargo-deny --version 0.20.2 --locked --root "$(dirname "$(dirname "$deny")")"
+fi
+"$deny" check bans licenses sources
 
 step "cargo build"
 cargo build --workspace --all-targets --locked
