@@ -1,14 +1,20 @@
 # One image for every leadscore service (scorer, drift, retrain trigger, training
-# worker, lifecycle controller, lookup) and the training job.
+# worker, lifecycle controller, lookup, dashboard, webhook) and the training job.
 #
-#   docker build -t leadscore:0.1.0 .
+#   docker build -t leadscore:0.1.0 .            # anywhere with a registry (the CI workflow)
+#   make image                                   # here: podman, a Debian base from mmdebstrap,
+#                                                # the binary built on the host (deploy/image/build.sh)
 #
-# Not built in this repository's CI (its machines have no container engine); the
-# Helm chart's tests do not depend on it. Versions follow DEPENDENCIES and
-# training/requirements.txt.
+# The build arguments let the local build swap the two base images and the stage the binary
+# comes from for local ones; the runtime stage is the same either way. Versions follow
+# DEPENDENCIES and training/requirements.txt.
+ARG RUST_IMAGE=rust:1.95-bookworm
+ARG RUNTIME_IMAGE=python:3.11-slim-bookworm
+# The stage or image holding /src/target/release/leadscore.
+ARG BINARY_FROM=build
 
 # --- build: the Rust binary -------------------------------------------------
-FROM rust:1.95-bookworm AS build
+FROM ${RUST_IMAGE} AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends cmake libssl-dev libsasl2-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
@@ -16,6 +22,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY crates crates
 COPY tests tests
+COPY vendor vendor
 COPY proto proto
 COPY schemas schemas
 COPY topics topics
@@ -24,16 +31,18 @@ COPY models models
 RUN cargo build --release -p leadscore --locked \
  && strip target/release/leadscore
 
+FROM ${BINARY_FROM} AS binary
+
 # --- runtime: binary, ONNX Runtime (from the onnxruntime wheel), training job --
-FROM python:3.11-slim-bookworm AS runtime
+FROM ${RUNTIME_IMAGE} AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libgomp1 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 10001 --create-home --shell /usr/sbin/nologin leadscore
 COPY training/requirements.txt /opt/leadscore/training/requirements.txt
-RUN python -m venv /opt/leadscore/venv \
+RUN python3 -m venv /opt/leadscore/venv \
  && /opt/leadscore/venv/bin/pip install --no-cache-dir -r /opt/leadscore/training/requirements.txt
-COPY --from=build /src/target/release/leadscore /usr/local/bin/leadscore
+COPY --from=binary /src/target/release/leadscore /usr/local/bin/leadscore
 COPY models /opt/leadscore/models
 COPY training /opt/leadscore/training
 COPY schemas /opt/leadscore/schemas

@@ -14,3 +14,9 @@ leadscore_bin() {
   dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
   echo "$dir/debug/leadscore"
 }
+
+leadscore_release_bin() {
+  local dir
+  dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
+  echo "$dir/release/leadscore"
+}

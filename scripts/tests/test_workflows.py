@@ -55,6 +55,7 @@ def test_actionlint_finds_a_broken_workflow(actionlint: str, shellcheck: str, tm
 
 
 def test_the_shell_scripts_pass_shellcheck(shellcheck: str) -> None:
-    scripts = [*sorted((REPO / "scripts").glob("*.sh")), REPO / "deploy" / "local" / "stack", REPO / ".ci" / "run"]
+    scripts = [*sorted((REPO / "scripts").glob("*.sh")), REPO / "deploy" / "local" / "stack", REPO / ".ci" / "run",
+               REPO / "deploy" / "image" / "build.sh"]
     out = subprocess.run([shellcheck, "-S", "warning", *map(str, scripts)], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stdout
