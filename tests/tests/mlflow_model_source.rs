@@ -63,3 +63,100 @@ async fn champion_from_mlflow_is_verified_loaded_and_scores() {
         "{err}"
     );
 }
+
+/// MLflow's own basic-auth app, on a port of its own: the model source sends MLflow's client
+/// credentials (`MLFLOW_TRACKING_USERNAME` / `_PASSWORD`), and without them the refusal says
+/// what to set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mlflow_behind_basic_auth_takes_the_credentials_and_refuses_without() {
+    use leadscore_model::source::MlflowAuth;
+    let dir = tempfile::tempdir().unwrap();
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let ini = dir.path().join("basic_auth.ini");
+    std::fs::write(
+        &ini,
+        format!(
+            "[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{}/auth.db\n\
+             admin_username = admin\nadmin_password = {password}\n\
+             authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let port = leadscore_e2e::free_port();
+    let python = std::env::var("LEADSCORE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let _server: leadscore_e2e::Service = std::process::Command::new(python)
+        .args([
+            "-m",
+            "mlflow",
+            "server",
+            "--app-name",
+            "basic-auth",
+            "--host",
+            "127.0.0.1",
+        ])
+        .args(["--port", &port.to_string(), "--workers", "1"])
+        .arg("--backend-store-uri")
+        .arg(format!("sqlite:///{}/mlflow.db", dir.path().display()))
+        .env("MLFLOW_AUTH_CONFIG_PATH", &ini)
+        .env("MLFLOW_FLASK_SERVER_SECRET_KEY", uuid::Uuid::new_v4().simple().to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+        .into();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while leadscore_e2e::scorer::try_http_get(port, "/health")
+        .await
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "MLflow with basic auth never answered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let alias = Selector::Alias("champion".into());
+
+    let refused = Mlflow::with_auth(&base, MlflowAuth::None)
+        .unwrap()
+        .version("lead-scoring", &alias)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("401") && refused.contains("MLFLOW_TRACKING_USERNAME"),
+        "{refused}"
+    );
+    let wrong = Mlflow::with_auth(
+        &base,
+        MlflowAuth::Basic {
+            username: "admin".into(),
+            password: "not-it".into(),
+        },
+    )
+    .unwrap()
+    .version("lead-scoring", &alias)
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(wrong.contains("401"), "{wrong}");
+    // Let in: the model does not exist there, which only an authenticated caller learns.
+    let admitted = Mlflow::with_auth(
+        &base,
+        MlflowAuth::Basic {
+            username: "admin".into(),
+            password: password.clone(),
+        },
+    )
+    .unwrap()
+    .version("lead-scoring", &alias)
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        !admitted.contains("401") && admitted.contains("RESOURCE_DOES_NOT_EXIST"),
+        "{admitted}"
+    );
+}

@@ -170,16 +170,93 @@ struct VersionAnswer {
     model_version: ModelVersion,
 }
 
+/// How requests to MLflow authenticate: MLflow's own client variables, so the services and
+/// the training job share one setting.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub enum MlflowAuth {
+    /// No credentials (a tracking server without authentication).
+    #[default]
+    None,
+    /// `Authorization: Bearer` (`MLFLOW_TRACKING_TOKEN`).
+    Token(String),
+    /// HTTP basic (`MLFLOW_TRACKING_USERNAME`, `MLFLOW_TRACKING_PASSWORD`), as MLflow's
+    /// basic-auth app expects.
+    Basic {
+        /// User name.
+        username: String,
+        /// Password.
+        password: String,
+    },
+}
+
+impl std::fmt::Debug for MlflowAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.write_str(match self {
+            MlflowAuth::None => "None",
+            MlflowAuth::Token(_) => "Token(..)",
+            MlflowAuth::Basic { .. } => "Basic(..)",
+        })
+    }
+}
+
+impl MlflowAuth {
+    /// From `MLFLOW_TRACKING_TOKEN`, else `MLFLOW_TRACKING_USERNAME` with
+    /// `MLFLOW_TRACKING_PASSWORD`, else none.
+    pub fn from_env() -> Self {
+        Self::from_vars(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Self {
+        if let Some(token) = var("MLFLOW_TRACKING_TOKEN") {
+            return MlflowAuth::Token(token);
+        }
+        match (
+            var("MLFLOW_TRACKING_USERNAME"),
+            var("MLFLOW_TRACKING_PASSWORD"),
+        ) {
+            (Some(username), Some(password)) => MlflowAuth::Basic { username, password },
+            _ => MlflowAuth::None,
+        }
+    }
+
+    fn apply(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match self {
+            MlflowAuth::None => req,
+            MlflowAuth::Token(t) => req.bearer_auth(t),
+            MlflowAuth::Basic { username, password } => req.basic_auth(username, Some(password)),
+        }
+    }
+}
+
+/// What to do about a refused request.
+fn auth_hint(status: reqwest::StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 | 403 => {
+            " (the tracking server wants credentials: set MLFLOW_TRACKING_TOKEN, or \
+             MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)"
+        }
+        _ => "",
+    }
+}
+
 /// Minimal MLflow REST client: aliases, versions, artifacts.
 #[derive(Debug, Clone)]
 pub struct Mlflow {
     base: String,
     http: reqwest::Client,
+    auth: MlflowAuth,
 }
 
 impl Mlflow {
-    /// A client for the tracking server at `base` (`http://host:port`).
+    /// A client for the tracking server at `base` (`http://host:port`), with the credentials
+    /// of MLflow's client variables ([`MlflowAuth::from_env`]).
     pub fn new(base: &str) -> Result<Self> {
+        Self::with_auth(base, MlflowAuth::from_env())
+    }
+
+    /// A client for the tracking server at `base` with `auth`.
+    pub fn with_auth(base: &str, auth: MlflowAuth) -> Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -190,6 +267,7 @@ impl Mlflow {
         Ok(Self {
             base: base.trim_end_matches('/').to_string(),
             http,
+            auth,
         })
     }
 
@@ -202,9 +280,8 @@ impl Mlflow {
 
     async fn get(&self, what: &str, path: &str, query: &[(&str, &str)]) -> Result<Vec<u8>> {
         let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .query(query)
+            .auth
+            .apply(self.http.get(format!("{}{path}", self.base)).query(query))
             .send()
             .await
             .map_err(|e| self.err(format!("{what}: unreachable: {e}")))?;
@@ -216,15 +293,18 @@ impl Mlflow {
         if !status.is_success() {
             let text = String::from_utf8_lossy(&body);
             return Err(self.err(format!(
-                "{what}: HTTP {status}: {}",
-                text.chars().take(300).collect::<String>()
+                "{what}: HTTP {status}: {}{}",
+                text.chars().take(300).collect::<String>(),
+                auth_hint(status)
             )));
         }
         Ok(body.to_vec())
     }
 
     async fn send(&self, what: &str, req: reqwest::RequestBuilder) -> Result<()> {
-        let resp = req
+        let resp = self
+            .auth
+            .apply(req)
             .send()
             .await
             .map_err(|e| self.err(format!("{what}: unreachable: {e}")))?;
@@ -234,8 +314,9 @@ impl Mlflow {
         }
         let text = resp.text().await.unwrap_or_default();
         Err(self.err(format!(
-            "{what}: HTTP {status}: {}",
-            text.chars().take(300).collect::<String>()
+            "{what}: HTTP {status}: {}{}",
+            text.chars().take(300).collect::<String>(),
+            auth_hint(status)
         )))
     }
 
@@ -366,6 +447,45 @@ impl Mlflow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mlflow_credentials_come_from_mlflows_own_variables_and_never_print() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_string())
+            }
+        };
+        assert_eq!(MlflowAuth::from_vars(vars(&[])), MlflowAuth::None);
+        let basic = MlflowAuth::from_vars(vars(&[
+            ("MLFLOW_TRACKING_USERNAME", "svc"),
+            ("MLFLOW_TRACKING_PASSWORD", "s3cret"),
+        ]));
+        assert_eq!(
+            basic,
+            MlflowAuth::Basic {
+                username: "svc".into(),
+                password: "s3cret".into()
+            }
+        );
+        assert!(!format!("{basic:?}").contains("s3cret"));
+        // A user without a password is not a credential.
+        assert_eq!(
+            MlflowAuth::from_vars(vars(&[("MLFLOW_TRACKING_USERNAME", "svc")])),
+            MlflowAuth::None
+        );
+        let token = MlflowAuth::from_vars(vars(&[
+            ("MLFLOW_TRACKING_TOKEN", "t0k"),
+            ("MLFLOW_TRACKING_USERNAME", "svc"),
+            ("MLFLOW_TRACKING_PASSWORD", "s3cret"),
+        ]));
+        assert_eq!(token, MlflowAuth::Token("t0k".into()));
+        assert!(!format!("{token:?}").contains("t0k"));
+        assert!(auth_hint(reqwest::StatusCode::UNAUTHORIZED).contains("MLFLOW_TRACKING_TOKEN"));
+        assert!(auth_hint(reqwest::StatusCode::NOT_FOUND).is_empty());
+    }
 
     #[test]
     fn urls_pick_the_source_by_scheme() {

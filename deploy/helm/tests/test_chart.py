@@ -15,7 +15,8 @@ PROD = CHART / "ci" / "production-values.yaml"
 SERVICES = ["scorer", "drift", "retrain", "training-worker", "controller", "lookup", "dashboard"]
 SECRET_VARS = {"LEADSCORE__KAFKA__SASL_PASSWORD", "LEADSCORE__REGISTRY__PASSWORD", "LEADSCORE__POSTGRES__URL",
                "LEADSCORE__ALERTING__SLACK_WEBHOOK_URL", "LEADSCORE__ALERTING__PAGERDUTY_ROUTING_KEY",
-               "LEADSCORE__ALERTING__SMTP_PASSWORD"}
+               "LEADSCORE__ALERTING__SMTP_PASSWORD", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+               "MLFLOW_TRACKING_TOKEN"}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,8 @@ def test_secrets_are_referenced_never_inlined(helm: str) -> None:
             if e["name"] in SECRET_VARS:
                 assert "value" not in e and "secretKeyRef" in e["valueFrom"], e
                 referenced.add(e["name"])
-    assert {"LEADSCORE__KAFKA__SASL_PASSWORD", "LEADSCORE__POSTGRES__URL"} <= referenced
+    assert {"LEADSCORE__KAFKA__SASL_PASSWORD", "LEADSCORE__POSTGRES__URL", "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD"} <= referenced
     webhook_env = {e["name"]: e for e in pods(docs)["webhook"]["containers"][0]["env"]}
     secret = webhook_env["LEADSCORE_WEBHOOK_CRM_SECRET"]
     assert "value" not in secret and secret["valueFrom"]["secretKeyRef"] == {"name": "crm-webhook", "key": "secret"}
