@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod models;
 pub mod rest;
 pub mod store;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -371,12 +372,38 @@ pub async fn serve(
         cfg.max_request_bytes,
     );
     let rest_stop = shutdown.clone();
-    let rest = axum::serve(rest_listener, app)
-        .with_graceful_shutdown(async move { rest_stop.cancelled().await });
+    // TLS on REST as on gRPC, with the same certificate (and client CA).
+    let rest: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> =
+        match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => {
+                let ca = cfg
+                    .tls_client_ca
+                    .as_deref()
+                    .map(|ca| read(ca, "lookup.tls_client_ca"))
+                    .transpose()?;
+                let tls = tls::server_config(
+                    &read(cert, "lookup.tls_cert")?,
+                    &read(key, "lookup.tls_key")?,
+                    ca.as_deref(),
+                )?;
+                let listener = tls::TlsListener::new(rest_listener, tls, shutdown.clone())
+                    .map_err(|e| Error::Startup(format!("lookup.rest_listen {rest_addr}: {e}")))?;
+                Box::pin(
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { rest_stop.cancelled().await })
+                        .into_future(),
+                )
+            }
+            _ => Box::pin(
+                axum::serve(rest_listener, app)
+                    .with_graceful_shutdown(async move { rest_stop.cancelled().await })
+                    .into_future(),
+            ),
+        };
 
     metrics.set_ready(true);
     tracing::info!(grpc = %grpc_addr, rest = %rest_addr, tls = cfg.tls_cert.is_some(), mutual_tls = cfg.tls_client_ca.is_some(), auth = tokens_label(&cfg.auth_tokens, cfg.auth_tokens_file.is_some()), "lookup service listening");
-    let (g, r) = tokio::join!(grpc, async { rest.await });
+    let (g, r) = tokio::join!(grpc, rest);
     metrics.set_ready(false);
     g.map_err(|e| Error::Startup(format!("gRPC server: {e}")))?;
     r.map_err(|e| Error::Startup(format!("REST server: {e}")))?;

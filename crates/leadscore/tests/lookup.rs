@@ -1133,9 +1133,16 @@ async fn grpc_over_mutual_tls_refuses_clients_without_a_certificate() {
         ("LEADSCORE__LOOKUP__SCORES_TOPIC", String::new()),
         ("LEADSCORE__LOOKUP__LIFECYCLE_TOPIC", String::new()),
     ]);
-    // Ready once the REST port answers (REST stays plain; TLS is for gRPC).
+    // REST is TLS too, with the same certificate: probes need no client certificate.
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    let rest = |p: &str| format!("https://localhost:{}{p}", lookup.rest);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !reqwest::get(format!("http://127.0.0.1:{}/readyz", lookup.rest))
+    while !https
+        .get(rest("/readyz"))
+        .send()
         .await
         .is_ok_and(|r| r.status().is_success())
     {
@@ -1187,6 +1194,40 @@ async fn grpc_over_mutual_tls_refuses_clients_without_a_certificate() {
             .is_ok(),
     };
     assert!(!plain_served);
+    // REST: plain HTTP is not served, a certificate from another CA is refused, the API wants
+    // the token over TLS as over plain.
+    assert!(
+        reqwest::get(format!("http://127.0.0.1:{}/readyz", lookup.rest))
+            .await
+            .is_err(),
+        "plain HTTP on the TLS REST port"
+    );
+    let other = tempfile::tempdir().unwrap();
+    let (other_dir, _) = pki(other.path());
+    let foreign = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .identity(
+            reqwest::Identity::from_pem(
+                &[
+                    std::fs::read(other_dir.join("client.pem")).unwrap(),
+                    std::fs::read(other_dir.join("client.key")).unwrap(),
+                ]
+                .concat(),
+            )
+            .unwrap(),
+        )
+        .build()
+        .unwrap();
+    assert!(
+        foreign.get(rest("/readyz")).send().await.is_err(),
+        "a client certificate from another CA was accepted"
+    );
+    let info = https.get(rest("/model-info")).send().await.unwrap();
+    assert_eq!(
+        info.status().as_u16(),
+        200,
+        "no token configured in this test"
+    );
     terminate(lookup.child.take().unwrap());
 }
 

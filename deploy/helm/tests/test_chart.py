@@ -128,6 +128,11 @@ def test_helm_test_hook_calls_the_lookup_health(helm: str) -> None:
     [hook] = [d for d in docs if d["kind"] == "Pod"]
     assert hook["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert "/health" in " ".join(hook["spec"]["containers"][0]["command"])
+    assert "http://t-lookup:8000/health" in " ".join(hook["spec"]["containers"][0]["command"])
+    assert hook["metadata"]["labels"]["leadscore-client"] == "true", "admitted by the NetworkPolicy"
+    [tls_hook] = [d for d in render(helm, "-f", str(PROD)) if d["kind"] == "Pod"]
+    assert "https://t-lookup:8000/health" in " ".join(tls_hook["spec"]["containers"][0]["command"])
+    assert "@sha256:" in tls_hook["spec"]["containers"][0]["image"]
 
 
 def test_keda_and_prometheus_operator_resources_render_and_alert_on_metrics_the_services_export(helm: str) -> None:
@@ -321,3 +326,15 @@ def test_network_policies_name_who_may_call_and_where_pods_may_connect(helm: str
     ports = {p["port"] for rule in default["egress"] for p in rule["ports"]}
     assert {53, 9092, 8081, 5432, 6379, 5000, 4318} <= ports and 22 not in ports
     assert {p["port"] for p in policies["lookup"]["ingress"][0]["ports"]} == {"grpc", "http"}
+
+
+def test_production_values_serve_the_lookup_over_tls_with_https_probes(helm: str) -> None:
+    pod = pods(render(helm, "-f", str(PROD)))["lookup"]
+    c = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["LEADSCORE__LOOKUP__TLS_CERT"] == "/etc/leadscore/tls/tls.crt"
+    assert env["LEADSCORE__LOOKUP__TLS_KEY"] == "/etc/leadscore/tls/tls.key"
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS" and c["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert {"name": "tls", "secret": {"secretName": "lookup-tls"}} in pod["volumes"]
+    # Other services' probes stay plain HTTP.
+    assert "scheme" not in pods(render(helm, "-f", str(PROD)))["scorer"]["containers"][0]["readinessProbe"]["httpGet"]

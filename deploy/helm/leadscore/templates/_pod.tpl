@@ -73,6 +73,17 @@ containers:
         value: "0.0.0.0:{{ $.svc.httpPort }}"
       - name: LEADSCORE__LOOKUP__GRPC_LISTEN
         value: "0.0.0.0:{{ $.svc.grpcPort }}"
+      {{- with (dig "lookupTls" "name" "" $.root.Values.secrets) }}
+      # TLS on gRPC and REST from a kubernetes.io/tls Secret.
+      - name: LEADSCORE__LOOKUP__TLS_CERT
+        value: /etc/leadscore/tls/tls.crt
+      - name: LEADSCORE__LOOKUP__TLS_KEY
+        value: /etc/leadscore/tls/tls.key
+      {{- if (dig "lookupTls" "clientCa" false $.root.Values.secrets) }}
+      - name: LEADSCORE__LOOKUP__TLS_CLIENT_CA
+        value: /etc/leadscore/tls/ca.crt
+      {{- end }}
+      {{- end }}
       {{- if (dig "lookupTokens" "name" "" $.root.Values.secrets) }}
       - name: LEADSCORE__LOOKUP__AUTH_TOKENS_FILE
         value: /etc/leadscore/tokens/{{ $.root.Values.secrets.lookupTokens.key }}
@@ -91,12 +102,14 @@ containers:
       httpGet:
         path: /healthz
         port: http
+        {{- include "leadscore.probeScheme" $ | nindent 8 }}
       periodSeconds: 10
       failureThreshold: 6
     readinessProbe:
       httpGet:
         path: /readyz
         port: http
+        {{- include "leadscore.probeScheme" $ | nindent 8 }}
       periodSeconds: 5
     {{- end }}
     resources:
@@ -114,6 +127,11 @@ containers:
         mountPath: /etc/leadscore/tokens
         readOnly: true
       {{- end }}
+      {{- if and (eq $.name "lookup") (dig "lookupTls" "name" "" $.root.Values.secrets) }}
+      - name: tls
+        mountPath: /etc/leadscore/tls
+        readOnly: true
+      {{- end }}
 volumes:
   - name: config
     configMap:
@@ -125,7 +143,19 @@ volumes:
     secret:
       secretName: {{ (dig "lookupTokens" "name" "" $.root.Values.secrets) }}
   {{- end }}
+  {{- if and (eq $.name "lookup") (dig "lookupTls" "name" "" $.root.Values.secrets) }}
+  - name: tls
+    secret:
+      secretName: {{ (dig "lookupTls" "name" "" $.root.Values.secrets) }}
+  {{- end }}
 {{- if $.job }}
 restartPolicy: Never
 {{- end }}
+{{- end -}}
+
+{{- /* HTTPS probes for the lookup service when its ports are TLS. */ -}}
+{{- define "leadscore.probeScheme" -}}
+{{- if and (eq .name "lookup") (dig "lookupTls" "name" "" .root.Values.secrets) -}}
+scheme: HTTPS
+{{- end -}}
 {{- end -}}
