@@ -338,3 +338,28 @@ def test_production_values_serve_the_lookup_over_tls_with_https_probes(helm: str
     assert {"name": "tls", "secret": {"secretName": "lookup-tls"}} in pod["volumes"]
     # Other services' probes stay plain HTTP.
     assert "scheme" not in pods(render(helm, "-f", str(PROD)))["scorer"]["containers"][0]["readinessProbe"]["httpGet"]
+
+
+def test_production_values_give_each_service_a_kafka_user_with_only_its_writes(helm: str) -> None:
+    docs = render(helm, "-f", str(PROD))
+    users = {d["metadata"]["name"].removeprefix("t-"): d["spec"] for d in docs if d["kind"] == "KafkaUser"}
+    assert sorted(users) == sorted(["controller", "dashboard", "drift", "lookup", "retrain", "scorer",
+                                    "training-worker", "webhook", "leadscore-operator"])
+
+    def writers(topic: str) -> set[str]:
+        return {name for name, spec in users.items() for acl in spec["authorization"]["acls"]
+                if acl["resource"].get("name") == topic and "Write" in acl["operations"]}
+
+    for topic in ("leads.scores.v1", "leads.scores.shadow.v1", "leads.scores.dlq.v1"):
+        assert writers(topic) == {"scorer"}, topic
+    assert writers("leadscore.model.lifecycle.v1") == {"controller", "training-worker"}
+    assert writers("leadscore.retrain.requests.v1") == {"retrain", "leadscore-operator"}
+    assert writers("leadscore.model.commands.v1") == {"leadscore-operator"}
+    for name, spec in users.items():
+        assert spec["authentication"] == {"type": "scram-sha-512"}, name
+    # Each pod signs in as its own user, with the password Strimzi made for it.
+    for name, pod in pods(docs).items():
+        env = {e["name"]: e for e in pod["containers"][0]["env"]}
+        assert env["LEADSCORE__KAFKA__SASL_USERNAME"]["value"] == f"t-{name}", name
+        assert env["LEADSCORE__KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": f"t-{name}", "key": "password"}
+        assert [e["name"] for e in pod["containers"][0]["env"]].count("LEADSCORE__KAFKA__SASL_PASSWORD") == 1, name

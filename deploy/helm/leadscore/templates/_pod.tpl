@@ -90,6 +90,16 @@ containers:
       {{- end }}
       {{- end }}
       {{- include "leadscore.secretEnv" $.root | nindent 6 }}
+      {{- if $.root.Values.strimzi.users.enabled }}
+      # Signs in as its own KafkaUser, with the password Strimzi keeps in that user's Secret.
+      - name: LEADSCORE__KAFKA__SASL_USERNAME
+        value: {{ $.root.Release.Name }}-{{ $.name | kebabcase }}
+      - name: LEADSCORE__KAFKA__SASL_PASSWORD
+        valueFrom:
+          secretKeyRef:
+            name: {{ $.root.Release.Name }}-{{ $.name | kebabcase }}
+            key: password
+      {{- end }}
     ports:
       - name: http
         containerPort: {{ $.svc.httpPort }}
