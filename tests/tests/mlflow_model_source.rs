@@ -99,7 +99,10 @@ async fn an_mlflow_behind_basic_auth_takes_the_credentials_and_refuses_without()
         .arg("--backend-store-uri")
         .arg(format!("sqlite:///{}/mlflow.db", dir.path().display()))
         .env("MLFLOW_AUTH_CONFIG_PATH", &ini)
-        .env("MLFLOW_FLASK_SERVER_SECRET_KEY", uuid::Uuid::new_v4().simple().to_string())
+        .env(
+            "MLFLOW_FLASK_SERVER_SECRET_KEY",
+            uuid::Uuid::new_v4().simple().to_string(),
+        )
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -56,13 +56,8 @@ impl AlertMessage {
             return Err("not a record".into());
         };
         let get = |name: &str| {
-            fields
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| match v {
-                    Value::Union(_, inner) => inner.as_ref(),
-                    other => other,
-                })
+            leadscore_schemas::Fields::new(fields)
+                .get(name)
                 .ok_or_else(|| format!("no field `{name}`"))
         };
         let string = |name: &str| match get(name)? {

@@ -65,15 +65,7 @@ impl CachedScore {
         let Value::Record(fields) = value else {
             return Err("not a record".into());
         };
-        let get = |name: &str| {
-            fields
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| match v {
-                    Value::Union(_, inner) => inner.as_ref(),
-                    other => other,
-                })
-        };
+        let get = |name: &str| leadscore_schemas::Fields::new(fields).get(name);
         let text = |name: &str| match get(name) {
             Some(Value::String(s) | Value::Enum(_, s)) => Ok(s.clone()),
             _ => Err(format!("no `{name}`")),

@@ -210,15 +210,7 @@ impl ReportView {
         let Value::Record(fields) = value else {
             return None;
         };
-        let get = |name: &str| {
-            fields
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| match v {
-                    Value::Union(_, inner) => inner.as_ref(),
-                    other => other,
-                })
-        };
+        let get = |name: &str| leadscore_schemas::Fields::new(fields).get(name);
         let string = |name: &str| match get(name)? {
             Value::String(s) | Value::Enum(_, s) => Some(s.clone()),
             _ => None,

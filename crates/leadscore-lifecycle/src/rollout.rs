@@ -82,13 +82,7 @@ impl VersionWindow {
     pub fn from_report(value: &apache_avro::types::Value) -> Option<(String, String, i64, Self)> {
         use apache_avro::types::Value;
         fn field<'a>(fields: &'a [(String, Value)], name: &str) -> Option<&'a Value> {
-            fields
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| match v {
-                    Value::Union(_, inner) => inner.as_ref(),
-                    other => other,
-                })
+            leadscore_schemas::Fields::new(fields).get(name)
         }
         let Value::Record(fields) = value else {
             return None;

@@ -125,9 +125,73 @@ pub fn backward_incompatibility(old: &Schema, new: &Schema) -> Option<String> {
         .map(|e| e.to_string())
 }
 
+/// The fields of a decoded Avro record, read by name, a union's branch unwrapped: the one
+/// reader of the project's records (alerts, lifecycle events, retrain requests, window
+/// reports, scores) by their generic `Value`.
+#[derive(Clone, Copy)]
+pub struct Fields<'a>(&'a [(String, apache_avro::types::Value)]);
+
+impl<'a> Fields<'a> {
+    /// The fields of a record already matched.
+    pub fn new(fields: &'a [(String, apache_avro::types::Value)]) -> Self {
+        Self(fields)
+    }
+
+    /// The fields of `value`, or `None` when it is not a record.
+    pub fn of(value: &'a apache_avro::types::Value) -> Option<Self> {
+        match value {
+            apache_avro::types::Value::Record(fields) => Some(Self(fields)),
+            _ => None,
+        }
+    }
+
+    /// Field `name`, a union unwrapped to its branch (`Null` for an absent optional).
+    pub fn get(&self, name: &str) -> Option<&'a apache_avro::types::Value> {
+        use apache_avro::types::Value;
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| match v {
+                Value::Union(_, inner) => inner.as_ref(),
+                other => other,
+            })
+    }
+
+    /// Field `name` as text: a string or an enum's symbol.
+    pub fn string(&self, name: &str) -> Option<String> {
+        use apache_avro::types::Value;
+        match self.get(name)? {
+            Value::String(s) | Value::Enum(_, s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_unwrap_unions_and_read_strings_and_enums() {
+        use apache_avro::types::Value;
+        let v = Value::Record(vec![
+            (
+                "a".into(),
+                Value::Union(1, Box::new(Value::String("x".into()))),
+            ),
+            ("b".into(), Value::Enum(0, "firing".into())),
+            ("c".into(), Value::Union(0, Box::new(Value::Null))),
+            ("d".into(), Value::Long(7)),
+        ]);
+        let f = Fields::of(&v).unwrap();
+        assert_eq!(f.string("a").as_deref(), Some("x"));
+        assert_eq!(f.string("b").as_deref(), Some("firing"));
+        assert_eq!(f.get("c"), Some(&Value::Null));
+        assert_eq!(f.get("d"), Some(&Value::Long(7)));
+        assert_eq!(f.string("d"), None);
+        assert!(f.get("e").is_none());
+        assert!(Fields::of(&Value::Null).is_none());
+    }
     use proptest::prelude::*;
 
     #[test]
