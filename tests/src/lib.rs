@@ -204,6 +204,32 @@ impl Drop for Service {
     }
 }
 
+/// A process started in a process group of its own, the whole group killed when dropped:
+/// for servers that start workers of their own (MLflow's uvicorn and job consumers), which
+/// killing the first process alone would leave running.
+pub struct ProcessGroup(std::process::Child);
+
+impl ProcessGroup {
+    /// Spawns `cmd` as the leader of a new process group.
+    pub fn spawn(cmd: &mut std::process::Command) -> Self {
+        use std::os::unix::process::CommandExt;
+        Self(
+            cmd.process_group(0)
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
+        )
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0.id())])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs `cmd` to the end and returns its output; a failure fails the test
 /// with the command, its exit status and everything it printed.
 pub fn succeed(cmd: &mut std::process::Command) -> std::process::Output {

@@ -85,29 +85,28 @@ async fn an_mlflow_behind_basic_auth_takes_the_credentials_and_refuses_without()
     .unwrap();
     let port = leadscore_e2e::free_port();
     let python = std::env::var("LEADSCORE_PYTHON").unwrap_or_else(|_| "python3".into());
-    let _server: leadscore_e2e::Service = std::process::Command::new(python)
-        .args([
-            "-m",
-            "mlflow",
-            "server",
-            "--app-name",
-            "basic-auth",
-            "--host",
-            "127.0.0.1",
-        ])
-        .args(["--port", &port.to_string(), "--workers", "1"])
-        .arg("--backend-store-uri")
-        .arg(format!("sqlite:///{}/mlflow.db", dir.path().display()))
-        .env("MLFLOW_AUTH_CONFIG_PATH", &ini)
-        .env(
-            "MLFLOW_FLASK_SERVER_SECRET_KEY",
-            uuid::Uuid::new_v4().simple().to_string(),
-        )
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
-        .into();
+    let _server = leadscore_e2e::ProcessGroup::spawn(
+        std::process::Command::new(python)
+            .args([
+                "-m",
+                "mlflow",
+                "server",
+                "--app-name",
+                "basic-auth",
+                "--host",
+                "127.0.0.1",
+            ])
+            .args(["--port", &port.to_string(), "--workers", "1"])
+            .arg("--backend-store-uri")
+            .arg(format!("sqlite:///{}/mlflow.db", dir.path().display()))
+            .env("MLFLOW_AUTH_CONFIG_PATH", &ini)
+            .env(
+                "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                uuid::Uuid::new_v4().simple().to_string(),
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
     let base = format!("http://127.0.0.1:{port}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while leadscore_e2e::scorer::try_http_get(port, "/health")
