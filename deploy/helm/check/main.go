@@ -1,6 +1,6 @@
 // Command chartcheck decodes every manifest of a rendered Helm chart (multi-document YAML on
 // standard input, as `helm template` prints it) strictly into the Kubernetes API types of a
-// pinned release, and the Prometheus operator's types for its custom resources: an unknown
+// pinned release, and the Prometheus operator's and KEDA's types for their custom resources: an unknown
 // field, a duplicate field or a wrong type is an error naming the manifest. Kinds it has no
 // types for are listed and, with -require-all, are errors too.
 package main
@@ -15,6 +15,7 @@ import (
 	"strings"
 
 	monitoringv1 "github.com/prometheus-operator/prometheus-operator/pkg/apis/monitoring/v1"
+	kedav1alpha1 "github.com/kedacore/keda/v2/apis/keda/v1alpha1"
 	appsv1 "k8s.io/api/apps/v1"
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
 	batchv1 "k8s.io/api/batch/v1"
@@ -32,7 +33,7 @@ func scheme() (*runtime.Scheme, error) {
 	s := runtime.NewScheme()
 	for _, add := range []func(*runtime.Scheme) error{
 		appsv1.AddToScheme, autoscalingv2.AddToScheme, batchv1.AddToScheme, corev1.AddToScheme,
-		networkingv1.AddToScheme, policyv1.AddToScheme, rbacv1.AddToScheme, monitoringv1.AddToScheme,
+		networkingv1.AddToScheme, policyv1.AddToScheme, rbacv1.AddToScheme, monitoringv1.AddToScheme, kedav1alpha1.AddToScheme,
 	} {
 		if err := add(s); err != nil {
 			return nil, err
