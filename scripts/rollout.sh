@@ -4,8 +4,9 @@
 # asks for a retrain (`leadscore retrain request`: the training worker trains, gates and
 # registers the candidate in MLflow), then follows `leadscore model status` while the
 # controller runs it through shadow -> canary 10/50/100 -> champion. Exits 0 once the
-# candidate is champion; 1 when the controller rolled it back or it was rejected; on timeout
-# it rolls back (`leadscore model rollback`) and exits 1.
+# candidate is champion; 1 when the controller rolled it back, or no candidate appeared
+# (the training gate rejected it); a candidate still under way at the timeout is rolled
+# back (`leadscore model rollback`), exit 1.
 # LEADSCORE_CLI is the command that runs the CLI against the cluster, e.g.
 # "kubectl -n leadscore exec deploy/leadscore-controller -- leadscore" (default: leadscore).
 set -euo pipefail
@@ -48,6 +49,11 @@ while ((SECONDS < deadline)); do
   fi
   sleep "$poll"
 done
-echo "rollout of $model: no outcome in ${timeout}s; rolling back" >&2
+if [[ -z "$candidate" ]]; then
+  # Nothing under way: a rollback now would undo the last promotion instead.
+  echo "rollout of $model: no candidate in ${timeout}s (did the training gate reject it? see the retrain request's lifecycle events)" >&2
+  exit 1
+fi
+echo "rollout of $model: candidate $candidate has no outcome in ${timeout}s; rolling it back" >&2
 "${cli[@]}" model rollback --model "$model" --by "$by" || true
 exit 1

@@ -163,31 +163,7 @@ async fn what_the_topics_hold_reaches_the_page_state_and_its_event_stream() {
     )
     .await;
 
-    let port = free_port();
-    let _svc: Service = Command::new(env!("CARGO_BIN_EXE_leadscore"))
-        .arg("dashboard")
-        .env("LEADSCORE__DASHBOARD__METRICS_TOPIC", &metrics)
-        .env("LEADSCORE__DASHBOARD__ALERTS_TOPIC", &alerts)
-        .env("LEADSCORE__DASHBOARD__LIFECYCLE_TOPIC", &lifecycle)
-        .env("LEADSCORE__DASHBOARD__SCORES_TOPIC", &scores)
-        .env("LEADSCORE__DASHBOARD__PUSH_INTERVAL_MS", "300")
-        .env(
-            "LEADSCORE__DASHBOARD__HTTP_LISTEN",
-            format!("127.0.0.1:{port}"),
-        )
-        .env("LEADSCORE__LOOKUP__AUTH_TOKENS", format!("[\"{TOKEN}\"]"))
-        .env("LEADSCORE_LOG", "warn")
-        .spawn()
-        .unwrap()
-        .into();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the dashboard never listened");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let (_svc, port) = start_dashboard(&metrics, &alerts, &lifecycle, &scores, &[]).await;
     // The page is open; its data needs the token.
     let page = get(port, "/", None).await;
     assert_eq!(page.status().as_u16(), 200);
@@ -362,32 +338,17 @@ async fn the_pipeline_panel_follows_a_real_scorer() {
         false,
         &[],
     );
-    let port = free_port();
-    let _svc: Service = Command::new(env!("CARGO_BIN_EXE_leadscore"))
-        .arg("dashboard")
-        .env("LEADSCORE__DASHBOARD__METRICS_TOPIC", &empty[0])
-        .env("LEADSCORE__DASHBOARD__ALERTS_TOPIC", &empty[1])
-        .env("LEADSCORE__DASHBOARD__LIFECYCLE_TOPIC", &empty[2])
-        .env("LEADSCORE__DASHBOARD__SCORES_TOPIC", &t.scores)
-        .env("LEADSCORE__DASHBOARD__PUSH_INTERVAL_MS", "500")
-        .env(
+    let (_svc, port) = start_dashboard(
+        &empty[0],
+        &empty[1],
+        &empty[2],
+        &t.scores,
+        &[(
             "LEADSCORE__DASHBOARD__SCRAPE_URLS",
             format!("[\"http://127.0.0.1:{sport}/metrics\"]"),
-        )
-        .env("LEADSCORE__LOOKUP__AUTH_TOKENS", format!("[\"{TOKEN}\"]"))
-        .env(
-            "LEADSCORE__DASHBOARD__HTTP_LISTEN",
-            format!("127.0.0.1:{port}"),
-        )
-        .env("LEADSCORE_LOG", "warn")
-        .spawn()
-        .unwrap()
-        .into();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get_ok(port).await.is_none() {
-        assert!(Instant::now() < deadline, "the dashboard never listened");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        )],
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let ls = leads("dash-pipe", 300, 31);
     stream(t.input.clone(), ls, 100).await;
@@ -447,12 +408,14 @@ async fn get_ok(port: u16) -> Option<()> {
         .map(|_| ())
 }
 
-/// Starts `leadscore dashboard` on the given topics with the test token; waits until it listens.
+/// Starts `leadscore dashboard` on the given topics with the test token and `extra`
+/// variables; waits until it listens.
 async fn start_dashboard(
     metrics: &str,
     alerts: &str,
     lifecycle: &str,
     scores: &str,
+    extra: &[(&str, String)],
 ) -> (Service, u16) {
     let port = free_port();
     let svc: Service = Command::new(env!("CARGO_BIN_EXE_leadscore"))
@@ -468,6 +431,7 @@ async fn start_dashboard(
         )
         .env("LEADSCORE__LOOKUP__AUTH_TOKENS", format!("[\"{TOKEN}\"]"))
         .env("LEADSCORE_LOG", "warn")
+        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
         .spawn()
         .unwrap()
         .into();
@@ -595,7 +559,8 @@ async fn a_drift_from_the_generators_knobs_through_the_pipeline_is_flagged_in_th
     create_topic(&lifecycle, 1).await;
     let (_scorer, _) = start_scorer_with(exe, &t, &unique("it-dash-drift"), "a", false, &[]);
     let (_drift, _) = leadscore_e2e::drift::start(exe, &t.scores, &t.shadow, &run, "dash-0", &[]);
-    let (_dash, port) = start_dashboard(&run.metrics, &run.alerts, &lifecycle, &t.scores).await;
+    let (_dash, port) =
+        start_dashboard(&run.metrics, &run.alerts, &lifecycle, &t.scores, &[]).await;
     let url = format!("http://127.0.0.1:{port}/#token={TOKEN}");
 
     // Create events spread over an hour, with the CRM commit time as their event time.

@@ -509,3 +509,107 @@ async fn a_challenger_failing_on_leads_is_rolled_back_in_canary_and_every_lead_i
     assert_eq!(alias("canary").await, None);
     delete_all(&base).await;
 }
+
+/// The CI workflow's model rollout, `scripts/rollout.sh`, driving the real services: it asks
+/// for a retrain, follows `leadscore model status` through shadow and the canary steps, and
+/// exits 0 once the new version is champion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_rollout_script_takes_a_new_version_to_champion() {
+    let mlflow =
+        std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
+    let name = unique("it-rollout-script");
+    let base = unique("it.rollscript");
+    let t = |s: &str| format!("{base}.{s}");
+    create_topics(&base).await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("leads.csv");
+    leadscore_e2e::write_leads_csv(&csv, 43, 3000);
+    leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &name, &mlflow, "0.02");
+    let env = env(&base, &name, &mlflow, &csv);
+    let mut services = vec![
+        spawn(&["scorer"], &env),
+        spawn(&["drift"], &env),
+        spawn(&["retrain", "worker"], &env),
+        spawn(&["model", "controller"], &env),
+    ];
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut script = Command::new(repo.join("scripts/rollout.sh"));
+    script
+        .args([name.as_str(), "release it-test", "300"])
+        .env("LEADSCORE_CLI", env!("CARGO_BIN_EXE_leadscore"))
+        .env("ROLLOUT_POLL_SECS", "1")
+        .env("ROLLOUT_BY", "it-ci")
+        .env("LEADSCORE_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in &env {
+        script.env(k, v);
+    }
+    let mut rollout: Service = script.spawn().unwrap().into();
+
+    // Leads keep coming (clean) so the shadow and canary steps have scores to judge.
+    let producer: FutureProducer = client(&[("linger.ms", "5")]).create().unwrap();
+    let mut ts = chrono::Utc::now().timestamp_millis() / 2000 * 2000;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(400);
+    let mut window = 0u64;
+    let status = loop {
+        if let Some(status) = rollout.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "rollout.sh did not finish"
+        );
+        for s in &mut services {
+            assert!(
+                s.try_wait().unwrap().is_none(),
+                "a service stopped (see its log above)"
+            );
+        }
+        let mut g = Generator::new(GeneratorConfig {
+            seed: 900 + window,
+            id_prefix: format!("{name}-w{window}"),
+            ..Default::default()
+        });
+        send_window(&producer, &t("in"), &mut g, ts).await;
+        ts += 2000;
+        window += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(rollout.stdout.as_mut().unwrap(), &mut out).unwrap();
+    for s in services {
+        terminate(s);
+    }
+    assert!(status.success(), "rollout.sh failed: {out}");
+    assert!(out.contains("version 2 is champion"), "{out}");
+    // What the script followed, as the controller recorded it.
+    let decoder = Decoder::new(Registry::new(&leadscore_e2e::config().registry).unwrap());
+    let lifecycle = consumer(&t("lifecycle"), "read_committed");
+    let mut seen: Vec<(String, i32)> = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !seen.iter().any(|s| s.0 == "promoted") && tokio::time::Instant::now() < until {
+        seen.extend(
+            lifecycle_events(&lifecycle, &decoder, &name)
+                .await
+                .into_iter()
+                .map(|e| (e.0, e.2)),
+        );
+    }
+    let mut it = seen.iter();
+    for w in [
+        ("training", 0),
+        ("registered", 0),
+        ("shadow", 0),
+        ("canary", 10),
+        ("canary", 50),
+        ("canary", 100),
+        ("promoted", 0),
+    ] {
+        assert!(
+            it.any(|s| (s.0.as_str(), s.1) == w),
+            "{w:?} missing in order from {seen:?}"
+        );
+    }
+    delete_all(&base).await;
+}
