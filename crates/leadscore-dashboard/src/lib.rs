@@ -398,6 +398,23 @@ impl Board {
 
     /// What the page shows, as JSON.
     pub fn snapshot(&self) -> Json {
+        // Features with a warning or critical alert firing: flagged whatever rule fired
+        // (PSI, missing rate, new category, KS, chi-square), as the aggregator judged.
+        let alerting: std::collections::BTreeSet<(String, String, String)> = self
+            .alerts
+            .values()
+            .filter(|a| {
+                a["status"].as_str() == Some("firing")
+                    && matches!(a["severity"].as_str(), Some("warning" | "critical"))
+            })
+            .map(|a| {
+                (
+                    text(a, "model_name"),
+                    text(a, "model_version"),
+                    text(a, "feature"),
+                )
+            })
+            .collect();
         let mut drift: Vec<Json> = Vec::new();
         for ((model, version, kind), r) in &self.reports {
             let features: Vec<Json> = r["features"]
@@ -406,6 +423,9 @@ impl Board {
                     fs.iter()
                         .map(|f| {
                             let psi = f["psi"].as_f64().unwrap_or(0.0);
+                            let name = f["feature"].as_str().unwrap_or_default().to_string();
+                            let alerted =
+                                alerting.contains(&(model.clone(), version.clone(), name));
                             json!({
                                 "feature": f["feature"],
                                 "psi": f["psi"], "kl": f["kl"], "js": f["js"],
@@ -414,7 +434,8 @@ impl Board {
                                 "missing_rate": f["missing_rate"],
                                 "judged": f["judged"],
                                 "bins": f["bins"],
-                                "flagged": psi >= 0.25 && f["judged"].as_bool().unwrap_or(true),
+                                "flagged": alerted
+                                    || (psi >= 0.25 && f["judged"].as_bool().unwrap_or(true)),
                             })
                         })
                         .collect()
@@ -534,6 +555,39 @@ mod tests {
         assert_eq!(d["features"][0]["flagged"], true);
         assert_eq!(snap["outcomes"][0]["outcomes"]["labelled"], 9);
         assert_eq!(snap["drift"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_feature_with_a_firing_warning_is_flagged_whatever_its_psi() {
+        let mut b = Board::default();
+        b.report(&report("1", 0, 0.05, false));
+        let alert = |severity: &str, status: &str| {
+            record(vec![
+                (
+                    "fingerprint",
+                    s(&format!("lead-scoring/missing_rate/page_views/{severity}")),
+                ),
+                ("status", Value::Enum(0, status.into())),
+                ("severity", Value::Enum(1, severity.into())),
+                ("model_name", s("lead-scoring")),
+                ("model_version", s("1")),
+                ("feature", Value::Union(1, Box::new(s("page_views")))),
+            ])
+        };
+        b.alert(&alert("info", "firing"));
+        assert_eq!(
+            b.snapshot()["drift"][0]["features"][0]["flagged"],
+            false,
+            "info does not flag"
+        );
+        b.alert(&alert("warning", "firing"));
+        assert_eq!(b.snapshot()["drift"][0]["features"][0]["flagged"], true);
+        b.alert(&alert("warning", "resolved"));
+        assert_eq!(
+            b.snapshot()["drift"][0]["features"][0]["flagged"],
+            false,
+            "resolved"
+        );
     }
 
     #[test]

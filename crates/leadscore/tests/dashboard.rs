@@ -665,13 +665,17 @@ async fn a_drift_from_the_generators_knobs_through_the_pipeline_is_flagged_in_th
         "page_views' PSI as the report holds it ({}): {row}",
         psi["page_views"]
     );
+    // Flagged: a PSI of 0.25 or more, or a warning or critical alert firing on the feature.
     for (feature, p) in &psi {
-        if *p < 0.25 {
-            assert!(
-                !feature_row(&dom, feature).contains(r#"class="flag""#),
-                "{feature} (PSI {p}) is not flagged"
-            );
-        }
+        let alerted = firing.iter().any(|a| {
+            a.feature.as_deref() == Some(feature.as_str())
+                && a.severity != leadscore_drift::alerts::Severity::Info
+        });
+        assert_eq!(
+            feature_row(&dom, feature).contains(r#"class="flag""#),
+            *p >= 0.25 || alerted,
+            "{feature} (PSI {p}, alerted {alerted})"
+        );
     }
     assert!(
         dom.contains(&format!(r#"<b id="firing">{}</b>"#, firing.len())),
