@@ -163,7 +163,7 @@ async fn what_the_topics_hold_reaches_the_page_state_and_its_event_stream() {
     )
     .await;
 
-    let (_svc, port) = start_dashboard(&metrics, &alerts, &lifecycle, &scores, &[]).await;
+    let (svc, port) = start_dashboard(&metrics, &alerts, &lifecycle, &scores, &[]).await;
     // The page is open; its data needs the token.
     let page = get(port, "/", None).await;
     assert_eq!(page.status().as_u16(), 200);
@@ -315,6 +315,8 @@ async fn what_the_topics_hold_reaches_the_page_state_and_its_event_stream() {
         shot.display()
     );
     eprintln!("screenshot: {}", shot.display());
+    // Stopped before its topics go, so it logs no missing-topic errors.
+    drop(svc);
     delete_topics(&[&metrics, &alerts, &lifecycle, &scores]).await;
 }
 
@@ -330,7 +332,7 @@ async fn the_pipeline_panel_follows_a_real_scorer() {
     for e in &empty {
         create_topic(e, 1).await;
     }
-    let (_scorer, sport) = start_scorer_with(
+    let (scorer, sport) = start_scorer_with(
         env!("CARGO_BIN_EXE_leadscore"),
         &t,
         &unique("it-dash"),
@@ -338,7 +340,7 @@ async fn the_pipeline_panel_follows_a_real_scorer() {
         false,
         &[],
     );
-    let (_svc, port) = start_dashboard(
+    let (svc, port) = start_dashboard(
         &empty[0],
         &empty[1],
         &empty[2],
@@ -397,6 +399,7 @@ async fn the_pipeline_panel_follows_a_real_scorer() {
         p["error_rate"]
     );
     let names: Vec<&str> = empty.iter().map(String::as_str).collect();
+    drop((svc, scorer));
     delete_topics(&names).await;
     t.delete().await;
 }
@@ -557,10 +560,9 @@ async fn a_drift_from_the_generators_knobs_through_the_pipeline_is_flagged_in_th
     let run = leadscore_e2e::drift::Run::create().await;
     let lifecycle = unique("it-dash-drift.lifecycle");
     create_topic(&lifecycle, 1).await;
-    let (_scorer, _) = start_scorer_with(exe, &t, &unique("it-dash-drift"), "a", false, &[]);
-    let (_drift, _) = leadscore_e2e::drift::start(exe, &t.scores, &t.shadow, &run, "dash-0", &[]);
-    let (_dash, port) =
-        start_dashboard(&run.metrics, &run.alerts, &lifecycle, &t.scores, &[]).await;
+    let (scorer, _) = start_scorer_with(exe, &t, &unique("it-dash-drift"), "a", false, &[]);
+    let (drift, _) = leadscore_e2e::drift::start(exe, &t.scores, &t.shadow, &run, "dash-0", &[]);
+    let (dash, port) = start_dashboard(&run.metrics, &run.alerts, &lifecycle, &t.scores, &[]).await;
     let url = format!("http://127.0.0.1:{port}/#token={TOKEN}");
 
     // Create events spread over an hour, with the CRM commit time as their event time.
@@ -689,6 +691,7 @@ async fn a_drift_from_the_generators_knobs_through_the_pipeline_is_flagged_in_th
 
     let mut names: Vec<&str> = run.topics().to_vec();
     names.push(&lifecycle);
+    drop((dash, drift, scorer));
     delete_topics(&names).await;
     t.delete().await;
 }
