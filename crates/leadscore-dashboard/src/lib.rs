@@ -222,7 +222,12 @@ pub struct Board {
     latency_p95: Series,
     latency_p99: Series,
     error_rate: Series,
+    /// The drift aggregator's PSI thresholds (warning, critical), drawn on the page.
+    psi_thresholds: Option<(f64, f64)>,
 }
+
+/// PSI thresholds when none are configured: the aggregator's defaults.
+const PSI_THRESHOLDS: (f64, f64) = (0.25, 0.5);
 
 fn text(j: &Json, key: &str) -> String {
     j.get(key)
@@ -232,6 +237,15 @@ fn text(j: &Json, key: &str) -> String {
 }
 
 impl Board {
+    /// A board drawing the aggregator's PSI thresholds `warning` and `critical`
+    /// (`drift.thresholds.psi_warning` / `psi_critical`).
+    pub fn with_psi_thresholds(warning: f64, critical: f64) -> Self {
+        Self {
+            psi_thresholds: Some((warning, critical)),
+            ..Self::default()
+        }
+    }
+
     /// A window report (`WindowReport`): the latest per model, version and window kind;
     /// one with `outcomes` is kept as that version's outcome report.
     pub fn report(&mut self, v: &Value) {
@@ -398,6 +412,7 @@ impl Board {
 
     /// What the page shows, as JSON.
     pub fn snapshot(&self) -> Json {
+        let (psi_warning, psi_critical) = self.psi_thresholds.unwrap_or(PSI_THRESHOLDS);
         // Features with a warning or critical alert firing: flagged whatever rule fired
         // (PSI, missing rate, new category, KS, chi-square), as the aggregator judged.
         let alerting: std::collections::BTreeSet<(String, String, String)> = self
@@ -435,7 +450,7 @@ impl Board {
                                 "judged": f["judged"],
                                 "bins": f["bins"],
                                 "flagged": alerted
-                                    || (psi >= 0.25 && f["judged"].as_bool().unwrap_or(true)),
+                                    || (psi >= psi_warning && f["judged"].as_bool().unwrap_or(true)),
                             })
                         })
                         .collect()
@@ -493,6 +508,7 @@ impl Board {
             "drift": drift,
             "outcomes": outcomes,
             "alerts": {"firing": firing, "resolved": resolved, "firing_by_severity": by_severity},
+            "thresholds": {"psi_warning": psi_warning, "psi_critical": psi_critical},
         })
     }
 }
@@ -555,6 +571,26 @@ mod tests {
         assert_eq!(d["features"][0]["flagged"], true);
         assert_eq!(snap["outcomes"][0]["outcomes"]["labelled"], 9);
         assert_eq!(snap["drift"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn flags_and_the_drawn_thresholds_follow_the_configured_psi_thresholds() {
+        let mut b = Board::default();
+        b.report(&report("1", 0, 0.3, false));
+        let snap = b.snapshot();
+        assert_eq!(
+            snap["thresholds"]["psi_warning"], 0.25,
+            "the aggregator's default"
+        );
+        assert_eq!(snap["drift"][0]["features"][0]["flagged"], true);
+        let mut strict = Board::with_psi_thresholds(0.4, 0.8);
+        strict.report(&report("1", 0, 0.3, false));
+        let snap = strict.snapshot();
+        assert_eq!(
+            snap["drift"][0]["features"][0]["flagged"], false,
+            "0.3 < 0.4"
+        );
+        assert_eq!(snap["thresholds"]["psi_critical"], 0.8);
     }
 
     #[test]

@@ -142,7 +142,11 @@ async fn follow(
 pub(crate) async fn run(config: Config) -> anyhow::Result<ExitCode> {
     let d = config.dashboard.clone();
     let tokens = Tokens::required(&config.lookup, "dashboard")?;
-    let board = Arc::new(Mutex::new(Board::default()));
+    let t = &config.drift.thresholds;
+    let board = Arc::new(Mutex::new(Board::with_psi_thresholds(
+        t.psi_warning,
+        t.psi_critical,
+    )));
     let registry = leadscore_registry::Registry::new(&config.registry)?;
     let control = consumer(
         &config,

@@ -291,6 +291,10 @@ async fn what_the_topics_hold_reaches_the_page_state_and_its_event_stream() {
         "the drifted feature is flagged in the page"
     );
     assert!(dom.contains(r#"<tr data-feature="industry" class="">"#));
+    assert!(
+        dom.contains("PSI warning 0.25, critical 0.5"),
+        "the aggregator's thresholds (drift.thresholds) drawn"
+    );
     assert!(dom.contains(r#"<b id="firing">1</b>"#), "one alert firing");
     // Each feature opens on a click to its reference vs current bars.
     assert!(
