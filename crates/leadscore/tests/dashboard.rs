@@ -216,24 +216,15 @@ async fn what_the_topics_hold_reaches_the_page_state_and_its_event_stream() {
             .unwrap();
     }
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let state: serde_json::Value = loop {
-        let s: serde_json::Value = get(port, "/api/state", Some(TOKEN))
-            .await
-            .json()
-            .await
-            .unwrap();
-        let ready = s["drift"].as_array().is_some_and(|d| !d.is_empty())
+    let state = state_when(port, Duration::from_secs(30), |s| {
+        s["drift"].as_array().is_some_and(|d| !d.is_empty())
             && s["alerts"]["firing"]
                 .as_array()
                 .is_some_and(|a| !a.is_empty())
             && s["models"].as_array().is_some_and(|m| !m.is_empty())
-            && s["pipeline"]["scores_total"] == 30;
-        if ready || Instant::now() > deadline {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+            && s["pipeline"]["scores_total"] == 30
+    })
+    .await;
     let d = &state["drift"][0];
     assert_eq!(
         (d["version"].as_str(), d["scored"].as_u64()),
@@ -358,26 +349,17 @@ async fn the_pipeline_panel_follows_a_real_scorer() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let ls = leads("dash-pipe", 300, 31);
     stream(t.input.clone(), ls, 100).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let state: serde_json::Value = loop {
-        let s: serde_json::Value = get(port, "/api/state", Some(TOKEN))
-            .await
-            .json()
-            .await
-            .unwrap();
+    let state = state_when(port, Duration::from_secs(60), |s| {
         let p = &s["pipeline"];
-        let done = p["scores_total"] == 300
+        p["scores_total"] == 300
             && p["leads_in_per_sec"]
                 .as_array()
                 .is_some_and(|a| a.iter().any(|x| x[1].as_f64() > Some(0.0)))
             && p["latency_ms"]["p50"]
                 .as_array()
-                .is_some_and(|a| !a.is_empty());
-        if done || Instant::now() > deadline {
-            break s;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
+                .is_some_and(|a| !a.is_empty())
+    })
+    .await;
     let p = &state["pipeline"];
     assert_eq!(p["scores_total"], 300, "{p}");
     let peak_in = p["leads_in_per_sec"]

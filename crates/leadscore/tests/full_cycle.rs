@@ -247,20 +247,46 @@ fn env(base: &str, name: &str, mlflow: &str, csv: &Path) -> Vec<(String, String)
     ])
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drift_to_retraining_to_shadow_canary_and_promotion() {
+/// One cycle's own topics under a unique base and its model's v1, the champion, trained and
+/// registered in MLflow on 3,000 generated leads (`seed`).
+struct Cycle {
+    mlflow: String,
+    name: String,
+    base: String,
+    /// Holds the leads CSV and the model directories (`v1`, ...).
+    dir: tempfile::TempDir,
+    csv: std::path::PathBuf,
+}
+
+async fn champion(name: &str, base: &str, seed: u64) -> Cycle {
     let mlflow =
         std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
-    let name = unique("it-cycle");
-    let base = unique("it.cycle");
-    let t = |s: &str| format!("{base}.{s}");
+    let (name, base) = (unique(name), unique(base));
     create_topics(&base).await;
-
-    // v1: the champion, trained on generated leads.
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("leads.csv");
-    leadscore_e2e::write_leads_csv(&csv, 41, 3000);
+    leadscore_e2e::write_leads_csv(&csv, seed, 3000);
     leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &name, &mlflow, "0.02");
+    Cycle {
+        mlflow,
+        name,
+        base,
+        dir,
+        csv,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_to_retraining_to_shadow_canary_and_promotion() {
+    // v1: the champion, trained on generated leads.
+    let Cycle {
+        mlflow,
+        name,
+        base,
+        dir: _dir,
+        csv,
+    } = champion("it-cycle", "it.cycle", 41).await;
+    let t = |s: &str| format!("{base}.{s}");
     let env = env(&base, &name, &mlflow, &csv);
     let mut services = vec![
         spawn(&["scorer"], &env),
@@ -362,19 +388,16 @@ fn text(v: &apache_avro::types::Value, path: &[&str]) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_challenger_failing_on_leads_is_rolled_back_in_canary_and_every_lead_is_still_scored() {
-    let mlflow =
-        std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
-    let name = unique("it-failing");
-    let base = unique("it.failing");
-    let t = |s: &str| format!("{base}.{s}");
-    create_topics(&base).await;
-
     // v1 the champion; v2 the same model exported with a fixed batch size of one:
     // it loads, but fails on every batch of two leads or more.
-    let dir = tempfile::tempdir().unwrap();
-    let csv = dir.path().join("leads.csv");
-    leadscore_e2e::write_leads_csv(&csv, 43, 3000);
-    leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &name, &mlflow, "0.02");
+    let Cycle {
+        mlflow,
+        name,
+        base,
+        dir,
+        csv,
+    } = champion("it-failing", "it.failing", 43).await;
+    let t = |s: &str| format!("{base}.{s}");
     let v2 = leadscore_e2e::register_static_batch_copy(
         &dir.path().join("v1"),
         &dir.path().join("v2"),
@@ -515,16 +538,14 @@ async fn a_challenger_failing_on_leads_is_rolled_back_in_canary_and_every_lead_i
 /// exits 0 once the new version is champion.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_release_rollout_script_takes_a_new_version_to_champion() {
-    let mlflow =
-        std::env::var("MLFLOW_TRACKING_URI").unwrap_or_else(|_| "http://127.0.0.1:5000".into());
-    let name = unique("it-rollout-script");
-    let base = unique("it.rollscript");
+    let Cycle {
+        mlflow,
+        name,
+        base,
+        dir: _dir,
+        csv,
+    } = champion("it-rollout-script", "it.rollscript", 43).await;
     let t = |s: &str| format!("{base}.{s}");
-    create_topics(&base).await;
-    let dir = tempfile::tempdir().unwrap();
-    let csv = dir.path().join("leads.csv");
-    leadscore_e2e::write_leads_csv(&csv, 43, 3000);
-    leadscore_e2e::train_and_register(&csv, &dir.path().join("v1"), &name, &mlflow, "0.02");
     let env = env(&base, &name, &mlflow, &csv);
     let mut services = vec![
         spawn(&["scorer"], &env),
