@@ -9,14 +9,15 @@ command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (rustu
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# The workspace's cargo target directory.
+target_dir() {
+  cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])'
+}
+
 leadscore_bin() {
-  local dir
-  dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-  echo "$dir/debug/leadscore"
+  echo "$(target_dir)/debug/leadscore"
 }
 
 leadscore_release_bin() {
-  local dir
-  dir="$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')"
-  echo "$dir/release/leadscore"
+  echo "$(target_dir)/release/leadscore"
 }

@@ -313,18 +313,23 @@ pub async fn serve(
     // A span per call (method and path, never the message), exported with the others.
     let mut builder = tonic::transport::Server::builder()
         .layer(tower_http::trace::TraceLayer::new_for_grpc().on_failure(()));
-    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
-        let mut tls = tonic::transport::ServerTlsConfig::new().identity(
-            tonic::transport::Identity::from_pem(
-                read(cert, "lookup.tls_cert")?,
-                read(key, "lookup.tls_key")?,
-            ),
-        );
-        if let Some(ca) = &cfg.tls_client_ca {
-            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(
-                ca,
-                "lookup.tls_client_ca",
-            )?));
+    // The certificate, its key and the client CA, read once for both ports.
+    let pems = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some((
+            read(cert, "lookup.tls_cert")?,
+            read(key, "lookup.tls_key")?,
+            cfg.tls_client_ca
+                .as_deref()
+                .map(|ca| read(ca, "lookup.tls_client_ca"))
+                .transpose()?,
+        )),
+        _ => None,
+    };
+    if let Some((cert, key, ca)) = &pems {
+        let mut tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key));
+        if let Some(ca) = ca {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
         }
         builder = builder
             .tls_config(tls)
@@ -374,18 +379,9 @@ pub async fn serve(
     let rest_stop = shutdown.clone();
     // TLS on REST as on gRPC, with the same certificate (and client CA).
     let rest: std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>> =
-        match (&cfg.tls_cert, &cfg.tls_key) {
-            (Some(cert), Some(key)) => {
-                let ca = cfg
-                    .tls_client_ca
-                    .as_deref()
-                    .map(|ca| read(ca, "lookup.tls_client_ca"))
-                    .transpose()?;
-                let tls = tls::server_config(
-                    &read(cert, "lookup.tls_cert")?,
-                    &read(key, "lookup.tls_key")?,
-                    ca.as_deref(),
-                )?;
+        match &pems {
+            Some((cert, key, ca)) => {
+                let tls = tls::server_config(cert, key, ca.as_deref())?;
                 let listener = tls::TlsListener::new(rest_listener, tls, shutdown.clone())
                     .map_err(|e| Error::Startup(format!("lookup.rest_listen {rest_addr}: {e}")))?;
                 Box::pin(
@@ -394,7 +390,7 @@ pub async fn serve(
                         .into_future(),
                 )
             }
-            _ => Box::pin(
+            None => Box::pin(
                 axum::serve(rest_listener, app)
                     .with_graceful_shutdown(async move { rest_stop.cancelled().await })
                     .into_future(),
