@@ -1,7 +1,8 @@
 //! `leadscore dashboard`: the monitoring page. Follows the metrics, alerts and lifecycle
 //! topics from their beginning and the live scores from their end, folds them into
 //! [`leadscore_dashboard::Board`], and pushes a snapshot to every open page as server-sent
-//! events. Read-only; the lookup service's bearer tokens guard the data when configured.
+//! events. Read-only; the lookup service's bearer tokens guard the data (without any it
+//! refuses to start unless `lookup.allow_unauthenticated` is set).
 
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
