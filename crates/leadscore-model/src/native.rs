@@ -252,6 +252,251 @@ impl Lockstep {
     }
 }
 
+/// A tree's leaves as bits, leftmost (reached by taking every comparison's true side) in
+/// bit 0; the width is chosen by the ensemble's largest tree.
+trait Leaves: Copy + std::ops::BitAnd<Output = Self> + std::ops::Not<Output = Self> {
+    const ALL: Self;
+    const NONE: Self;
+    const BITS: usize;
+    fn bit(i: usize) -> Self;
+    fn or(self, other: Self) -> Self;
+    fn lowest(self) -> usize;
+}
+
+macro_rules! leaves {
+    ($($t:ty),*) => {$(
+        impl Leaves for $t {
+            const ALL: Self = <$t>::MAX;
+            const NONE: Self = 0;
+            const BITS: usize = <$t>::BITS as usize;
+            fn bit(i: usize) -> Self {
+                1 << i
+            }
+            fn or(self, other: Self) -> Self {
+                self | other
+            }
+            #[inline(always)]
+            fn lowest(self) -> usize {
+                self.trailing_zeros() as usize
+            }
+        }
+    )*};
+}
+leaves!(u8, u16, u32, u64);
+
+/// The nodes of one kind, grouped by feature: `nodes[start[f]..start[f + 1]]`.
+#[derive(Debug, Clone, PartialEq)]
+struct ByFeature<W> {
+    start: Vec<u32>,
+    threshold: Vec<f32>,
+    tree: Vec<u32>,
+    /// The leaves of the node's true subtree: the ones a row that takes its false side
+    /// cannot reach.
+    left: Vec<W>,
+}
+
+impl<W: Leaves> ByFeature<W> {
+    /// `nodes` as (feature, threshold, tree, left), grouped by feature, by threshold within.
+    fn build(mut nodes: Vec<(u16, f32, u32, W)>, width: usize) -> Self {
+        nodes.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        let mut start = vec![0u32; width + 1];
+        for n in &nodes {
+            start[n.0 as usize + 1] += 1;
+        }
+        for f in 0..width {
+            start[f + 1] += start[f];
+        }
+        Self {
+            start,
+            threshold: nodes.iter().map(|n| n.1).collect(),
+            tree: nodes.iter().map(|n| n.2).collect(),
+            left: nodes.iter().map(|n| n.3).collect(),
+        }
+    }
+
+    fn of(&self, f: usize) -> std::ops::Range<usize> {
+        self.start[f] as usize..self.start[f + 1] as usize
+    }
+}
+
+/// All-`BRANCH_LEQ` trees of at most 64 leaves, evaluated the QuickScorer way (Lucchese et
+/// al., SIGIR 2015) over blocks of rows: every tree of a row starts with all its leaves
+/// possible; for each feature, the nodes whose threshold is below the row's value (sorted,
+/// so a prefix, cut short at the block's largest value) rule out the leaves of their true
+/// side; the exit leaf is then the leftmost left. No walk, so no chain of dependent loads,
+/// and a block's rows are ruled on together, one node at a time.
+#[derive(Debug, Clone, PartialEq)]
+struct Quick<W> {
+    /// Every branch, for a value that is present: it goes false when `x > threshold`.
+    nodes: ByFeature<W>,
+    /// The branches a missing value takes false (`missing_value_tracks_true` unset).
+    missing_false: ByFeature<W>,
+    /// Leaf weights by tree, leftmost first: tree `t`'s are `weights[first[t]..]`.
+    weights: Vec<f32>,
+    first: Vec<u32>,
+}
+
+/// Rows ruled on together.
+const BLOCK: usize = 16;
+
+impl<W: Leaves> Quick<W> {
+    /// `None` when a tree has more leaves than `W` has bits, or a threshold is NaN (a node
+    /// that every present value takes false does not fit the sorted prefix).
+    fn build(nodes: &[Node], roots: &[u32], width: usize) -> Option<Self> {
+        let (mut all, mut missing) = (Vec::new(), Vec::new());
+        let (mut weights, mut first) = (Vec::new(), Vec::with_capacity(roots.len()));
+        for (t, &root) in roots.iter().enumerate() {
+            first.push(weights.len() as u32);
+            let base = weights.len();
+            // In order, true side first: leaf numbers rise left to right; a branch's true
+            // subtree is the leaf range [from, to) numbered while it was open.
+            let mut stack = vec![(root, false, 0usize)];
+            while let Some((i, done, from)) = stack.pop() {
+                let n = &nodes[i as usize];
+                if n.mode == LEAF {
+                    if weights.len() - base >= W::BITS {
+                        return None;
+                    }
+                    weights.push(n.weight);
+                } else if !done {
+                    if n.threshold.is_nan() {
+                        return None;
+                    }
+                    // After the true subtree: record it, then walk the false one.
+                    stack.push((i, true, weights.len() - base));
+                    stack.push((n.next_true, false, 0));
+                } else {
+                    let to = weights.len() - base;
+                    let left = (from..to).fold(W::NONE, |m, b| m.or(W::bit(b)));
+                    let node = (n.feature, n.threshold, t as u32, left);
+                    all.push(node);
+                    if !n.missing_true {
+                        missing.push(node);
+                    }
+                    stack.push((n.next_false, false, 0));
+                }
+            }
+        }
+        Some(Self {
+            nodes: ByFeature::build(all, width),
+            missing_false: ByFeature::build(missing, width),
+            weights,
+            first,
+        })
+    }
+
+    /// Adds every tree's leaf weight to `sums` (one per row of `rows`, at most `N` rows),
+    /// trees in order; `v` is scratch.
+    #[inline(always)]
+    fn add_block<const N: usize>(
+        &self,
+        rows: &[f32],
+        width: usize,
+        sums: &mut [f32],
+        v: &mut Vec<W>,
+    ) {
+        let n = sums.len();
+        let trees = self.first.len();
+        v.clear();
+        v.resize(trees * N, W::ALL);
+        for f in 0..width {
+            let mut x = [f32::NEG_INFINITY; N];
+            let mut missing = [false; N];
+            let mut max = f32::NEG_INFINITY;
+            for k in 0..n {
+                let value = rows[k * width + f];
+                if value.is_nan() {
+                    missing[k] = true;
+                } else {
+                    x[k] = value;
+                    max = max.max(value);
+                }
+            }
+            let nodes = &self.nodes;
+            for i in nodes.of(f) {
+                let t = nodes.threshold[i];
+                if t >= max {
+                    break;
+                }
+                let (tree, left) = (nodes.tree[i] as usize, nodes.left[i]);
+                let v = &mut v[tree * N..tree * N + N];
+                for k in 0..N {
+                    v[k] = v[k] & !(if x[k] > t { left } else { W::NONE });
+                }
+            }
+            if missing.iter().any(|&m| m) {
+                let nodes = &self.missing_false;
+                for i in nodes.of(f) {
+                    let (tree, left) = (nodes.tree[i] as usize, nodes.left[i]);
+                    let v = &mut v[tree * N..tree * N + N];
+                    for k in 0..N {
+                        v[k] = v[k] & !(if missing[k] { left } else { W::NONE });
+                    }
+                }
+            }
+        }
+        let mut acc = [0.0f32; N];
+        for (tree, &first) in self.first.iter().enumerate() {
+            let weights = &self.weights[first as usize..];
+            for k in 0..n {
+                acc[k] += weights[v[tree * N + k].lowest()];
+            }
+        }
+        for (s, a) in sums.iter_mut().zip(acc) {
+            *s += a;
+        }
+    }
+
+    fn add(&self, rows: &[f32], width: usize, sums: &mut [f32]) {
+        let mut v = Vec::new();
+        for (chunk, out) in rows.chunks(BLOCK * width).zip(sums.chunks_mut(BLOCK)) {
+            self.add_block::<BLOCK>(chunk, width, out, &mut v);
+        }
+    }
+
+    fn sum_row(&self, row: &[f32]) -> f32 {
+        let mut sum = [0.0f32];
+        self.add_block::<1>(row, row.len(), &mut sum, &mut Vec::new());
+        sum[0]
+    }
+}
+
+/// [`Quick`] with the narrowest leaf bits that hold the largest tree.
+#[derive(Debug, Clone, PartialEq)]
+enum QuickAny {
+    U8(Quick<u8>),
+    U16(Quick<u16>),
+    U32(Quick<u32>),
+    U64(Quick<u64>),
+}
+
+impl QuickAny {
+    fn build(nodes: &[Node], roots: &[u32], width: usize) -> Option<Self> {
+        (Quick::build(nodes, roots, width).map(Self::U8))
+            .or_else(|| Quick::build(nodes, roots, width).map(Self::U16))
+            .or_else(|| Quick::build(nodes, roots, width).map(Self::U32))
+            .or_else(|| Quick::build(nodes, roots, width).map(Self::U64))
+    }
+
+    fn add(&self, rows: &[f32], width: usize, sums: &mut [f32]) {
+        match self {
+            Self::U8(q) => q.add(rows, width, sums),
+            Self::U16(q) => q.add(rows, width, sums),
+            Self::U32(q) => q.add(rows, width, sums),
+            Self::U64(q) => q.add(rows, width, sums),
+        }
+    }
+
+    fn sum_row(&self, row: &[f32]) -> f32 {
+        match self {
+            Self::U8(q) => q.sum_row(row),
+            Self::U16(q) => q.sum_row(row),
+            Self::U32(q) => q.sum_row(row),
+            Self::U64(q) => q.sum_row(row),
+        }
+    }
+}
+
 /// A tree ensemble read from an ONNX graph, evaluated natively.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Forest {
@@ -261,6 +506,9 @@ pub struct Forest {
     roots: Vec<u32>,
     /// The same trees for walks in lockstep, when every branch is `BRANCH_LEQ`.
     lockstep: Option<Lockstep>,
+    /// The same trees ruled on by feature, when every branch is `BRANCH_LEQ` and no tree
+    /// has more than 64 leaves; taken before `lockstep`.
+    quick: Option<QuickAny>,
     base: f32,
     post: Post,
     width: usize,
@@ -329,6 +577,9 @@ fn compile(nodes: &[Node], roots: &[u32], base: f32, post: Post, width: usize) -
     let leq_only = branches.iter().all(|b| b.mode == LEQ);
     Forest {
         lockstep: leq_only.then(|| Lockstep::build(nodes, roots)),
+        quick: leq_only
+            .then(|| QuickAny::build(nodes, roots, width))
+            .flatten(),
         branches,
         leaves,
         roots: roots.iter().map(|&r| reference(r)).collect(),
@@ -648,9 +899,10 @@ impl Forest {
 
     /// The positive class's probability of one row (`width` features).
     pub fn score_row(&self, row: &[f32]) -> f32 {
-        let sum = match &self.lockstep {
-            Some(l) => l.sum_row(row),
-            None => self.sum_any(row),
+        let sum = match (&self.quick, &self.lockstep) {
+            (Some(q), _) => q.sum_row(row),
+            (None, Some(l)) => l.sum_row(row),
+            (None, None) => self.sum_any(row),
         };
         self.finish(sum)
     }
@@ -701,10 +953,16 @@ impl Forest {
     /// Scores `rows` (row-major, `width` per row).
     pub fn score(&self, rows: &[f32]) -> Vec<f32> {
         let n = rows.len() / self.width;
-        match &self.lockstep {
-            Some(l) if n > 1 => {
+        let rows = &rows[..n * self.width];
+        match (&self.quick, &self.lockstep) {
+            (Some(q), _) if n > 1 => {
                 let mut sums = vec![0.0f32; n];
-                l.add(&rows[..n * self.width], self.width, &mut sums);
+                q.add(rows, self.width, &mut sums);
+                sums.into_iter().map(|s| self.finish(s)).collect()
+            }
+            (None, Some(l)) if n > 1 => {
+                let mut sums = vec![0.0f32; n];
+                l.add(rows, self.width, &mut sums);
                 sums.into_iter().map(|s| self.finish(s)).collect()
             }
             _ => rows
@@ -819,6 +1077,124 @@ mod tests {
         assert_eq!(f.score_row(&[1.5, 5.0]), 1.75);
         // missing x0 tracks true (-1.0); missing x1 goes false (-0.25)
         assert_eq!(f.score_row(&[f32::NAN, f32::NAN]), -1.25);
+    }
+
+    /// Random trees: `leaves` leaves each, split on `width` features with thresholds drawn
+    /// from a few values (so rows tie with them), a random missing rule per branch.
+    fn random_forest(trees: usize, leaves: usize, width: usize, seed: u64) -> Forest {
+        let mut state = seed | 1;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut roots = Vec::new();
+        for _ in 0..trees {
+            let root = nodes.len() as u32;
+            roots.push(root);
+            nodes.push(Node {
+                threshold: 0.0,
+                weight: (next() % 1000) as f32 / 100.0 - 5.0,
+                next_true: 0,
+                next_false: 0,
+                feature: 0,
+                mode: LEAF,
+                missing_true: false,
+            });
+            let mut tree_leaves = vec![root];
+            while tree_leaves.len() < leaves {
+                // Split a random leaf into a branch and two new leaves.
+                let at = (next() % tree_leaves.len() as u64) as usize;
+                let i = tree_leaves.swap_remove(at);
+                let (t, f) = (nodes.len() as u32, nodes.len() as u32 + 1);
+                for _ in 0..2 {
+                    let mut leaf = nodes[i as usize];
+                    leaf.weight = (next() % 1000) as f32 / 100.0 - 5.0;
+                    nodes.push(leaf);
+                }
+                let r = next();
+                nodes[i as usize] = Node {
+                    threshold: (r % 7) as f32 - 3.0,
+                    weight: 0.0,
+                    next_true: t,
+                    next_false: f,
+                    feature: ((r >> 8) % width as u64) as u16,
+                    mode: LEQ,
+                    missing_true: (r >> 16) % 2 == 0,
+                };
+                tree_leaves.extend([t, f]);
+            }
+        }
+        compile(&nodes, &roots, 0.25, Post::None, width)
+    }
+
+    #[test]
+    fn rules_by_feature_equal_the_general_walk_for_every_leaf_width() {
+        for (leaves, bits) in [(1, 8), (8, 8), (9, 16), (31, 32), (64, 64), (65, 0)] {
+            let f = random_forest(40, leaves, 5, leaves as u64 * 7919);
+            let quick = match (&f.quick, bits) {
+                (None, 0) => continue,
+                (Some(QuickAny::U8(_)), 8)
+                | (Some(QuickAny::U16(_)), 16)
+                | (Some(QuickAny::U32(_)), 32)
+                | (Some(QuickAny::U64(_)), 64) => f.quick.as_ref().unwrap_or_else(|| panic!()),
+                (q, _) => panic!("{leaves} leaves: {q:?}"),
+            };
+            // 203 rows: full blocks and a partial one; values on, above and below the
+            // thresholds, and missing.
+            let rows = f.probe_rows(203);
+            let mut sums = vec![0.0f32; 203];
+            quick.add(&rows, 5, &mut sums);
+            for (i, row) in rows.chunks_exact(5).enumerate() {
+                let want = f.sum_any(row);
+                assert_eq!(
+                    quick.sum_row(row).to_bits(),
+                    want.to_bits(),
+                    "{leaves}: {row:?}"
+                );
+                assert_eq!(
+                    sums[i].to_bits(),
+                    want.to_bits(),
+                    "{leaves}, row {i}: {row:?}"
+                );
+            }
+        }
+        // A NaN threshold is left to the walk.
+        let mut f = random_forest(1, 2, 1, 3);
+        let nodes: Vec<Node> = vec![
+            Node {
+                threshold: f32::NAN,
+                weight: 0.0,
+                next_true: 1,
+                next_false: 2,
+                feature: 0,
+                mode: LEQ,
+                missing_true: true,
+            },
+            Node {
+                threshold: 0.0,
+                weight: 1.0,
+                next_true: 0,
+                next_false: 0,
+                feature: 0,
+                mode: LEAF,
+                missing_true: false,
+            },
+            Node {
+                threshold: 0.0,
+                weight: 2.0,
+                next_true: 0,
+                next_false: 0,
+                feature: 0,
+                mode: LEAF,
+                missing_true: false,
+            },
+        ];
+        f = compile(&nodes, &[0], f.base, f.post, 1);
+        assert!(f.quick.is_none());
+        assert_eq!(f.score(&[1.0, f32::NAN]), vec![2.25, 1.25]);
     }
 
     #[test]
