@@ -1316,6 +1316,57 @@ void rd_kafka_broker_buf_enq_replyq(rd_kafka_broker_t *rkb,
 
 
 /**
+ * @brief Enqueue a ProduceRequest for one partition. Inside a round of
+ *        rd_kafka_broker_produce_toppars() it is held on rkb_produce_stash
+ *        and merged with the round's other partitions at its end.
+ *
+ * @locality broker thread
+ */
+void rd_kafka_broker_produce_enq(rd_kafka_broker_t *rkb,
+                                 rd_kafka_buf_t *rkbuf,
+                                 rd_kafka_resp_cb_t *resp_cb) {
+        if (!rkb->rkb_produce_stashing ||
+            (rkbuf->rkbuf_flags & RD_KAFKA_OP_F_NO_RESPONSE)) {
+                rd_kafka_broker_buf_enq_replyq(rkb, rkbuf, RD_KAFKA_NO_REPLYQ,
+                                               resp_cb, NULL);
+                return;
+        }
+        rkbuf->rkbuf_cb     = resp_cb;
+        rkbuf->rkbuf_opaque = NULL;
+        rd_kafka_buf_finalize(rkb->rkb_rk, rkbuf);
+        rd_kafka_bufq_enq(&rkb->rkb_produce_stash, rkbuf);
+}
+
+
+/**
+ * @brief Enqueue the ProduceRequests stashed by a round of the producer
+ *        serve loop: several partitions' requests are merged into one
+ *        ProduceRequest (rd_kafka_ProduceRequest_merge()), so a round that
+ *        produced to N partitions costs one request instead of N.
+ *
+ * @locality broker thread
+ */
+static void rd_kafka_broker_produce_stash_flush(rd_kafka_broker_t *rkb) {
+        while (rd_atomic32_get(&rkb->rkb_produce_stash.rkbq_cnt) > 0) {
+                rd_kafka_buf_t *merged =
+                    rd_kafka_ProduceRequest_merge(rkb, &rkb->rkb_produce_stash);
+
+                if (merged) {
+                        rd_kafka_broker_buf_enq1(rkb, merged,
+                                                 rd_kafka_handle_Produce_merged,
+                                                 NULL);
+                } else {
+                        /* Not mergeable with the next: sent on its own. */
+                        rd_kafka_buf_t *rkbuf =
+                            TAILQ_FIRST(&rkb->rkb_produce_stash.rkbq_bufs);
+                        rd_kafka_bufq_deq(&rkb->rkb_produce_stash, rkbuf);
+                        rd_kafka_broker_buf_enq2(rkb, rkbuf);
+                }
+        }
+}
+
+
+/**
  * @returns the current broker state change version.
  *          Pass this value to future rd_kafka_brokers_wait_state_change() calls
  *          to avoid the race condition where a state-change happens between
@@ -4199,6 +4250,7 @@ static int rd_kafka_broker_produce_toppars(rd_kafka_broker_t *rkb,
 
         flushing = may_send && rd_atomic32_get(&rkb->rkb_rk->rk_flushing) > 0;
 
+        rkb->rkb_produce_stashing = rd_true;
         do {
                 rd_ts_t this_next_wakeup = ret_next_wakeup;
 
@@ -4212,6 +4264,9 @@ static int rd_kafka_broker_produce_toppars(rd_kafka_broker_t *rkb,
         } while ((rktp = CIRCLEQ_LOOP_NEXT(&rkb->rkb_active_toppars, rktp,
                                            rktp_activelink)) !=
                  rkb->rkb_active_toppar_next);
+
+        rkb->rkb_produce_stashing = rd_false;
+        rd_kafka_broker_produce_stash_flush(rkb);
 
         /* Update next starting toppar to produce in round-robin list. */
         rd_kafka_broker_active_toppar_next(
@@ -4928,6 +4983,7 @@ rd_kafka_broker_t *rd_kafka_broker_add(rd_kafka_t *rk,
         CIRCLEQ_INIT(&rkb->rkb_active_toppars);
         TAILQ_INIT(&rkb->rkb_monitors);
         rd_kafka_bufq_init(&rkb->rkb_outbufs);
+        rd_kafka_bufq_init(&rkb->rkb_produce_stash);
         rd_kafka_bufq_init(&rkb->rkb_waitresps);
         rd_kafka_bufq_init(&rkb->rkb_retrybufs);
         rkb->rkb_ops = rd_kafka_q_new(rk);

@@ -260,6 +260,10 @@ struct rd_kafka_broker_s { /* rd_kafka_broker_t */
         rd_kafka_bufq_t rkb_outbufs;
         rd_kafka_bufq_t rkb_waitresps;
         rd_kafka_bufq_t rkb_retrybufs;
+        /** ProduceRequests made by one round of the producer serve loop,
+         *  merged and enqueued at its end (broker thread only). */
+        rd_kafka_bufq_t rkb_produce_stash;
+        rd_bool_t rkb_produce_stashing;
 
         rd_avg_t rkb_avg_int_latency;    /* Current internal latency period*/
         rd_avg_t rkb_avg_outbuf_latency; /**< Current latency
@@ -636,6 +640,9 @@ void rd_kafka_broker_buf_enq_replyq(rd_kafka_broker_t *rkb,
                                     void *opaque);
 
 void rd_kafka_broker_buf_retry(rd_kafka_broker_t *rkb, rd_kafka_buf_t *rkbuf);
+void rd_kafka_broker_produce_enq(rd_kafka_broker_t *rkb,
+                                 rd_kafka_buf_t *rkbuf,
+                                 rd_kafka_resp_cb_t *resp_cb);
 
 
 rd_kafka_broker_t *rd_kafka_broker_internal(rd_kafka_t *rk);

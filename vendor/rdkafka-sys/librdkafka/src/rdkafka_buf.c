@@ -54,6 +54,13 @@ void rd_kafka_buf_destroy_final(rd_kafka_buf_t *rkbuf) {
 
         case RD_KAFKAP_Produce:
                 rd_kafka_msgbatch_destroy(&rkbuf->rkbuf_batch);
+                if (rkbuf->rkbuf_produce_parts) {
+                        /* Its response handler answered every part. */
+                        rd_dassert(rd_atomic32_get(
+                                       &rkbuf->rkbuf_produce_parts->rkbq_cnt) ==
+                                   0);
+                        rd_free(rkbuf->rkbuf_produce_parts);
+                }
                 break;
         }
 

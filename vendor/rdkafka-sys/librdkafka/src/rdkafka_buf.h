@@ -373,6 +373,17 @@ struct rd_kafka_buf_s { /* rd_kafka_buf_t */
 
         rd_kafka_resp_err_t rkbuf_err; /* Buffer parsing error code */
 
+        /* ProduceRequest: offsets in rkbuf_buf, set by the msgset writer,
+         * from which several partitions' requests are merged into one
+         * (see rd_kafka_ProduceRequest_merge()). */
+        size_t rkbuf_of_produce_body;      /**< TransactionalId */
+        size_t rkbuf_of_produce_topics;    /**< TopicArrayCnt */
+        size_t rkbuf_of_produce_part;      /**< Partition */
+        size_t rkbuf_of_produce_part_end;  /**< After the partition's tags */
+        /** A merged ProduceRequest: the per-partition requests it carries,
+         *  answered from its response. NULL for any other request. */
+        struct rd_kafka_bufq_s *rkbuf_produce_parts;
+
         union {
                 struct {
                         rd_list_t *topics; /* Requested topics (char *) */

@@ -439,6 +439,8 @@ rd_kafka_msgset_writer_write_Produce_header(rd_kafka_msgset_writer_t *msetw) {
         rd_kafka_t *rk        = msetw->msetw_rkb->rkb_rk;
         rd_kafka_topic_t *rkt = msetw->msetw_rktp->rktp_rkt;
 
+        rkbuf->rkbuf_of_produce_body = rd_buf_write_pos(&rkbuf->rkbuf_buf);
+
         /* V3: TransactionalId */
         if (msetw->msetw_ApiVersion >= 3)
                 rd_kafka_buf_write_kstr(rkbuf, rk->rk_eos.transactional_id);
@@ -450,6 +452,7 @@ rd_kafka_msgset_writer_write_Produce_header(rd_kafka_msgset_writer_t *msetw) {
         rd_kafka_buf_write_i32(rkbuf, rkt->rkt_conf.request_timeout_ms);
 
         /* TopicArrayCnt */
+        rkbuf->rkbuf_of_produce_topics = rd_buf_write_pos(&rkbuf->rkbuf_buf);
         rd_kafka_buf_write_arraycnt(rkbuf, 1);
 
         /* Insert topic */
@@ -459,6 +462,7 @@ rd_kafka_msgset_writer_write_Produce_header(rd_kafka_msgset_writer_t *msetw) {
         rd_kafka_buf_write_arraycnt(rkbuf, 1);
 
         /* Partition */
+        rkbuf->rkbuf_of_produce_part = rd_buf_write_pos(&rkbuf->rkbuf_buf);
         rd_kafka_buf_write_i32(rkbuf, msetw->msetw_rktp->rktp_partition);
 
         /* MessageSetSize: Will be finalized later*/
@@ -1403,6 +1407,7 @@ rd_kafka_msgset_writer_finalize(rd_kafka_msgset_writer_t *msetw,
 
         /* Partition tags */
         rd_kafka_buf_write_tags_empty(rkbuf);
+        rkbuf->rkbuf_of_produce_part_end = rd_buf_write_pos(&rkbuf->rkbuf_buf);
         /* Topics tags */
         rd_kafka_buf_write_tags_empty(rkbuf);
 

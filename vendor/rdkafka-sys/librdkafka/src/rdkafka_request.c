@@ -3734,56 +3734,35 @@ static void rd_kafkap_Produce_reply_tags_destroy(
  * @returns 0 on success or an error code on failure.
  * @locality broker thread
  */
+/**
+ * @brief Parses one partition's response fields after its Partition:
+ *        ErrorCode, BaseOffset, LogAppendTime, LogStartOffset, RecordErrors
+ *        and ErrorMessage, as \p ApiVersion has them, into \p result.
+ *
+ * @returns RD_KAFKA_RESP_ERR_NO_ERROR or the buffer parse error.
+ */
 static rd_kafka_resp_err_t
-rd_kafka_handle_Produce_parse(rd_kafka_broker_t *rkb,
-                              rd_kafka_toppar_t *rktp,
-                              rd_kafka_buf_t *rkbuf,
-                              rd_kafka_buf_t *request,
-                              rd_kafka_Produce_result_t *result) {
-        int32_t TopicArrayCnt;
-        int32_t PartitionArrayCnt;
-        struct {
-                int32_t Partition;
-                int16_t ErrorCode;
-                int64_t Offset;
-        } hdr;
-        const int log_decode_errors                = LOG_ERR;
-        int64_t log_start_offset                   = -1;
-        rd_kafkap_str_t TopicName                  = RD_ZERO_INIT;
-        rd_kafkap_Produce_reply_tags_t ProduceTags = RD_ZERO_INIT;
+rd_kafka_handle_Produce_parse_partition(rd_kafka_buf_t *rkbuf,
+                                        int16_t ApiVersion,
+                                        int16_t *ErrorCodep,
+                                        rd_kafka_Produce_result_t *result) {
+        const int log_decode_errors = LOG_ERR;
+        int64_t Offset;
+        int64_t log_start_offset = -1;
 
-        rd_kafka_buf_read_arraycnt(rkbuf, &TopicArrayCnt, RD_KAFKAP_TOPICS_MAX);
-        if (TopicArrayCnt != 1)
-                goto err;
+        rd_kafka_buf_read_i16(rkbuf, ErrorCodep);
+        rd_kafka_buf_read_i64(rkbuf, &Offset);
 
-        /* Since we only produce to one single topic+partition in each
-         * request we assume that the reply only contains one topic+partition
-         * and that it is the same that we requested.
-         * If not the broker is buggy. */
-        if (request->rkbuf_reqhdr.ApiVersion >= 10)
-                rd_kafka_buf_read_str(rkbuf, &TopicName);
-        else
-                rd_kafka_buf_skip_str(rkbuf);
-        rd_kafka_buf_read_arraycnt(rkbuf, &PartitionArrayCnt,
-                                   RD_KAFKAP_PARTITIONS_MAX);
-
-        if (PartitionArrayCnt != 1)
-                goto err;
-
-        rd_kafka_buf_read_i32(rkbuf, &hdr.Partition);
-        rd_kafka_buf_read_i16(rkbuf, &hdr.ErrorCode);
-        rd_kafka_buf_read_i64(rkbuf, &hdr.Offset);
-
-        result->offset = hdr.Offset;
+        result->offset = Offset;
 
         result->timestamp = -1;
-        if (request->rkbuf_reqhdr.ApiVersion >= 2)
+        if (ApiVersion >= 2)
                 rd_kafka_buf_read_i64(rkbuf, &result->timestamp);
 
-        if (request->rkbuf_reqhdr.ApiVersion >= 5)
+        if (ApiVersion >= 5)
                 rd_kafka_buf_read_i64(rkbuf, &log_start_offset);
 
-        if (request->rkbuf_reqhdr.ApiVersion >= 8) {
+        if (ApiVersion >= 8) {
                 int i;
                 int32_t RecordErrorsCnt;
                 rd_kafkap_str_t ErrorMessage;
@@ -3814,6 +3793,53 @@ rd_kafka_handle_Produce_parse(rd_kafka_broker_t *rkb,
                 if (!RD_KAFKAP_STR_IS_NULL(&ErrorMessage))
                         result->errstr = RD_KAFKAP_STR_DUP(&ErrorMessage);
         }
+
+        return RD_KAFKA_RESP_ERR_NO_ERROR;
+err_parse:
+        return rkbuf->rkbuf_err;
+}
+
+
+static rd_kafka_resp_err_t
+rd_kafka_handle_Produce_parse(rd_kafka_broker_t *rkb,
+                              rd_kafka_toppar_t *rktp,
+                              rd_kafka_buf_t *rkbuf,
+                              rd_kafka_buf_t *request,
+                              rd_kafka_Produce_result_t *result) {
+        int32_t TopicArrayCnt;
+        int32_t PartitionArrayCnt;
+        struct {
+                int32_t Partition;
+                int16_t ErrorCode;
+                int64_t Offset;
+        } hdr;
+        const int log_decode_errors                = LOG_ERR;
+        rd_kafkap_str_t TopicName                  = RD_ZERO_INIT;
+        rd_kafkap_Produce_reply_tags_t ProduceTags = RD_ZERO_INIT;
+
+        rd_kafka_buf_read_arraycnt(rkbuf, &TopicArrayCnt, RD_KAFKAP_TOPICS_MAX);
+        if (TopicArrayCnt != 1)
+                goto err;
+
+        /* Since we only produce to one single topic+partition in each
+         * request we assume that the reply only contains one topic+partition
+         * and that it is the same that we requested.
+         * If not the broker is buggy. */
+        if (request->rkbuf_reqhdr.ApiVersion >= 10)
+                rd_kafka_buf_read_str(rkbuf, &TopicName);
+        else
+                rd_kafka_buf_skip_str(rkbuf);
+        rd_kafka_buf_read_arraycnt(rkbuf, &PartitionArrayCnt,
+                                   RD_KAFKAP_PARTITIONS_MAX);
+
+        if (PartitionArrayCnt != 1)
+                goto err;
+
+        rd_kafka_buf_read_i32(rkbuf, &hdr.Partition);
+        if (rd_kafka_handle_Produce_parse_partition(
+                rkbuf, request->rkbuf_reqhdr.ApiVersion, &hdr.ErrorCode,
+                result))
+                goto err_parse;
 
         if (request->rkbuf_reqhdr.ApiVersion >= 10) {
                 rd_kafkap_Produce_reply_tags_Topic_t *TopicTags =
@@ -4915,10 +4941,306 @@ int rd_kafka_ProduceRequest(rd_kafka_broker_t *rkb,
          * capped by socket.timeout.ms */
         rd_kafka_buf_set_abs_timeout(rkbuf, tmout, now);
 
-        rd_kafka_broker_buf_enq_replyq(rkb, rkbuf, RD_KAFKA_NO_REPLYQ,
-                                       rd_kafka_handle_Produce, NULL);
+        rd_kafka_broker_produce_enq(rkb, rkbuf, rd_kafka_handle_Produce);
 
         return cnt;
+}
+
+
+/**
+ * @brief Copies \p len bytes at \p of of \p src's request to the end of
+ *        \p dst's.
+ */
+static void rd_kafka_buf_write_request_bytes(rd_kafka_buf_t *dst,
+                                             const rd_kafka_buf_t *src,
+                                             size_t of,
+                                             size_t len) {
+        rd_slice_t slice;
+        int r = rd_slice_init(&slice, &src->rkbuf_buf, of, len);
+        rd_assert(r == 0);
+        rd_buf_write_slice(&dst->rkbuf_buf, &slice);
+}
+
+
+/**
+ * @returns whether the ProduceRequests \p a and \p b can be parts of one
+ *          request: same version and encoding, same acks and timeout, and
+ *          different partitions.
+ */
+static rd_bool_t rd_kafka_ProduceRequest_mergeable(const rd_kafka_buf_t *a,
+                                                   const rd_kafka_buf_t *b) {
+        const rd_kafka_topic_t *ta = a->rkbuf_batch.rktp->rktp_rkt;
+        const rd_kafka_topic_t *tb = b->rkbuf_batch.rktp->rktp_rkt;
+
+        return a->rkbuf_reqhdr.ApiVersion == b->rkbuf_reqhdr.ApiVersion &&
+               (a->rkbuf_flags & RD_KAFKA_OP_F_FLEXVER) ==
+                   (b->rkbuf_flags & RD_KAFKA_OP_F_FLEXVER) &&
+               ta->rkt_conf.required_acks == tb->rkt_conf.required_acks &&
+               ta->rkt_conf.request_timeout_ms ==
+                   tb->rkt_conf.request_timeout_ms &&
+               a->rkbuf_batch.rktp != b->rkbuf_batch.rktp;
+}
+
+
+/**
+ * @brief Merges the ProduceRequests at the head of \p stash (each for one
+ *        partition, finalized, not sent) into one ProduceRequest with every
+ *        partition's records, as the Kafka protocol allows: topics once,
+ *        each with its partitions. Requests are taken in order while they
+ *        are mergeable with all taken so far (one per partition) and the
+ *        total stays within message.max.bytes.
+ *
+ *        The taken requests are moved to the merged request's
+ *        rkbuf_produce_parts and answered from its response by
+ *        rd_kafka_handle_Produce_merged(), each as if it had been sent on
+ *        its own: retries, idempotence and delivery reports are theirs.
+ *
+ * @returns the merged request, or NULL if the head request cannot be merged
+ *          with the next one (it is then sent on its own).
+ *
+ * @locality broker thread
+ */
+rd_kafka_buf_t *rd_kafka_ProduceRequest_merge(rd_kafka_broker_t *rkb,
+                                              rd_kafka_bufq_t *stash) {
+        rd_kafka_buf_t *first = TAILQ_FIRST(&stash->rkbq_bufs);
+        rd_kafka_buf_t *rkbuf, *prev, *tmp, *merged;
+        rd_kafka_bufq_t *parts;
+        size_t size = 0;
+        int cnt = 0, topic_cnt = 0, taken;
+        rd_ts_t abs_timeout = 0;
+
+        if (!first || first->rkbuf_reqhdr.ApiVersion < 3)
+                return NULL;
+
+        /* How many, from the head, go together. */
+        TAILQ_FOREACH(rkbuf, &stash->rkbq_bufs, rkbuf_link) {
+                size_t len = rkbuf->rkbuf_of_produce_part_end -
+                             rkbuf->rkbuf_of_produce_part;
+                rd_bool_t ok = rd_true;
+
+                if (cnt > 0 &&
+                    size + len > (size_t)rkb->rkb_rk->rk_conf.max_msg_size)
+                        break;
+                for (prev = first; ok && prev != rkbuf;
+                     prev = TAILQ_NEXT(prev, rkbuf_link))
+                        ok = rd_kafka_ProduceRequest_mergeable(prev, rkbuf);
+                if (!ok)
+                        break;
+                size += len;
+                cnt++;
+        }
+
+        if (cnt < 2)
+                return NULL;
+
+        parts = rd_calloc(1, sizeof(*parts));
+        rd_kafka_bufq_init(parts);
+        taken = 0;
+        TAILQ_FOREACH_SAFE(rkbuf, &stash->rkbq_bufs, rkbuf_link, tmp) {
+                if (taken++ == cnt)
+                        break;
+                rd_kafka_bufq_deq(stash, rkbuf);
+                rd_kafka_bufq_enq(parts, rkbuf);
+                if (!abs_timeout || rkbuf->rkbuf_abs_timeout < abs_timeout)
+                        abs_timeout = rkbuf->rkbuf_abs_timeout;
+        }
+
+        merged = rd_kafka_buf_new_flexver_request(
+            rkb, RD_KAFKAP_Produce, 1, size + 64 * cnt,
+            !!(first->rkbuf_flags & RD_KAFKA_OP_F_FLEXVER));
+        rd_kafka_buf_ApiVersion_set(merged, first->rkbuf_reqhdr.ApiVersion,
+                                    first->rkbuf_features);
+        merged->rkbuf_produce_parts = parts;
+        merged->rkbuf_rel_timeout   = 0;
+        merged->rkbuf_abs_timeout   = abs_timeout;
+        merged->rkbuf_max_retries   = 0;
+
+        /* TransactionalId, Acks, Timeout: as the parts wrote them. */
+        rd_kafka_buf_write_request_bytes(
+            merged, first, first->rkbuf_of_produce_body,
+            first->rkbuf_of_produce_topics - first->rkbuf_of_produce_body);
+
+        /* Each topic once, at its first part. */
+        TAILQ_FOREACH(rkbuf, &parts->rkbq_bufs, rkbuf_link) {
+                for (prev = TAILQ_FIRST(&parts->rkbq_bufs);
+                     prev != rkbuf &&
+                     prev->rkbuf_batch.rktp->rktp_rkt !=
+                         rkbuf->rkbuf_batch.rktp->rktp_rkt;
+                     prev = TAILQ_NEXT(prev, rkbuf_link))
+                        ;
+                if (prev == rkbuf)
+                        topic_cnt++;
+        }
+        rd_kafka_buf_write_arraycnt(merged, topic_cnt);
+
+        TAILQ_FOREACH(rkbuf, &parts->rkbq_bufs, rkbuf_link) {
+                rd_kafka_topic_t *rkt = rkbuf->rkbuf_batch.rktp->rktp_rkt;
+                int part_cnt          = 0;
+
+                for (prev = TAILQ_FIRST(&parts->rkbq_bufs);
+                     prev != rkbuf && prev->rkbuf_batch.rktp->rktp_rkt != rkt;
+                     prev = TAILQ_NEXT(prev, rkbuf_link))
+                        ;
+                if (prev != rkbuf)
+                        continue; /* Written with its topic's first part */
+
+                for (prev = rkbuf; prev; prev = TAILQ_NEXT(prev, rkbuf_link))
+                        if (prev->rkbuf_batch.rktp->rktp_rkt == rkt)
+                                part_cnt++;
+
+                rd_kafka_buf_write_kstr(merged, rkt->rkt_topic);
+                rd_kafka_buf_write_arraycnt(merged, part_cnt);
+                /* Partition, Records and the partition's tags. */
+                for (prev = rkbuf; prev; prev = TAILQ_NEXT(prev, rkbuf_link))
+                        if (prev->rkbuf_batch.rktp->rktp_rkt == rkt)
+                                rd_kafka_buf_write_request_bytes(
+                                    merged, prev, prev->rkbuf_of_produce_part,
+                                    prev->rkbuf_of_produce_part_end -
+                                        prev->rkbuf_of_produce_part);
+                /* Topic tags */
+                rd_kafka_buf_write_tags_empty(merged);
+        }
+
+        rd_rkb_dbg(rkb, MSG, "PRODUCE",
+                   "Merged %d partitions' ProduceRequests (%d topic(s), "
+                   "%" PRIusz " bytes of records) into one",
+                   cnt, topic_cnt, size);
+
+        return merged;
+}
+
+
+/**
+ * @brief Handles the response to a merged ProduceRequest: each part is
+ *        answered with its partition's result, or with the request's error,
+ *        as rd_kafka_handle_Produce() answers a request of its own.
+ *
+ *        The response's CurrentLeader and NodeEndpoints tags are not read
+ *        here: a part whose leader moved gets NOT_LEADER_FOR_PARTITION and
+ *        the metadata is refreshed as for any such error.
+ *
+ * @locality broker thread
+ */
+void rd_kafka_handle_Produce_merged(rd_kafka_t *rk,
+                                    rd_kafka_broker_t *rkb,
+                                    rd_kafka_resp_err_t err,
+                                    rd_kafka_buf_t *reply,
+                                    rd_kafka_buf_t *request,
+                                    void *opaque) {
+        const int log_decode_errors = LOG_ERR;
+        rd_kafka_bufq_t *parts      = request->rkbuf_produce_parts;
+        int cnt = rd_atomic32_get(&parts->rkbq_cnt), i;
+        rd_kafka_buf_t **part       = rd_calloc(cnt, sizeof(*part));
+        rd_kafka_Produce_result_t **result = rd_calloc(cnt, sizeof(*result));
+        rd_kafka_resp_err_t *perr = rd_calloc(cnt, sizeof(*perr));
+        rd_bool_t *answered       = rd_calloc(cnt, sizeof(*answered));
+        int16_t ApiVersion        = request->rkbuf_reqhdr.ApiVersion;
+        rd_kafka_buf_t *rkbuf;
+        int32_t TopicArrayCnt, t;
+
+        i = 0;
+        TAILQ_FOREACH(rkbuf, &parts->rkbq_bufs, rkbuf_link) {
+                part[i] = rkbuf;
+                result[i] =
+                    rd_kafka_Produce_result_new(RD_KAFKA_OFFSET_INVALID, -1);
+                /* A part is sent when the merged request is. */
+                rkbuf->rkbuf_flags =
+                    (rkbuf->rkbuf_flags & ~RD_KAFKA_OP_F_SENT) |
+                    (request->rkbuf_flags & RD_KAFKA_OP_F_SENT);
+                rkbuf->rkbuf_ts_sent = request->rkbuf_ts_sent;
+                i++;
+        }
+
+        if (err || !reply)
+                goto done;
+
+        rd_kafka_buf_read_arraycnt(reply, &TopicArrayCnt, RD_KAFKAP_TOPICS_MAX);
+        for (t = 0; t < TopicArrayCnt; t++) {
+                rd_kafkap_str_t TopicName;
+                int32_t PartitionArrayCnt, p;
+
+                rd_kafka_buf_read_str(reply, &TopicName);
+                rd_kafka_buf_read_arraycnt(reply, &PartitionArrayCnt,
+                                           RD_KAFKAP_PARTITIONS_MAX);
+                for (p = 0; p < PartitionArrayCnt; p++) {
+                        int32_t Partition;
+                        int16_t ErrorCode = 0;
+                        rd_kafka_Produce_result_t *unasked = NULL, *r;
+                        int j;
+
+                        rd_kafka_buf_read_i32(reply, &Partition);
+                        for (j = 0; j < cnt; j++) {
+                                rd_kafka_toppar_t *rktp =
+                                    part[j]->rkbuf_batch.rktp;
+                                if (!answered[j] &&
+                                    rktp->rktp_partition == Partition &&
+                                    !rd_kafkap_str_cmp_str(
+                                        &TopicName,
+                                        rktp->rktp_rkt->rkt_topic->str))
+                                        break;
+                        }
+                        if (j < cnt) {
+                                r = result[j];
+                        } else {
+                                /* A partition not asked for: read past it */
+                                unasked = rd_kafka_Produce_result_new(
+                                    RD_KAFKA_OFFSET_INVALID, -1);
+                                r = unasked;
+                        }
+                        if (rd_kafka_handle_Produce_parse_partition(
+                                reply, ApiVersion, &ErrorCode, r)) {
+                                if (unasked)
+                                        rd_kafka_Produce_result_destroy(
+                                            unasked);
+                                goto err_parse;
+                        }
+                        if (unasked) {
+                                rd_kafka_Produce_result_destroy(unasked);
+                        } else {
+                                answered[j] = rd_true;
+                                perr[j]     = ErrorCode;
+                        }
+                        /* Partition tags */
+                        rd_kafka_buf_skip_tags(reply);
+                }
+                /* Topic tags */
+                rd_kafka_buf_skip_tags(reply);
+        }
+
+        if (ApiVersion >= 1) {
+                int32_t Throttle_Time;
+                rd_kafka_buf_read_i32(reply, &Throttle_Time);
+                rd_kafka_op_throttle_time(rkb, rkb->rkb_rk->rk_rep,
+                                          Throttle_Time);
+        }
+
+        /* Response tags */
+        rd_kafka_buf_skip_tags(reply);
+        goto done;
+
+err_parse:
+        err = reply->rkbuf_err;
+done:
+        for (i = 0; i < cnt; i++) {
+                rd_kafka_resp_err_t e = answered[i] ? perr[i]
+                                        : err       ? err
+                                                    : RD_KAFKA_RESP_ERR__BAD_MSG;
+
+                rd_kafka_bufq_deq(parts, part[i]);
+                if (unlikely(rk->rk_conf.ut.handle_ProduceResponse != NULL))
+                        e = rk->rk_conf.ut.handle_ProduceResponse(
+                            rk, rkb->rkb_nodeid,
+                            part[i]->rkbuf_batch.first_msgid, e);
+                rd_kafka_msgbatch_handle_Produce_result(
+                    rkb, &part[i]->rkbuf_batch, e, result[i], part[i]);
+                rd_kafka_Produce_result_destroy(result[i]);
+                rd_kafka_buf_destroy(part[i]);
+        }
+
+        rd_free(part);
+        rd_free(result);
+        rd_free(perr);
+        rd_free(answered);
 }
 
 

@@ -465,6 +465,16 @@ int rd_kafka_ProduceRequest(rd_kafka_broker_t *rkb,
                             const rd_kafka_pid_t pid,
                             uint64_t epoch_base_msgid);
 
+rd_kafka_buf_t *rd_kafka_ProduceRequest_merge(rd_kafka_broker_t *rkb,
+                                              rd_kafka_bufq_t *stash);
+
+void rd_kafka_handle_Produce_merged(rd_kafka_t *rk,
+                                    rd_kafka_broker_t *rkb,
+                                    rd_kafka_resp_err_t err,
+                                    rd_kafka_buf_t *reply,
+                                    rd_kafka_buf_t *request,
+                                    void *opaque);
+
 rd_kafka_resp_err_t
 rd_kafka_CreateTopicsRequest(rd_kafka_broker_t *rkb,
                              const rd_list_t *new_topics /*(NewTopic_t*)*/,
