@@ -132,15 +132,25 @@ impl CanaryPercent {
     }
 }
 
-/// Client context of the scorer's consumer: turns librdkafka statistics into the consumer-lag gauge.
+/// Client context of the scorer's consumer: turns librdkafka statistics into the consumer-lag
+/// gauge, and counts rebalances.
 pub struct ScorerContext {
     metrics: Arc<Metrics>,
+    rebalances: std::sync::atomic::AtomicU64,
 }
 
 impl ScorerContext {
     /// A context reporting into `metrics`.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+        Self {
+            metrics,
+            rebalances: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Assignments and revocations applied so far.
+    pub fn rebalances(&self) -> u64 {
+        self.rebalances.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -163,7 +173,32 @@ impl rdkafka::ClientContext for ScorerContext {
     }
 }
 
-impl rdkafka::consumer::ConsumerContext for ScorerContext {}
+impl rdkafka::consumer::ConsumerContext for ScorerContext {
+    fn post_rebalance(
+        &self,
+        _: &rdkafka::consumer::BaseConsumer<Self>,
+        _: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        self.rebalances
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The consumer's group generation now, if no rebalance can have come between taking it and
+/// finding `first`'s partition in the assignment: a generation this batch may commit under.
+fn current_group(
+    consumer: &ScorerConsumer,
+    first: &rdkafka::message::BorrowedMessage<'_>,
+) -> Option<rdkafka::consumer::ConsumerGroupMetadata> {
+    let before = consumer.context().rebalances();
+    let group = consumer.group_metadata()?;
+    let owned = consumer
+        .assignment()
+        .ok()?
+        .find_partition(first.topic(), first.partition())
+        .is_some();
+    (owned && consumer.context().rebalances() == before).then_some(group)
+}
 
 /// Records behind the end of a partition a read_committed consumer can read (the last stable offset).
 pub fn partition_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
@@ -486,6 +521,7 @@ pub async fn run(
         // rebalance moves its partitions meanwhile, the broker refuses this generation's
         // offsets and the transaction aborts, instead of committing records the new owner
         // is scoring too (KIP-447). Taken after the read, it could be the new generation.
+        let rebalances_at_read = consumer.context().rebalances();
         let group_at_read = consumer.group_metadata();
         // Wait for the first record of a batch, the in-flight commit, or shutdown.
         let first = tokio::select! {
@@ -515,6 +551,15 @@ pub async fn run(
                 tokio::time::sleep(backoff.current()).await;
                 continue;
             }
+        };
+        // A rebalance while waiting for this record (above all the first assignment after a
+        // start) made the generation taken before it stale: the broker would refuse its
+        // offsets (ILLEGAL_GENERATION) and the batch would be re-read. Take it again when no
+        // later rebalance can have slipped in and the record's partition is still ours.
+        let group_at_read = if consumer.context().rebalances() == rebalances_at_read {
+            group_at_read
+        } else {
+            current_group(&consumer, &first).or(group_at_read)
         };
         let fetch_started = std::time::Instant::now();
         let mut batch = vec![first];
