@@ -88,25 +88,58 @@ pub(crate) async fn create_topics(
 }
 
 /// Counts records readable (read_committed) on `topic` until `want` or `within`; returns the elapsed time of the last one.
+/// What a reader saw of a run: records, and when the last arrived.
+struct Drained {
+    seen: usize,
+    last: Duration,
+}
+
+impl Drained {
+    /// Records per second from `began` (the processor's first fetched batch, so its start,
+    /// model loads and group join are left out) to the last output.
+    fn rate(&self, began: Duration) -> f64 {
+        self.seen as f64 / (self.last.saturating_sub(began)).as_secs_f64()
+    }
+}
+
+/// When (since `started`) the scorer serving metrics on `port` closed its first fetched
+/// batch: polled every 2 ms, so late by at most that and the batch's linger.
+async fn first_fetch(port: u16, started: Instant, within: Duration) -> Duration {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(text) = crate::demo::scrape(port).await {
+            let fetched =
+                crate::demo::sample(&text, "leadscore_scorer_stage_ms_count{stage=\"fetch\"}");
+            if fetched.is_some_and(|n| n >= 1.0) {
+                return started.elapsed();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    started.elapsed()
+}
+
 async fn drain(
     consumer: &StreamConsumer,
     want: usize,
     within: Duration,
     started: Instant,
-) -> (usize, Duration) {
-    let mut n = 0;
-    let mut last = Duration::ZERO;
+) -> Drained {
+    let mut d = Drained {
+        seen: 0,
+        last: Duration::ZERO,
+    };
     let deadline = tokio::time::Instant::now() + within;
-    while n < want {
+    while d.seen < want {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
             Ok(Ok(_)) => {
-                n += 1;
-                last = started.elapsed();
+                d.last = started.elapsed();
+                d.seen += 1;
             }
             _ => break,
         }
     }
-    (n, last)
+    d
 }
 
 fn reader(config: &Config, topic: &str) -> anyhow::Result<StreamConsumer> {
@@ -119,7 +152,14 @@ fn reader(config: &Config, topic: &str) -> anyhow::Result<StreamConsumer> {
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .create()?;
-    c.subscribe(&[topic])?;
+    // Assigned, not subscribed: a subscription joins the group only once the stream is first
+    // polled, so the first scores of the latency run would wait for a rebalance (measured:
+    // 880 ms for the first second's leads, against under 70 ms for every later second).
+    let mut tpl = TopicPartitionList::new();
+    for p in leadscore_kafka::partitions(&c, topic, Duration::from_secs(10))? {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
     Ok(c)
 }
 
@@ -130,7 +170,8 @@ async fn passthrough(
     want: usize,
     max_batch: usize,
     linger: Duration,
-) -> anyhow::Result<()> {
+    started: Instant,
+) -> anyhow::Result<Duration> {
     let consumer: StreamConsumer = leadscore_kafka::client_config(&config.kafka)
         .set(
             "group.id",
@@ -153,8 +194,10 @@ async fn passthrough(
     )?;
     tokio::task::block_in_place(|| producer.init())?;
     let mut done = 0usize;
+    let mut began = None;
     while done < want {
         let first = consumer.recv().await?;
+        began.get_or_insert_with(|| started.elapsed());
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + linger;
         while batch.len() < max_batch {
@@ -189,7 +232,7 @@ async fn passthrough(
         })?;
         done += batch.len();
     }
-    Ok(())
+    Ok(began.unwrap_or_default())
 }
 
 /// The topics one scorer run reads and writes.
@@ -387,20 +430,23 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         args.leads,
         args.max_batch,
         Duration::from_millis(args.linger_ms),
+        started,
     );
-    let (copied, (seen, pass_time)) = tokio::join!(
+    let (copied, pass) = tokio::join!(
         copy,
         drain(&pass_reader, args.leads, Duration::from_secs(600), started)
     );
-    copied?;
+    let pass_began = copied?;
     anyhow::ensure!(
-        seen == args.leads,
-        "passthrough delivered {seen} of {}",
+        pass.seen == args.leads,
+        "passthrough delivered {} of {}",
+        pass.seen,
         args.leads
     );
 
     eprintln!("(b0) scorer, champion + shadow, no reasons ...");
     let plain_reader = reader(config, &plain_scores)?;
+    let port = free_port()?;
     let started = Instant::now();
     let mut child = start_scorer(
         RunTopics {
@@ -411,23 +457,26 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         },
         &format!("bench-plain-{id}"),
         &args,
-        free_port()?,
+        port,
         0,
     )?;
-    let (seen, plain_time) =
-        drain(&plain_reader, args.leads, Duration::from_secs(900), started).await;
+    let (plain, plain_began) = tokio::join!(
+        drain(&plain_reader, args.leads, Duration::from_secs(900), started),
+        first_fetch(port, started, Duration::from_secs(120))
+    );
     let _ = child.kill();
     let _ = child.wait();
     anyhow::ensure!(
-        seen == args.leads,
-        "scorer without reasons delivered {seen} of {}",
+        plain.seen == args.leads,
+        "scorer without reasons delivered {} of {}",
+        plain.seen,
         args.leads
     );
 
     eprintln!("(b) scorer, champion + shadow, three reasons each ...");
     let score_reader = reader(config, &scores)?;
-    let started = Instant::now();
     let port = free_port()?;
+    let started = Instant::now();
     let mut child = start_scorer(
         RunTopics {
             input: &input,
@@ -440,14 +489,17 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         port,
         3,
     )?;
-    let (seen, score_time) =
-        drain(&score_reader, args.leads, Duration::from_secs(900), started).await;
+    let (scored, score_began) = tokio::join!(
+        drain(&score_reader, args.leads, Duration::from_secs(900), started),
+        first_fetch(port, started, Duration::from_secs(120))
+    );
     let max_rate_stages = stage_means(port).await.unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
     anyhow::ensure!(
-        seen == args.leads,
-        "scorer delivered {seen} of {}",
+        scored.seen == args.leads,
+        "scorer delivered {} of {}",
+        scored.seen,
         args.leads
     );
 
@@ -511,12 +563,17 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
                         .payload(&bytes),
                 );
             }
-            producer.flush(Duration::from_secs(30))?;
+            // Flushing blocks its thread; on this task it would hold up the collector
+            // beside it and add its wait to the last second's latencies.
+            tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(30))).await??;
             anyhow::Ok(())
         }
     };
+    let feed_start = chrono::Utc::now().timestamp_millis();
     let collector = async {
         let mut latencies = Vec::with_capacity(total);
+        // The slowest score of each second of the feed, by when its lead was sent.
+        let mut by_second = vec![0.0f64; args.seconds as usize + 1];
         let deadline = tokio::time::Instant::now() + Duration::from_secs(args.seconds + 60);
         while latencies.len() < total {
             match tokio::time::timeout_at(deadline, live_reader.recv()).await {
@@ -524,46 +581,63 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
                     let now = chrono::Utc::now().timestamp_millis();
                     let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
                     if let Some(ts) = sent_at.lock().ok().and_then(|s| s.get(&key).copied()) {
-                        latencies.push((now - ts) as f64);
+                        let latency = (now - ts) as f64;
+                        latencies.push(latency);
+                        let second = ((ts - feed_start).max(0) / 1000) as usize;
+                        if let Some(worst) = by_second.get_mut(second.min(args.seconds as usize)) {
+                            *worst = worst.max(latency);
+                        }
                     }
                 }
                 _ => break,
             }
         }
-        latencies
+        (latencies, by_second)
     };
-    let (fed, mut latencies) = tokio::join!(feeder, collector);
+    let (fed, (mut latencies, by_second)) = tokio::join!(feeder, collector);
     fed?;
     let fixed_rate_stages = stage_means(port).await.unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
     latencies.sort_by(f64::total_cmp);
 
-    let pass_rate = args.leads as f64 / pass_time.as_secs_f64();
-    let score_rate = args.leads as f64 / score_time.as_secs_f64();
-    let plain_rate = args.leads as f64 / plain_time.as_secs_f64();
-    println!("| run | leads | time | leads/s |");
-    println!("|---|---|---|---|");
-    println!(
-        "| (a) transactional passthrough | {} | {:.1} s | {:.0} |",
-        args.leads,
-        pass_time.as_secs_f64(),
-        pass_rate
+    let pass_rate = pass.rate(pass_began);
+    let score_rate = scored.rate(score_began);
+    let plain_rate = plain.rate(plain_began);
+    println!("| run | leads | first batch fetched after | then to the last output | leads/s |");
+    println!("|---|---|---|---|---|");
+    let row = |name: &str, d: &Drained, began: Duration, rate: String| {
+        println!(
+            "| {name} | {} | {:.2} s | {:.2} s | {rate} |",
+            d.seen,
+            began.as_secs_f64(),
+            d.last.saturating_sub(began).as_secs_f64(),
+        )
+    };
+    row(
+        "(a) transactional passthrough",
+        &pass,
+        pass_began,
+        format!("{pass_rate:.0}"),
     );
-    println!(
-        "| (b0) scorer, champion + shadow, no reasons | {} | {:.1} s | {:.0} ({:.0}% of passthrough) |",
-        args.leads,
-        plain_time.as_secs_f64(),
-        plain_rate,
-        100.0 * plain_rate / pass_rate
+    row(
+        "(b0) scorer, champion + shadow, no reasons",
+        &plain,
+        plain_began,
+        format!(
+            "{plain_rate:.0} ({:.0}% of passthrough)",
+            100.0 * plain_rate / pass_rate
+        ),
     );
-    println!(
-        "| (b) scorer, champion + shadow, 3 reasons each | {} | {:.1} s | {:.0} ({:.0}% of passthrough, {:.0}% of b0) |",
-        args.leads,
-        score_time.as_secs_f64(),
-        score_rate,
-        100.0 * score_rate / pass_rate,
-        100.0 * score_rate / plain_rate
+    row(
+        "(b) scorer, champion + shadow, 3 reasons each",
+        &scored,
+        score_began,
+        format!(
+            "{score_rate:.0} ({:.0}% of passthrough, {:.0}% of b0)",
+            100.0 * score_rate / pass_rate,
+            100.0 * score_rate / plain_rate
+        ),
     );
     println!();
     println!(
@@ -578,6 +652,15 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
         latencies.last().copied().unwrap_or(f64::NAN)
     );
     println!();
+    println!(
+        "Slowest score of each second of the feed (ms): {}",
+        by_second
+            .iter()
+            .map(|ms| format!("{ms:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!();
     println!("Mean time per batch stage (ms), from the scorer's histograms:");
     println!();
     println!("| stage | (b) max rate: batches | mean ms | (c) fixed rate: batches | mean ms |");
@@ -588,6 +671,9 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
             b.0, b.1, b.2, c.1, c.2
         );
     }
+    // Readers are assigned their partitions: closed first, they do not report the topics'
+    // deletion as lost partitions.
+    drop((pass_reader, plain_reader, score_reader, live_reader));
     let admin = leadscore_kafka::TopicAdmin::new(&config.kafka)?;
     admin
         .delete_topics(&all.iter().map(|s| s.as_str()).collect::<Vec<_>>())
