@@ -9,6 +9,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use leadscore_config::Config;
 
+/// mimalloc instead of glibc's malloc: the scorer allocates and frees per record (decoded
+/// rows, outputs, delivery futures), and glibc spent a third of its CPU in malloc, free and
+/// consolidation (`perf`, BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod bench_drift;
 mod bench_drift_sound;
