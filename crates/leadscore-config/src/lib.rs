@@ -740,7 +740,9 @@ pub struct ScorerConfig {
     pub transactional_id_prefix: String,
     /// Most input records per transaction (and per ONNX call).
     pub max_batch: usize,
-    /// How long to wait for more records before scoring a partial batch, in milliseconds.
+    /// How long to wait for more records before scoring a partial batch, in milliseconds: what
+    /// a lead waits at low rates (at high rates a batch keeps growing while the previous one
+    /// commits, so this does not bound the batch size).
     pub batch_linger_ms: u64,
     /// Kafka transaction timeout, in milliseconds.
     pub transaction_timeout_ms: u64,
@@ -815,7 +817,7 @@ impl Default for ScorerConfig {
             instance_id: "scorer-0".into(),
             transactional_id_prefix: "leadscore-scorer".into(),
             max_batch: 1000,
-            batch_linger_ms: 20,
+            batch_linger_ms: 5,
             lanes: 2,
             reasons: 3,
             transaction_timeout_ms: 60_000,
