@@ -581,9 +581,9 @@ pub(crate) async fn run(cmd: BenchCommand, config: &Config) -> anyhow::Result<Ex
     eprintln!("feed starts at {}", chrono::Utc::now().to_rfc3339());
     let collector = async {
         let mut latencies = Vec::with_capacity(total);
-        // The same for the leads sent after the first second: the fresh topics' first
-        // writes, and every process's first wake-up, make the first ~150 ms slow on both
-        // sides of the commit, which a long-running pipeline does not see.
+        // The same for the leads sent after the first second: the first ~150 ms of a feed
+        // are slow on both sides of the commit, a start-up transient (the run's topics are
+        // new, every process wakes at once) that a long-running pipeline does not see.
         let mut settled = Vec::with_capacity(total);
         // Each latency in two: until the scorer sent the score (its record's CreateTime),
         // and from then until the score was readable (the transaction's commit, its markers
