@@ -87,7 +87,6 @@ pub(crate) async fn create_topics(
     Ok(())
 }
 
-/// Counts records readable (read_committed) on `topic` until `want` or `within`; returns the elapsed time of the last one.
 /// What a reader saw of a run: records, and when the last arrived.
 struct Drained {
     seen: usize,
@@ -107,18 +106,18 @@ impl Drained {
 async fn first_fetch(port: u16, started: Instant, within: Duration) -> Duration {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        if let Some(text) = crate::demo::scrape(port).await {
-            let fetched =
-                crate::demo::sample(&text, "leadscore_scorer_stage_ms_count{stage=\"fetch\"}");
-            if fetched.is_some_and(|n| n >= 1.0) {
-                return started.elapsed();
-            }
+        let fetched =
+            crate::demo::metric(port, "leadscore_scorer_stage_ms_count{stage=\"fetch\"}").await;
+        if fetched.is_some_and(|n| n >= 1.0) {
+            return started.elapsed();
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     started.elapsed()
 }
 
+/// Counts records readable (read_committed) on `consumer` until `want` or `within`, and when
+/// (since `started`) the last one arrived.
 async fn drain(
     consumer: &StreamConsumer,
     want: usize,

@@ -82,7 +82,7 @@ pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
         .reduce(|a, b| a + b)
 }
 
-async fn metric(port: u16, name: &str) -> Option<f64> {
+pub(crate) async fn metric(port: u16, name: &str) -> Option<f64> {
     sample(&scrape(port).await?, name)
 }
 

@@ -47,6 +47,11 @@ impl ProducerContext for Recorder {
 }
 
 impl Recorder {
+    /// Each record's delivery result so far, by payload.
+    fn delivered(&self) -> HashMap<String, Result<i32, KafkaError>> {
+        self.delivered.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
     /// The partition counts of the merges librdkafka logged.
     fn merges(&self) -> Vec<usize> {
         let logs = self.logs.lock().map(|l| l.clone()).unwrap_or_default();
@@ -70,6 +75,17 @@ fn producer(extra: &[(&str, &str)]) -> (BaseProducer<Recorder>, Recorder) {
         .create_with_context(recorder.clone())
         .unwrap_or_else(|e| panic!("producer: {e}"));
     (producer, recorder)
+}
+
+/// Enqueues `value` for `partition` of `topic`.
+fn send(producer: &BaseProducer<Recorder>, topic: &str, partition: i32, value: &str) {
+    producer
+        .send(
+            BaseRecord::<str, str>::to(topic)
+                .partition(partition)
+                .payload(value),
+        )
+        .unwrap_or_else(|(e, _)| panic!("send: {e}"));
 }
 
 fn flush(producer: &BaseProducer<Recorder>) {
@@ -101,13 +117,7 @@ async fn a_transaction_over_many_partitions_goes_out_merged_and_commits_each_rec
             for (topic, name) in [(&a, "a"), (&b, "b")] {
                 for p in 0..6 {
                     let value = format!("{name}/{p}/{txn}/{i}");
-                    producer
-                        .send(
-                            BaseRecord::<str, str>::to(topic)
-                                .partition(p)
-                                .payload(&value),
-                        )
-                        .unwrap_or_else(|(e, _)| panic!("send: {e}"));
+                    send(&producer, topic, p, &value);
                     sent.push(value);
                 }
             }
@@ -151,11 +161,7 @@ async fn a_transaction_over_many_partitions_goes_out_merged_and_commits_each_rec
     let mut want: Vec<&String> = sent.iter().collect();
     want.sort();
     assert_eq!(values, want, "committed records differ from the sent ones");
-    let delivered = recorder
-        .delivered
-        .lock()
-        .map(|d| d.clone())
-        .unwrap_or_default();
+    let delivered = recorder.delivered();
     assert_eq!(delivered.len(), sent.len());
     assert!(delivered.values().all(Result::is_ok), "a delivery failed");
     delete_topics(&[&a, &b]).await;
@@ -175,32 +181,14 @@ async fn each_partition_of_a_merged_request_gets_its_own_answer() {
     for i in 0..10 {
         for p in 0..4 {
             let value = format!("big/{p}/{i}");
-            producer
-                .send(
-                    BaseRecord::<str, str>::to(&big)
-                        .partition(p)
-                        .payload(&value),
-                )
-                .unwrap_or_else(|(e, _)| panic!("send: {e}"));
+            send(&producer, &big, p, &value);
             ok.push(value);
         }
         let value = format!("small/1/{i}");
-        producer
-            .send(
-                BaseRecord::<str, str>::to(&small)
-                    .partition(1)
-                    .payload(&value),
-            )
-            .unwrap_or_else(|(e, _)| panic!("send: {e}"));
+        send(&producer, &small, 1, &value);
         ok.push(value);
     }
-    producer
-        .send(
-            BaseRecord::<str, str>::to(&small)
-                .partition(0)
-                .payload(&large),
-        )
-        .unwrap_or_else(|(e, _)| panic!("send: {e}"));
+    send(&producer, &small, 0, &large);
     flush(&producer);
 
     let merges = recorder.merges();
@@ -208,11 +196,7 @@ async fn each_partition_of_a_merged_request_gets_its_own_answer() {
         merges.contains(&6),
         "one request should carry all six partitions; merges: {merges:?}"
     );
-    let delivered = recorder
-        .delivered
-        .lock()
-        .map(|d| d.clone())
-        .unwrap_or_default();
+    let delivered = recorder.delivered();
     match delivered.get(&large) {
         Some(Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge))) => {}
         other => panic!("the oversized record: {other:?}"),
